@@ -1,0 +1,1 @@
+"""The latent index (FAISS + durable item store); see DESIGN.md and issue 4."""

@@ -1,0 +1,269 @@
+"""Evaluation of a run or a bundle on a data set's test split, beside PCA.
+
+Figures (all on the test split, PCA fitted on the training split at the same
+latent size in the same call):
+- sq_error: squared error per example summed over features (the 2006
+  convention); mse: the same per feature.
+- VAE kinds: negative ELBO and importance-sampled negative log-likelihood
+  with k samples from q(z|x) (Burda et al.'s estimator, k=1 gives the ELBO).
+- Retrieval of test queries among training items, relevant = same label:
+  precision@10, mAP, and 5-NN accuracy (L2 for images, cosine for texts).
+
+A run is evaluated through torch, a bundle through ONNX Runtime; both go
+through the same numpy code below, so the figures are comparable.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from zspace.bundle import VAE_KINDS, load_bundle
+from zspace.data import Dataset, load_dataset
+from zspace.errors import UserError
+from zspace.progress import Progress
+from zspace.runtime import onnx_session
+from zspace.transforms import transform_from_dict
+
+EPS = 1e-7
+
+
+@dataclass
+class Coder:
+    """A model seen as numpy functions: what evaluation needs and nothing more."""
+
+    kind: str
+    likelihood: str
+    latent_dim: int
+    encode: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]]
+    decode: Callable[[np.ndarray], np.ndarray]
+    out_logvar: np.ndarray | None = None
+    binarized: bool = False
+    transform: dict | None = None
+    data_spec: str | None = None
+
+
+def coder_from_run(run: Path) -> Coder:
+    from training.train import load_model
+
+    model, info = load_model(run)
+
+    def encode(x):
+        with torch.no_grad():
+            mu, logvar = model.encode(torch.from_numpy(x))
+            return mu.numpy(), None if logvar is None else logvar.numpy()
+
+    def decode(z):
+        with torch.no_grad():
+            return model.decode(torch.from_numpy(z)).numpy()
+
+    return Coder(
+        kind=model.cfg.kind, likelihood=model.cfg.likelihood, latent_dim=model.cfg.latent_dim,
+        encode=encode, decode=decode, out_logvar=model.out_logvar.detach().numpy().copy(),
+        binarized=info["config"]["binarize"], transform=info["transform"], data_spec=info["config"]["data"],
+    )
+
+
+def coder_from_bundle(path: Path) -> Coder:
+    bundle = load_bundle(path)
+    m = bundle.manifest
+    enc, dec = onnx_session(bundle.graph("encoder")), onnx_session(bundle.graph("decoder"))
+
+    def encode(x):
+        outs = enc.run(None, {"x": x})
+        return outs[0], outs[1] if len(outs) > 1 else None
+
+    logvar = m["output"].get("logvar")
+    return Coder(
+        kind=m["kind"], likelihood=m["output"]["likelihood"], latent_dim=bundle.latent_dim,
+        encode=encode, decode=lambda z: dec.run(None, {"z": z})[0],
+        out_logvar=None if logvar is None else np.asarray(logvar, np.float32),
+        binarized=m["training"]["config"].get("binarize", False), transform=m["transform"],
+        data_spec=m["training"]["data"]["spec"],
+    )
+
+
+def open_coder(target: Path) -> Coder:
+    target = Path(target)
+    if (target / "run.json").is_file():
+        return coder_from_run(target)
+    if (target / "manifest.json").is_file():
+        return coder_from_bundle(target)
+    raise UserError(f"{target}: neither a training run (run.json) nor a model bundle (manifest.json)")
+
+
+# ---------------------------------------------------------------- pieces
+
+
+def batched(fn, x: np.ndarray, batch_size: int = 4096) -> np.ndarray:
+    return np.concatenate([fn(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+def target_of(x: np.ndarray, likelihood: str) -> np.ndarray:
+    """What the decoder reconstructs: the data, or word proportions for documents."""
+    if likelihood == "multinomial":
+        return x / np.maximum(x.sum(1, keepdims=True), EPS)
+    return x
+
+
+def log_likelihood(x: np.ndarray, x_hat: np.ndarray, likelihood: str, out_logvar) -> np.ndarray:
+    """log p(x | z) per row from the decoder's data-space output (float64)."""
+    x, x_hat = x.astype(np.float64), x_hat.astype(np.float64)
+    if likelihood == "bernoulli":
+        p = np.clip(x_hat, EPS, 1 - EPS)
+        return (x * np.log(p) + (1 - x) * np.log1p(-p)).sum(-1)
+    if likelihood == "multinomial":
+        return (x * np.log(np.clip(x_hat, EPS, 1.0))).sum(-1)
+    lv = np.asarray(out_logvar, np.float64)
+    return -0.5 * (((x - x_hat) ** 2) * np.exp(-lv) + lv + math.log(2 * math.pi)).sum(-1)
+
+
+def importance_sampled(coder: Coder, x: np.ndarray, k: int, seed: int = 0, progress: bool = True) -> dict:
+    """Negative ELBO and IS negative log-likelihood (nats), averaged over rows of x."""
+    rng = np.random.default_rng(seed)
+    chunk = max(1, 8192 // k)
+    neg_elbo, nll = [], []
+    bar = Progress(math.ceil(len(x) / chunk), f"IS-NLL k={k}") if progress else None
+    for i in range(0, len(x), chunk):
+        xb = x[i : i + chunk]
+        mu, logvar = coder.encode(xb)
+        std = np.exp(0.5 * logvar)
+        eps = rng.standard_normal((k, *mu.shape)).astype(np.float32)
+        z = mu[None] + std[None] * eps  # [k, b, K]
+        x_hat = coder.decode(z.reshape(-1, mu.shape[1])).reshape(k, len(xb), -1)
+        log_px = log_likelihood(np.broadcast_to(xb, x_hat.shape), x_hat, coder.likelihood, coder.out_logvar)
+        log_pz = -0.5 * (z.astype(np.float64) ** 2 + math.log(2 * math.pi)).sum(-1)
+        log_qz = -0.5 * (eps.astype(np.float64) ** 2 + logvar[None] + math.log(2 * math.pi)).sum(-1)
+        log_w = log_px + log_pz - log_qz  # [k, b]
+        top = log_w.max(0)
+        nll.append(-(top + np.log(np.exp(log_w - top).mean(0))))
+        neg_elbo.append(-log_w.mean(0))
+        if bar:
+            bar.update()
+    if bar:
+        bar.close()
+    return {"neg_elbo": float(np.concatenate(neg_elbo).mean()), "nll_is": float(np.concatenate(nll).mean()),
+            "nll_k": k, "nll_examples": int(len(x))}
+
+
+def pca_fit(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, components [D, k]) of x, in float64 for a stable baseline."""
+    xd = torch.from_numpy(x).double()
+    mean = xd.mean(0)
+    cov = (xd - mean).T @ (xd - mean) / max(len(x) - 1, 1)
+    evals, evecs = torch.linalg.eigh(cov)
+    comps = evecs[:, torch.argsort(evals, descending=True)[:k]]
+    return mean.numpy(), comps.numpy()
+
+
+def retrieval(q: np.ndarray, qy: np.ndarray, db: np.ndarray, dby: np.ndarray, metric: str,
+              at: tuple[int, ...] = (10,), knn: int = 5, chunk: int = 256) -> dict:
+    """precision@n, mAP and k-NN accuracy of queries against a database, same label = relevant."""
+    qt, dbt = torch.from_numpy(np.ascontiguousarray(q, np.float32)), torch.from_numpy(np.ascontiguousarray(db, np.float32))
+    if metric == "cosine":
+        qt = torch.nn.functional.normalize(qt, dim=1)
+        dbt = torch.nn.functional.normalize(dbt, dim=1)
+    qyt, dbyt = torch.from_numpy(qy), torch.from_numpy(dby)
+    n_classes = int(max(qy.max(), dby.max())) + 1
+    db_sq = (dbt * dbt).sum(1)
+    prec = {n: 0.0 for n in at}
+    ap_sum, correct = 0.0, 0
+    for i in range(0, len(qt), chunk):
+        qb = qt[i : i + chunk]
+        score = qb @ dbt.T if metric == "cosine" else -(db_sq[None] - 2 * qb @ dbt.T)  # higher = nearer
+        order = torch.argsort(score, dim=1, descending=True, stable=True)
+        rel = (dbyt[order] == qyt[i : i + chunk, None]).float()
+        for n in at:
+            prec[n] += float(rel[:, :n].mean(1).sum())
+        hits = rel.cumsum(1)
+        ranks = torch.arange(1, rel.shape[1] + 1, dtype=torch.float32)
+        ap = ((hits / ranks) * rel).sum(1) / rel.sum(1).clamp_min(1)
+        ap_sum += float(ap.sum())
+        votes = torch.nn.functional.one_hot(dbyt[order[:, :knn]], n_classes).sum(1)
+        correct += int((votes.argmax(1) == qyt[i : i + chunk]).sum())
+    n = len(qt)
+    return {**{f"precision@{k}": v / n for k, v in prec.items()}, "mAP": ap_sum / n, f"{knn}nn_accuracy": correct / n}
+
+
+# ---------------------------------------------------------------- the report
+
+
+def evaluate(target: Path, spec: str | None = None, k: int = 1000, nll_examples: int | None = None,
+             at: tuple[int, ...] = (10,), raw_baseline: bool = True, progress: bool = True) -> dict:
+    coder = open_coder(target)
+    ds = load_dataset(spec or coder.data_spec, transform=transform_from_dict(coder.transform))
+    return evaluate_coder(coder, ds, k=k, nll_examples=nll_examples, at=at, raw_baseline=raw_baseline, progress=progress)
+
+
+def binarized(x: np.ndarray, seed: int = 1234) -> np.ndarray:
+    """A fixed stochastic binarisation of [0, 1] data (the binarised-MNIST protocol)."""
+    return (np.random.default_rng(seed).random(x.shape, dtype=np.float32) < x).astype(np.float32)
+
+
+def evaluate_coder(coder: Coder, ds: Dataset, k: int = 1000, nll_examples: int | None = None,
+                   at: tuple[int, ...] = (10,), raw_baseline: bool = True, progress: bool = True) -> dict:
+    x_test, x_train = ds.x_test, ds.x_train
+    if coder.binarized:
+        x_test, x_train = binarized(x_test), binarized(x_train, seed=4321)
+    tgt_train, tgt_test = target_of(x_train, coder.likelihood), target_of(x_test, coder.likelihood)
+    metric = "cosine" if ds.modality == "text" else "l2"
+
+    codes_test = batched(lambda b: coder.encode(b)[0], x_test)
+    recon = batched(coder.decode, codes_test)
+    err = ((recon - tgt_test) ** 2).sum(1)
+    model = {"sq_error": float(err.mean()), "mse": float(err.mean() / x_test.shape[1])}
+
+    # PCA at the same size: on the reconstruction target for errors, on the input for retrieval.
+    mean, comps = pca_fit(tgt_train, coder.latent_dim)
+    pca_recon = (tgt_test - mean) @ comps @ comps.T + mean
+    pca_err = ((pca_recon - tgt_test) ** 2).sum(1)
+    pca = {"sq_error": float(pca_err.mean()), "mse": float(pca_err.mean() / x_test.shape[1])}
+
+    if coder.kind in VAE_KINDS and k > 0:
+        sub = x_test[:nll_examples] if nll_examples else x_test
+        model.update(importance_sampled(coder, sub, k, progress=progress))
+
+    report = {"data": ds.describe(), "kind": coder.kind, "likelihood": coder.likelihood,
+              "latent_dim": coder.latent_dim, "binarized": coder.binarized, "retrieval_metric": metric,
+              "model": model, "pca": pca}
+    if ds.y_train is not None and ds.y_test is not None:
+        codes_train = batched(lambda b: coder.encode(b)[0], x_train)
+        same = tgt_train is x_train
+        mean_in, comps_in = (mean, comps) if same else pca_fit(x_train, coder.latent_dim)
+        model.update(retrieval(codes_test, ds.y_test, codes_train, ds.y_train, metric, at))
+        pca.update(retrieval((x_test - mean_in) @ comps_in, ds.y_test, (x_train - mean_in) @ comps_in,
+                             ds.y_train, metric, at))
+        if raw_baseline:
+            report["raw"] = retrieval(x_test, ds.y_test, x_train, ds.y_train, metric, at)
+    return report
+
+
+def format_table(report: dict) -> str:
+    """The report as a plain table: one row per figure, one column per model."""
+    cols = [c for c in ("model", "pca", "raw") if c in report]
+    names = {"model": f"{report['kind']}-{report['latent_dim']}", "pca": f"pca-{report['latent_dim']}", "raw": "raw input"}
+    keys = []
+    for c in cols:
+        keys += [k for k in report[c] if k not in keys and k not in ("nll_k", "nll_examples")]
+    lines = [f"{'figure':<16}" + "".join(f"{names[c]:>14}" for c in cols)]
+    for key in keys:
+        cells = "".join(f"{report[c][key]:>14.4f}" if key in report[c] else f"{'—':>14}" for c in cols)
+        lines.append(f"{key:<16}{cells}")
+    d = report["data"]
+    foot = f"{d['name']}: {d['n_test']} test vs {d['n_train']} train; retrieval by {report['retrieval_metric']}"
+    if "nll_k" in report["model"]:
+        foot += f"; IS-NLL with k={report['model']['nll_k']} on {report['model']['nll_examples']} examples"
+    if report["binarized"]:
+        foot += "; binarised data"
+    return "\n".join(lines + [foot])
+
+
+def write_json(report: dict, path: Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(report, indent=1) + "\n")

@@ -1,0 +1,187 @@
+"""Export a training run as a model bundle (`models/<name>/<version>/`).
+
+The bundle is assembled in a hidden temporary folder beside its final place
+and renamed into it only once both graphs pass onnx's checker and match torch
+on a real test batch, so a server watching the repository never sees half a
+bundle and a failed export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from training.train import codes_of, load_model, load_run_data, read_metrics
+from zspace import __version__
+from zspace.bundle import FORMAT_VERSION, VAE_KINDS, check_name, load_bundle, sha256_file, versions, write_manifest
+from zspace.errors import UserError
+from zspace.runtime import onnx_session
+
+PARITY_TOLERANCE = 1e-4
+OPSET = 20
+
+
+class EncoderGraph(torch.nn.Module):
+    """x -> mean (and logvar for VAE kinds)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        mean, logvar = self.model.encode(x)
+        return (mean, logvar) if logvar is not None else mean
+
+
+class DecoderGraph(torch.nn.Module):
+    """z -> reconstruction in data space."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, z):
+        return self.model.decode(z)
+
+
+def export_graph(module: torch.nn.Module, name: str, example: torch.Tensor, outputs: list[str], path: Path) -> None:
+    # The exporter logs a warning per missing optional torchvision op; none of ours need them.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            module, (example,), dynamo=True, external_data=False, opset_version=OPSET,
+            input_names=[name], output_names=outputs,
+            dynamic_shapes={name: {0: torch.export.Dim("batch", min=1)}}, verbose=False,
+        )
+    program.save(str(path), external_data=False)
+
+
+def parity(module: torch.nn.Module, path: Path, name: str, batch: np.ndarray) -> float:
+    """max |ONNX Runtime − torch| over every output, on a real batch."""
+    with torch.no_grad():
+        ref = module(torch.from_numpy(batch))
+    ref = [ref] if isinstance(ref, torch.Tensor) else list(ref)
+    got = onnx_session(path).run(None, {name: batch})
+    return max(float(np.abs(g - r.numpy()).max()) for g, r in zip(got, ref))
+
+
+def fitted_prior(model, kind: str, x_train: np.ndarray) -> dict:
+    """What Generate samples from: N(0, I) for VAE kinds, the codes' own Gaussian otherwise."""
+    if kind in VAE_KINDS:
+        return {"type": "standard_normal"}
+    codes = codes_of(model, x_train).astype(np.float64)
+    mean = codes.mean(0)
+    cov = np.cov(codes, rowvar=False).reshape(len(mean), len(mean)) + 1e-6 * np.eye(len(mean))
+    return {"type": "gaussian", "fitted_on": "training codes", "mean": mean.tolist(),
+            "cholesky": np.linalg.cholesky(cov).tolist()}
+
+
+def export_run(run: Path, repo: Path, name: str, version: int | None = None) -> Path:
+    run, repo = Path(run), Path(repo)
+    check_name(name)
+    model, info = load_model(run)
+    ds = load_run_data(run)
+    existing = versions(repo, name)
+    version = version if version is not None else (existing[-1] + 1 if existing else 1)
+    if version < 1:
+        raise UserError(f"--version: must be a positive integer, got {version}")
+    final = repo / name / str(version)
+    if final.exists():
+        raise UserError(f"{final} already exists; bundles are immutable, export a new --version")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{version}.staging-", dir=final.parent))
+    try:
+        manifest = _build(model, info, ds, run, staging, name, version)
+        write_manifest(staging, manifest)
+        load_bundle(staging)  # the reader's own checks, before anyone can see it
+        os.replace(staging, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return final
+
+
+def _build(model, info: dict, ds, run: Path, out: Path, name: str, version: int) -> dict:
+    import onnx
+
+    mcfg = model.cfg
+    batch = np.ascontiguousarray(ds.x_test[:64])
+    if len(batch) < 2:
+        raise UserError(f"{run}: the test split has fewer than 2 rows; cannot check export parity")
+    enc_outputs = ["mean", "logvar"] if mcfg.kind in VAE_KINDS else ["mean"]
+    graphs = {
+        "encoder": (EncoderGraph(model), "x", torch.from_numpy(batch[:2]), enc_outputs, batch),
+        "decoder": (DecoderGraph(model), "z", torch.zeros(2, mcfg.latent_dim), ["x_hat"], None),
+    }
+    files, parities = {}, {}
+    for g, (module, in_name, example, outputs, check_batch) in graphs.items():
+        path = out / f"{g}.onnx"
+        export_graph(module.eval(), in_name, example, outputs, path)
+        onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+        if check_batch is None:  # the decoder is checked on the encoder's real codes
+            check_batch = np.ascontiguousarray(codes_of(model, batch))
+        parities[g] = parity(module, path, in_name, check_batch)
+        if parities[g] > PARITY_TOLERANCE:
+            raise UserError(f"export: {g} ONNX output differs from torch by {parities[g]:.2e} "
+                            f"(limit {PARITY_TOLERANCE:.0e}); the bundle was not written")
+        files[g] = {"path": path.name, "sha256": sha256_file(path), "input": in_name, "outputs": outputs,
+                    "bytes": path.stat().st_size}
+
+    for png in Path(run).glob("*.png"):
+        shutil.copy2(png, out / png.name)
+    rows = read_metrics(run)
+    best = min(rows, key=lambda r: r["val_loss"]) if rows else {}
+    metrics = {"validation": best}
+    if (run / "evaluation.json").is_file():
+        metrics["test"] = json.loads((run / "evaluation.json").read_text())
+    with torch.no_grad():
+        recon = model.decode(model.encode(torch.from_numpy(ds.x_test))[0]).numpy()
+    from training.evaluate import target_of
+
+    err = ((recon - target_of(ds.x_test, mcfg.likelihood)) ** 2).sum(1)
+    metrics["test_sq_error"] = float(err.mean())
+
+    transform = ds.transform.to_dict()
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "name": name,
+        "version": version,
+        "kind": mcfg.kind,
+        "modality": ds.modality,
+        "input_dim": mcfg.input_dim,
+        "latent_dim": mcfg.latent_dim,
+        "transform": transform,
+        "output": {
+            "likelihood": mcfg.likelihood,
+            "range": [0.0, 1.0] if mcfg.likelihood in ("bernoulli", "multinomial") and mcfg.kind != "pca" else None,
+            "logvar": model.out_logvar.detach().tolist() if mcfg.likelihood == "gaussian" else None,
+        },
+        "prior": fitted_prior(model, mcfg.kind, ds.x_train),
+        "training": {
+            "data": ds.describe(),
+            "config": info["config"],
+            "model": info["model"],
+            "seed": info["config"]["seed"],
+            "device": info["device"],
+            "epochs_trained": rows[-1]["epoch"] if rows else 0,
+            "best_epoch": best.get("epoch"),
+        },
+        "metrics": metrics,
+        "export": {"opset": OPSET, "torch": torch.__version__, "onnx": onnx.__version__,
+                   "parity_max_abs": parities, "parity_rows": int(len(batch)), "tolerance": PARITY_TOLERANCE},
+        "files": files,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "zspace_version": __version__,
+    }
+    if ds.modality == "image":
+        manifest["input_shape"] = list(ds.transform.shape)
+    return manifest

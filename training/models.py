@@ -1,0 +1,206 @@
+"""The four model families in one file: PCA, the deep autoencoder, the VAE and β-VAE.
+
+Every model has the same surface, which export, evaluation and training use:
+  encode(x)        -> (mean [N, K], logvar [N, K] or None)
+  decode_raw(z)    -> the decoder's raw output (logits, or the Gaussian mean)
+  decode(z)        -> reconstruction in data space (probabilities or values)
+  loss(x, step)    -> (scalar loss, dict of named parts per example)
+
+References
+- PCA: the linear baseline of Hinton & Salakhutdinov (Science 2006).
+- AE: their deep autoencoder, e.g. 784-1000-500-250-30 with a mirrored decoder
+  and a linear code layer. We train it end to end with Adam and ReLU-family
+  units instead of RBM pretraining; see README for the recipe and figures.
+- VAE: Kingma & Welling (2013), Gaussian q(z|x) with mean and log-variance
+  heads, reparameterised sample, analytic KL(N(μ, σ²) ‖ N(0, I)) =
+  ½ Σ(−log σ² + μ² + σ² − 1).
+- β-VAE: Higgins et al. (2017) weight the KL by β; Burgess et al. (2018)
+  instead pull the KL towards a capacity C that grows linearly to C_max:
+  loss = recon + γ |KL − C|.
+
+Likelihoods (the decoder's output distribution):
+- bernoulli: data in [0, 1]; logits out, sigmoid in data space.
+- gaussian: any real data; per-feature learned variance.
+- multinomial: documents; softmax over words, the target is the weighted
+  word-count vector (the 2006 paper's softmax over word counts).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+KINDS = ("pca", "ae", "vae", "beta_vae")
+LIKELIHOODS = ("bernoulli", "gaussian", "multinomial")
+ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU, "gelu": nn.GELU, "elu": nn.ELU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
+LOG_2PI = math.log(2 * math.pi)
+
+
+@dataclass
+class ModelConfig:
+    kind: str
+    input_dim: int
+    latent_dim: int
+    hidden: tuple[int, ...] = (1000, 500, 250)
+    activation: str = "relu"
+    likelihood: str = "bernoulli"
+    beta: float = 1.0  # β-VAE: weight of the KL term (1.0 = plain VAE)
+    capacity_max: float | None = None  # Burgess: C_max in nats; None = β form
+    capacity_gamma: float = 100.0
+    capacity_ramp_steps: int = 10000
+    extra: dict = field(default_factory=dict)
+
+
+def mlp(dims: list[int], activation: str) -> nn.Sequential:
+    """Linear layers with an activation between them and none after the last."""
+    layers: list[nn.Module] = []
+    for i in range(len(dims) - 1):
+        layers.append(nn.Linear(dims[i], dims[i + 1]))
+        if i < len(dims) - 2:
+            layers.append(ACTIVATIONS[activation]())
+    return nn.Sequential(*layers)
+
+
+def reconstruction_nll(raw: torch.Tensor, x: torch.Tensor, likelihood: str, logvar: torch.Tensor | None) -> torch.Tensor:
+    """−log p(x | z) per example, summed over features."""
+    if likelihood == "bernoulli":
+        return F.binary_cross_entropy_with_logits(raw, x, reduction="none").sum(-1)
+    if likelihood == "gaussian":
+        return 0.5 * (((x - raw) ** 2) * torch.exp(-logvar) + logvar + LOG_2PI).sum(-1)
+    if likelihood == "multinomial":
+        return -(x * F.log_softmax(raw, dim=-1)).sum(-1)
+    raise ValueError(likelihood)
+
+
+def to_data_space(raw: torch.Tensor, likelihood: str) -> torch.Tensor:
+    if likelihood == "bernoulli":
+        return torch.sigmoid(raw)
+    if likelihood == "multinomial":
+        return torch.softmax(raw, dim=-1)
+    return raw
+
+
+def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(μ, σ²) ‖ N(0, I)) per example, in closed form."""
+    return 0.5 * (-logvar + mu.pow(2) + logvar.exp() - 1.0).sum(-1)
+
+
+class Codec(nn.Module):
+    """Shared decoder-side behaviour: output head, likelihood and its variance."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        # Per-feature log-variance of the Gaussian likelihood (unused otherwise).
+        self.out_logvar = nn.Parameter(torch.zeros(cfg.input_dim), requires_grad=cfg.likelihood == "gaussian")
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return to_data_space(self.decode_raw(z), self.cfg.likelihood)
+
+    def recon_nll(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return reconstruction_nll(self.decode_raw(z), x, self.cfg.likelihood, self.out_logvar)
+
+
+class PCA(Codec):
+    """Principal components, fitted in closed form; the linear baseline."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        self.register_buffer("mean", torch.zeros(cfg.input_dim))
+        self.register_buffer("components", torch.zeros(cfg.input_dim, cfg.latent_dim))
+        self.register_buffer("explained_variance", torch.zeros(cfg.latent_dim))
+
+    @torch.no_grad()
+    def fit(self, x: torch.Tensor) -> "PCA":
+        x = x.double()
+        mean = x.mean(0)
+        cov = (x - mean).T @ (x - mean) / max(len(x) - 1, 1)
+        evals, evecs = torch.linalg.eigh(cov)
+        order = torch.argsort(evals, descending=True)[: self.cfg.latent_dim]
+        comps = evecs[:, order]
+        # Fix each component's sign (largest entry positive) so fits are reproducible.
+        signs = torch.sign(comps.gather(0, comps.abs().argmax(0, keepdim=True)))
+        self.mean.copy_(mean.float())
+        self.components.copy_((comps * signs).float())
+        self.explained_variance.copy_(evals[order].clamp_min(0).float())
+        return self
+
+    def encode(self, x: torch.Tensor):
+        return (x - self.mean) @ self.components, None
+
+    def decode_raw(self, z: torch.Tensor) -> torch.Tensor:
+        return z @ self.components.T + self.mean
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decode_raw(z)  # linear in data space, as the published baseline
+
+    def loss(self, x: torch.Tensor, step: int = 0):
+        err = ((self.decode(self.encode(x)[0]) - x) ** 2).sum(-1)
+        return err.mean(), {"sq_error": err}
+
+
+class AE(Codec):
+    """Deterministic deep autoencoder with a linear code layer."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        dims = [cfg.input_dim, *cfg.hidden]
+        self.encoder = mlp([*dims, cfg.latent_dim], cfg.activation)
+        self.decoder = mlp([cfg.latent_dim, *reversed(dims)], cfg.activation)
+
+    def encode(self, x: torch.Tensor):
+        return self.encoder(x), None
+
+    def decode_raw(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(z)
+
+    def loss(self, x: torch.Tensor, step: int = 0):
+        nll = self.recon_nll(x, self.encode(x)[0])
+        return nll.mean(), {"recon": nll}
+
+
+class VAE(Codec):
+    """Kingma & Welling's VAE; with beta or capacity set, the β-VAE of Higgins / Burgess."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        dims = [cfg.input_dim, *cfg.hidden]
+        self.trunk = mlp(dims, cfg.activation)
+        self.trunk.append(ACTIVATIONS[cfg.activation]())
+        self.mean_head = nn.Linear(dims[-1], cfg.latent_dim)
+        self.logvar_head = nn.Linear(dims[-1], cfg.latent_dim)
+        self.decoder = mlp([cfg.latent_dim, *reversed(dims)], cfg.activation)
+
+    def encode(self, x: torch.Tensor):
+        h = self.trunk(x)
+        return self.mean_head(h), self.logvar_head(h).clamp(-20.0, 10.0)
+
+    def decode_raw(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(z)
+
+    def capacity(self, step: int) -> float:
+        c = self.cfg
+        return c.capacity_max * min(1.0, step / max(c.capacity_ramp_steps, 1)) if c.capacity_max is not None else 0.0
+
+    def loss(self, x: torch.Tensor, step: int = 0):
+        mu, logvar = self.encode(x)
+        z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+        nll = self.recon_nll(x, z)
+        kl = gaussian_kl(mu, logvar)
+        if self.cfg.capacity_max is not None:
+            total = nll + self.cfg.capacity_gamma * (kl - self.capacity(step)).abs()
+        else:
+            total = nll + self.cfg.beta * kl
+        return total.mean(), {"recon": nll, "kl": kl, "neg_elbo": nll + kl}
+
+
+def build_model(cfg: ModelConfig) -> Codec:
+    if cfg.kind not in KINDS:
+        raise ValueError(f"unknown model kind {cfg.kind!r}")
+    if cfg.likelihood not in LIKELIHOODS:
+        raise ValueError(f"unknown likelihood {cfg.likelihood!r}")
+    return {"pca": PCA, "ae": AE, "vae": VAE, "beta_vae": VAE}[cfg.kind](cfg)

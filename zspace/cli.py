@@ -1,0 +1,129 @@
+"""The `zspace` command line. Commands are thin: parse, call one library function, print.
+
+Heavy imports (torch, onnx) happen inside the commands that need them, so
+`zspace --help` is instant and serving-only installs work without torch.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from zspace.data import SPEC_HELP
+from zspace.errors import UserError
+
+
+class InputError(click.ClickException):
+    """A UserError surfaced through click: one line on stderr, exit code 2."""
+
+    exit_code = 2
+
+
+class Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UserError as exc:
+            raise InputError(str(exc)) from None
+        except OSError as exc:  # a path the user gave that cannot be written or read
+            raise InputError(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc)) from None
+
+
+def parse_hidden(ctx, param, value: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated layer sizes such as 1000,500,250, got {value!r}") from None
+    if not sizes or any(s < 1 for s in sizes):
+        raise click.BadParameter(f"expected positive layer sizes such as 1000,500,250, got {value!r}")
+    return sizes
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(package_name="zspace")
+def main() -> None:
+    """zspace: learn compact latent codes, export them as ONNX bundles, serve and search them."""
+
+
+@main.command()
+@click.option("--data", default="digits", help=f"Data set: {SPEC_HELP}.")
+@click.option("--model", "kind", type=click.Choice(["pca", "ae", "vae", "beta-vae"]), default="vae", help="Model family.")
+@click.option("--latent-dim", type=click.IntRange(min=1), required=True, help="Size K of the latent code.")
+@click.option("--hidden", default="1000,500,250", callback=parse_hidden, help="Encoder hidden sizes; the decoder mirrors them.")
+@click.option("--activation", type=click.Choice(["relu", "silu", "gelu", "elu", "sigmoid", "tanh"]), default="relu", help="Hidden unit.")
+@click.option("--likelihood", type=click.Choice(["auto", "bernoulli", "gaussian", "multinomial"]), default="auto",
+              help="Decoder distribution; auto: bernoulli for [0,1] images, multinomial (softmax over words) for texts, gaussian otherwise.")
+@click.option("--epochs", type=click.IntRange(min=1), default=30, help="Training epochs (total, also when resuming).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, help="Examples per step.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-3, help="Peak learning rate (warm-up then cosine).")
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=0.0, help="AdamW weight decay.")
+@click.option("--seed", type=int, default=0, help="Seed for initialisation, shuffling and sampling.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", help="auto: CUDA when torch sees a GPU.")
+@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.1, help="Share of training rows held out (fixed seed) for validation.")
+@click.option("--binarize", is_flag=True, help="Train on Bernoulli samples of [0,1] data (binarised-MNIST protocol).")
+@click.option("--beta", type=click.FloatRange(min=0), default=4.0, help="beta-vae: weight of the KL term (Higgins et al.).")
+@click.option("--capacity-max", type=click.FloatRange(min=0), default=None, help="beta-vae: capacity C_max in nats; switches to Burgess et al.'s form.")
+@click.option("--capacity-gamma", type=click.FloatRange(min=0), default=100.0, help="beta-vae capacity form: gamma.")
+@click.option("--capacity-ramp-steps", type=click.IntRange(min=1), default=10000, help="beta-vae capacity form: steps to reach C_max.")
+@click.option("--vocab-size", type=click.IntRange(min=2), default=2000, help="Texts: words in the vocabulary.")
+@click.option("--weighting", type=click.Choice(["counts", "binary", "log1p", "tfidf"]), default="log1p", help="Texts: word weighting.")
+@click.option("--threads", type=click.IntRange(min=0), default=0, help="CPU threads for torch (0: torch's default).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Run folder to write.")
+def train(kind, out, resume, **opts) -> None:
+    """Train a model and write checkpoints, metrics and plots into a run folder."""
+    from training.plots import run_plots
+    from training.train import TrainConfig, train as run_training
+
+    cfg = TrainConfig(model=kind.replace("-", "_"), **opts)
+    run = run_training(cfg, Path(out), resume=resume)
+    pngs = run_plots(run)
+    click.echo(f"run: {run}  (best.pt, metrics.jsonl, {', '.join(p.name for p in pngs)})")
+
+
+@main.command()
+@click.argument("target", type=click.Path(exists=True, file_okay=False))
+@click.option("--data", default=None, help=f"Data set ({SPEC_HELP}); default: the one the model was trained on.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write the report here.")
+@click.option("--k", "k", type=click.IntRange(min=0), default=1000, help="VAE kinds: importance samples per example (0: skip).")
+@click.option("--nll-examples", type=click.IntRange(min=1), default=None, help="VAE kinds: IS-NLL on the first N test rows only (default: all).")
+def evaluate(target, data, json_path, k, nll_examples) -> None:
+    """Evaluate a run folder or a bundle on a data set's test split, beside PCA."""
+    from training.evaluate import evaluate as run_eval, format_table, write_json
+
+    report = run_eval(Path(target), data, k=k, nll_examples=nll_examples)
+    click.echo(format_table(report))
+    if (Path(target) / "run.json").is_file():
+        write_json(report, Path(target) / "evaluation.json")
+    if json_path:
+        write_json(report, Path(json_path))
+
+
+@main.command()
+@click.argument("run", type=click.Path(exists=True, file_okay=False))
+@click.option("--repo", type=click.Path(file_okay=False), default="models", help="Model repository folder.")
+@click.option("--name", required=True, help="Model name in the repository.")
+@click.option("--version", "version", type=click.IntRange(min=1), default=None, help="Bundle version (default: highest + 1).")
+def export(run, repo, name, version) -> None:
+    """Export a run as models/<name>/<version>/ (ONNX encoder and decoder + manifest); prints its path."""
+    from training.export import export_run
+
+    click.echo(export_run(Path(run), Path(repo), name, version))
+
+
+@main.command()
+@click.option("--workdir", type=click.Path(file_okay=False), default=".", help="Where runs/ and models/ are written.")
+@click.option("--epochs", type=click.IntRange(min=1), default=60, help="Training epochs for the digits VAE.")
+def quickstart(workdir, epochs) -> None:
+    """Train a VAE on the built-in digits, evaluate, export, and print where everything is."""
+    from training.quickstart import quickstart as run_quickstart
+
+    summary = run_quickstart(Path(workdir), epochs=epochs)
+    click.echo(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

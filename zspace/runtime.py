@@ -1,0 +1,50 @@
+"""ONNX Runtime sessions with an honest execution provider.
+
+onnxruntime-gpu asked for CUDA on a machine without a GPU logs a loud error and
+silently runs on the CPU. So we ask for CUDA only when a GPU is visible, and we
+always report the provider a session actually uses (`session.get_providers()`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from zspace.errors import UserError
+
+
+def gpu_visible() -> bool:
+    """A cheap check for an NVIDIA GPU: the driver's device nodes or nvidia-smi."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    return Path("/dev/nvidia0").exists() or (shutil.which("nvidia-smi") is not None and Path("/proc/driver/nvidia").exists())
+
+
+def providers_for(device: str) -> list[str]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    cuda_ok = "CUDAExecutionProvider" in available and gpu_visible()
+    if device == "cuda":
+        if not cuda_ok:
+            raise UserError("--device cuda: ONNX Runtime cannot use a CUDA GPU here "
+                            f"(providers {available}, GPU visible: {gpu_visible()})")
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device == "auto" and cuda_ok:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device not in ("auto", "cpu"):
+        raise UserError(f"--device: expected auto, cpu or cuda, got {device!r}")
+    return ["CPUExecutionProvider"]
+
+
+def onnx_session(path: str | os.PathLike, device: str = "cpu", threads: int = 0):
+    """An InferenceSession on the best provider `device` allows; threads 0 = ORT default."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), sess_options=opts, providers=providers_for(device))
