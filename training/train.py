@@ -153,8 +153,13 @@ def selection_loss(parts: dict) -> float:
     return parts.get("neg_elbo", parts.get("recon", parts.get("sq_error")))
 
 
-def train(cfg: TrainConfig, out: Path, resume: bool = False, quiet: bool = False) -> Path:
+def train(cfg: TrainConfig, out: Path, resume: bool = False, quiet: bool = False,
+          stop_after: int | None = None, time_limit_s: float | None = None) -> Path:
+    """Train into OUT. The schedule always spans cfg.epochs; `stop_after` (an epoch
+    number) and `time_limit_s` end this call early, leaving a run that --resume
+    continues exactly where it stopped."""
     out = Path(out)
+    started = time.monotonic()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
@@ -229,9 +234,9 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False, quiet: bool = False
             loss.backward()
             opt.step()
             step += 1
-            running += float(loss) * len(xb)
+            running += loss.item() * len(xb)
             if bar:
-                bar.update(1, f"loss {float(loss):.3f}")
+                bar.update(1, f"loss {loss.item():.3f}")
         train_loss = running / len(x_train)
         val = evaluate_split(model, x_val)
         val_loss = selection_loss(val)
@@ -247,6 +252,11 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False, quiet: bool = False
                       "step": step, "best": best}, out / "last.pt")
         if bar:
             bar.close(f"train {train_loss:.3f} val {val_loss:.3f} sq_err {val['sq_error']:.3f}{' *' if improved else ''}")
+        if stop_after is not None and epoch + 1 >= stop_after:
+            break
+        if time_limit_s is not None and time.monotonic() - started > time_limit_s:
+            log(f"train: time limit of {time_limit_s:.0f}s reached after epoch {epoch + 1}; --resume continues")
+            break
     metrics_file.close()
     return out
 

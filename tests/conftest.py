@@ -1,0 +1,108 @@
+"""Shared fixtures: tiny real files on disk (IDX, images, texts) and small trained runs."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+
+
+def write_idx(path: Path, array: np.ndarray, compress: bool = True) -> Path:
+    """Write an IDX file (uint8) the way the MNIST files are laid out."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(struct.pack(">I", d) for d in array.shape)
+    data = header + np.ascontiguousarray(array, np.uint8).tobytes()
+    path.write_bytes(gzip.compress(data) if compress else data)
+    return path
+
+
+@pytest.fixture
+def idx_dir(tmp_path: Path) -> Path:
+    """A 10x10 IDX data set with 60 train and 20 test images, gzip like MNIST."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "idx"
+    root.mkdir()
+    for prefix, n in (("train", 60), ("t10k", 20)):
+        labels = rng.integers(0, 3, n).astype(np.uint8)
+        images = (rng.random((n, 10, 10)) * 80).astype(np.uint8)
+        images[:, labels.astype(int) * 3, :] = 250  # a class-dependent bright row
+        write_idx(root / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    return root
+
+
+@pytest.fixture
+def image_dir(tmp_path: Path) -> Path:
+    """PNG and JPEG files of two sizes in two class subfolders."""
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    root = tmp_path / "imgs"
+    for cls in ("cats", "dogs"):
+        (root / cls).mkdir(parents=True)
+        for i in range(6):
+            size = (12, 12) if i % 2 else (20, 16)
+            arr = (rng.random((size[1], size[0], 3)) * 255).astype(np.uint8)
+            ext = "png" if i % 3 else "jpg"
+            Image.fromarray(arr).save(root / cls / f"{i}.{ext}")
+    return root
+
+
+TOPICS = {
+    "space": "orbit rocket launch nasa shuttle moon planet satellite astronaut mission",
+    "cars": "engine wheel brake tire dealer sedan mileage transmission motor drive",
+    "food": "recipe bake flour oven sugar butter dinner kitchen taste spice",
+}
+
+
+def make_docs(n_per_topic: int = 12, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    docs = []
+    for label, words in TOPICS.items():
+        vocab = words.split()
+        for i in range(n_per_topic):
+            text = " ".join(rng.choice(vocab, size=12)) + " and the of it"
+            docs.append({"id": f"{label}-{i}", "text": text, "label": label})
+    return docs
+
+
+@pytest.fixture
+def jsonl_file(tmp_path: Path) -> Path:
+    path = tmp_path / "docs.jsonl"
+    path.write_text("\n".join(json.dumps(d) for d in make_docs()) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def text_dir(tmp_path: Path) -> Path:
+    root = tmp_path / "texts"
+    for d in make_docs(6):
+        folder = root / d["label"]
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{d['id']}.txt").write_text(d["text"], encoding="utf-8")
+    return root
+
+
+def train_run(out: Path, stop_after: int | None = None, **overrides) -> Path:
+    from training.train import TrainConfig, train
+
+    cfg = dict(data="digits", model="ae", latent_dim=4, hidden=(32, 16), epochs=2, batch_size=64, seed=0, threads=2)
+    cfg.update(overrides)
+    return train(TrainConfig(**cfg), out, quiet=True, stop_after=stop_after)
+
+
+@pytest.fixture(scope="session")
+def vae_run(tmp_path_factory) -> Path:
+    return train_run(tmp_path_factory.mktemp("runs") / "vae", model="vae", epochs=3)
+
+
+@pytest.fixture(scope="session")
+def vae_bundle(vae_run, tmp_path_factory) -> Path:
+    from training.export import export_run
+
+    return export_run(vae_run, tmp_path_factory.mktemp("repo"), "digits")
