@@ -72,3 +72,15 @@ def test_capacity_ramps_to_c_max():
     torch.manual_seed(0)
     loss, _ = m_beta.loss(x)
     assert float(loss) == pytest.approx(float((parts["recon"] + 4.0 * parts["kl"]).mean()), rel=1e-5)
+
+
+def test_random_shift_moves_pixels_within_bounds():
+    from training.train import random_shift
+
+    x = torch.zeros(200, 1, 5, 5)
+    x[:, 0, 2, 2] = 1.0  # one lit pixel in the centre
+    torch.manual_seed(0)
+    out = random_shift(x.view(200, 25), (1, 5, 5), 1).view(200, 5, 5)
+    assert torch.all(out.sum((1, 2)) == 1.0), "a shift by one keeps the centre pixel inside"
+    ys, xs = torch.nonzero(out, as_tuple=True)[1:]
+    assert set(ys.tolist()) == {1, 2, 3} and set(xs.tolist()) == {1, 2, 3}, "all nine offsets occur"

@@ -27,11 +27,10 @@ import torch
 from zspace.bundle import VAE_KINDS, load_bundle
 from zspace.data import Dataset, load_dataset
 from zspace.errors import UserError
+from zspace.likelihood import log_likelihood, target_of
 from zspace.progress import Progress
 from zspace.runtime import onnx_session
 from zspace.transforms import transform_from_dict
-
-EPS = 1e-7
 
 
 @dataclass
@@ -103,25 +102,6 @@ def open_coder(target: Path) -> Coder:
 
 def batched(fn, x: np.ndarray, batch_size: int = 4096) -> np.ndarray:
     return np.concatenate([fn(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
-
-
-def target_of(x: np.ndarray, likelihood: str) -> np.ndarray:
-    """What the decoder reconstructs: the data, or word proportions for documents."""
-    if likelihood == "multinomial":
-        return x / np.maximum(x.sum(1, keepdims=True), EPS)
-    return x
-
-
-def log_likelihood(x: np.ndarray, x_hat: np.ndarray, likelihood: str, out_logvar) -> np.ndarray:
-    """log p(x | z) per row from the decoder's data-space output (float64)."""
-    x, x_hat = x.astype(np.float64), x_hat.astype(np.float64)
-    if likelihood == "bernoulli":
-        p = np.clip(x_hat, EPS, 1 - EPS)
-        return (x * np.log(p) + (1 - x) * np.log1p(-p)).sum(-1)
-    if likelihood == "multinomial":
-        return (x * np.log(np.clip(x_hat, EPS, 1.0))).sum(-1)
-    lv = np.asarray(out_logvar, np.float64)
-    return -0.5 * (((x - x_hat) ** 2) * np.exp(-lv) + lv + math.log(2 * math.pi)).sum(-1)
 
 
 def importance_sampled(coder: Coder, x: np.ndarray, k: int, seed: int = 0, progress: bool = True) -> dict:

@@ -24,6 +24,7 @@ from training.train import codes_of, load_model, load_run_data, read_metrics
 from zspace import __version__
 from zspace.bundle import FORMAT_VERSION, VAE_KINDS, check_name, load_bundle, sha256_file, versions, write_manifest
 from zspace.errors import UserError
+from zspace.likelihood import target_of
 from zspace.runtime import onnx_session
 
 PARITY_TOLERANCE = 1e-4
@@ -145,8 +146,6 @@ def _build(model, info: dict, ds, run: Path, out: Path, name: str, version: int)
         metrics["test"] = json.loads((run / "evaluation.json").read_text())
     with torch.no_grad():
         recon = model.decode(model.encode(torch.from_numpy(ds.x_test))[0]).numpy()
-    from training.evaluate import target_of
-
     err = ((recon - target_of(ds.x_test, mcfg.likelihood)) ** 2).sum(1)
     metrics["test_sq_error"] = float(err.mean())
 
@@ -163,7 +162,7 @@ def _build(model, info: dict, ds, run: Path, out: Path, name: str, version: int)
         "output": {
             "likelihood": mcfg.likelihood,
             "range": [0.0, 1.0] if mcfg.likelihood in ("bernoulli", "multinomial") and mcfg.kind != "pca" else None,
-            "logvar": model.out_logvar.detach().tolist() if mcfg.likelihood == "gaussian" else None,
+            "logvar": model.out_logvar.detach().tolist() if mcfg.likelihood == "gaussian" and mcfg.kind != "pca" else None,
         },
         "prior": fitted_prior(model, mcfg.kind, ds.x_train),
         "training": {

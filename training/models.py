@@ -84,6 +84,11 @@ def to_data_space(raw: torch.Tensor, likelihood: str) -> torch.Tensor:
     return raw
 
 
+def reconstruction_target(x: torch.Tensor, likelihood: str) -> torch.Tensor:
+    """What decode() approximates: the data itself, or word proportions for documents."""
+    return x / x.sum(-1, keepdim=True).clamp_min(1e-7) if likelihood == "multinomial" else x
+
+
 def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """KL(N(μ, σ²) ‖ N(0, I)) per example, in closed form."""
     return 0.5 * (-logvar + mu.pow(2) + logvar.exp() - 1.0).sum(-1)

@@ -64,6 +64,7 @@ def main() -> None:
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", help="auto: CUDA when torch sees a GPU.")
 @click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.1, help="Share of training rows held out (fixed seed) for validation.")
 @click.option("--binarize", is_flag=True, help="Train on Bernoulli samples of [0,1] data (binarised-MNIST protocol).")
+@click.option("--augment-shift", type=click.IntRange(min=0), default=0, help="Images: shift each training image by up to N pixels.")
 @click.option("--beta", type=click.FloatRange(min=0), default=4.0, help="beta-vae: weight of the KL term (Higgins et al.).")
 @click.option("--capacity-max", type=click.FloatRange(min=0), default=None, help="beta-vae: capacity C_max in nats; switches to Burgess et al.'s form.")
 @click.option("--capacity-gamma", type=click.FloatRange(min=0), default=100.0, help="beta-vae capacity form: gamma.")

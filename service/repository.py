@@ -1,0 +1,172 @@
+"""The model repository as the server sees it: loaded bundles, broken ones, hot reload.
+
+A scan compares each version folder's manifest fingerprint with what is
+loaded; new or changed bundles are loaded beside the old ones and swapped in
+with one assignment, so requests in flight keep the runtime they started with
+and finish on it. A bundle that fails to load (bad manifest, wrong hash,
+unreadable graph) is reported and skipped; the others serve.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from service.batcher import DynamicBatcher
+from zspace.bundle import VAE_KINDS, Bundle, load_bundle
+from zspace.errors import UserError
+from zspace.runtime import onnx_session
+from zspace.transforms import transform_from_dict
+
+log = logging.getLogger("zspace.serve")
+
+
+@dataclass
+class BatchConfig:
+    max_batch: int = 64
+    max_delay_s: float = 0.002
+    max_queue_rows: int = 4096
+
+
+class ModelRuntime:
+    """One loaded bundle version: two ONNX Runtime sessions, their batchers, the transform."""
+
+    def __init__(self, bundle: Bundle, device: str, threads: int, executor: Executor, batching: BatchConfig,
+                 on_batch=None):
+        self.bundle, self.manifest = bundle, bundle.manifest
+        self.name, self.version = bundle.name, bundle.version
+        self.kind, self.modality = bundle.kind, self.manifest["modality"]
+        self.input_dim, self.latent_dim = bundle.input_dim, bundle.latent_dim
+        self.transform = transform_from_dict(self.manifest["transform"])
+        self.likelihood = self.manifest["output"]["likelihood"]
+        logvar = self.manifest["output"].get("logvar")
+        self.out_logvar = None if logvar is None else np.asarray(logvar, np.float64)
+        self.encoder = onnx_session(bundle.graph("encoder"), device, threads)
+        self.decoder = onnx_session(bundle.graph("decoder"), device, threads)
+        self.provider = self.encoder.get_providers()[0]
+        self._warm_up()
+        hook = on_batch or (lambda *a: None)
+        self.encode_batcher = DynamicBatcher(self._run_encoder, executor, batching.max_batch, batching.max_delay_s,
+                                             batching.max_queue_rows, lambda r, q: hook(self.name, "encoder", r, q))
+        self.decode_batcher = DynamicBatcher(self._run_decoder, executor, batching.max_batch, batching.max_delay_s,
+                                             batching.max_queue_rows, lambda r, q: hook(self.name, "decoder", r, q))
+
+    @property
+    def is_vae(self) -> bool:
+        return self.kind in VAE_KINDS
+
+    def _run_encoder(self, x: np.ndarray) -> list[np.ndarray]:
+        return self.encoder.run(None, {"x": x})
+
+    def _run_decoder(self, z: np.ndarray) -> list[np.ndarray]:
+        return self.decoder.run(None, {"z": z})
+
+    def _warm_up(self) -> None:
+        """One real call per graph, so the first client does not pay for initialisation."""
+        self._run_decoder(self._run_encoder(np.zeros((1, self.input_dim), np.float32))[0])
+
+    async def encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        outs = await self.encode_batcher.submit(x)
+        return outs[0], (outs[1] if len(outs) > 1 else None)
+
+    async def decode(self, z: np.ndarray) -> np.ndarray:
+        return (await self.decode_batcher.submit(z))[0]
+
+    def sample_prior(self, count: int, seed: int, temperature: float) -> np.ndarray:
+        """Latents from the manifest's prior: N(0, I), or the Gaussian fitted to training codes."""
+        rng = np.random.default_rng(seed)
+        eps = rng.standard_normal((count, self.latent_dim)) * temperature
+        prior = self.manifest["prior"]
+        if prior["type"] == "gaussian":
+            eps = np.asarray(prior["mean"]) + eps @ np.asarray(prior["cholesky"]).T
+        return eps.astype(np.float32)
+
+    def close(self) -> None:
+        self.encode_batcher.close()
+        self.decode_batcher.close()
+
+
+def fingerprint(version_dir: Path) -> str:
+    """Changes when the manifest (and therefore any graph hash) changes."""
+    try:
+        return hashlib.sha256((version_dir / "manifest.json").read_bytes()).hexdigest()
+    except OSError:
+        return "unreadable"
+
+
+class ModelRepository:
+    def __init__(self, root: Path, device: str, threads: int, executor: Executor, batching: BatchConfig,
+                 on_batch=None):
+        self.root, self.device, self.threads = Path(root), device, threads
+        self.executor, self.batching, self.on_batch = executor, batching, on_batch
+        self.models: dict[str, dict[int, ModelRuntime]] = {}
+        self.broken: dict[str, str] = {}  # path -> error
+        self._prints: dict[str, str] = {}
+
+    def version_dirs(self) -> list[Path]:
+        if not self.root.is_dir():
+            return []
+        return sorted(v for n in self.root.iterdir() if n.is_dir() and not n.name.startswith(".")
+                      for v in n.iterdir() if v.is_dir() and v.name.isdigit() and int(v.name) > 0)
+
+    def scan(self) -> list[str]:
+        """Load new or changed bundles, drop removed ones; returns what changed, for the log."""
+        changes: list[str] = []
+        models = {n: dict(vs) for n, vs in self.models.items()}
+        seen = set()
+        for vdir in self.version_dirs():
+            key = str(vdir)
+            seen.add(key)
+            fp = fingerprint(vdir)
+            if self._prints.get(key) == fp:
+                continue
+            self._prints[key] = fp
+            name, version = vdir.parent.name, int(vdir.name)
+            try:
+                bundle = load_bundle(vdir)
+                if bundle.name != name or bundle.version != version:
+                    raise UserError(f"{vdir}: manifest says {bundle.name}/{bundle.version}, folder says {name}/{version}")
+                runtime = ModelRuntime(bundle, self.device, self.threads, self.executor, self.batching, self.on_batch)
+            except Exception as exc:  # any failure marks this bundle broken; the rest serve
+                self.broken[key] = str(exc)
+                old = models.get(name, {}).pop(version, None)
+                if old:
+                    old.close()
+                log.error("model %s/%s skipped: %s", name, version, exc)
+                changes.append(f"broken {name}/{version}")
+                continue
+            self.broken.pop(key, None)
+            old = models.setdefault(name, {}).get(version)
+            models[name][version] = runtime
+            if old:
+                old.close()
+            log.info("model %s/%s loaded (%s, %s, provider %s)", name, version, runtime.kind, runtime.modality, runtime.provider)
+            changes.append(f"{'reloaded' if old else 'loaded'} {name}/{version}")
+        for key in [k for k in self._prints if k not in seen]:
+            del self._prints[key]
+            self.broken.pop(key, None)
+            vdir = Path(key)
+            old = models.get(vdir.parent.name, {}).pop(int(vdir.name), None)
+            if old:
+                old.close()
+                changes.append(f"removed {vdir.parent.name}/{vdir.name}")
+        self.models = {n: vs for n, vs in models.items() if vs}  # one assignment: readers see old or new
+        return changes
+
+    def get(self, name: str, version: int = 0) -> ModelRuntime:
+        versions = self.models.get(name)
+        if not versions:
+            raise KeyError(f"model {name!r} is not loaded (loaded: {', '.join(sorted(self.models)) or 'none'})")
+        if version == 0:
+            return versions[max(versions)]
+        if version not in versions:
+            raise KeyError(f"model {name!r} has no version {version} (loaded: {sorted(versions)})")
+        return versions[version]
+
+    def loaded(self) -> list[ModelRuntime]:
+        return [rt for n in sorted(self.models) for _, rt in sorted(self.models[n].items())]

@@ -1,0 +1,198 @@
+"""`zspace serve`: one grpc.aio process serving every bundle under --models.
+
+Start: load bundles (broken ones reported and skipped), warm them up, then
+health = SERVING. While running: rescan the repository every --poll-s seconds
+and on SIGHUP. SIGTERM/SIGINT: health = NOT_SERVING, stop accepting, let
+in-flight requests finish within --grace-s, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+import signal
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from service.metrics import Metrics
+from service.repository import BatchConfig, ModelRepository
+from service.servicer import Limits, ZSpaceServicer
+from zspace.errors import UserError
+from zspace.v1 import zspace_pb2 as pb
+from zspace.v1 import zspace_pb2_grpc as pb_grpc
+
+log = logging.getLogger("zspace.serve")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ZSpace"].full_name
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
+
+
+@dataclass
+class ServeConfig:
+    models: Path
+    indexes: Path | None = None
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_port: int = 9100  # 0: no metrics endpoint
+    device: str = "auto"
+    threads: int = 0  # ONNX Runtime intra-op threads per session; 0: all cores
+    max_batch: int = 64
+    max_delay_ms: float = 2.0
+    max_queue_rows: int = 4096
+    max_rows: int = 4096
+    max_generate: int = 4096
+    max_message_mb: int = 64
+    max_concurrent_rpcs: int | None = None
+    poll_s: float = 5.0  # 0: reload on SIGHUP only
+    grace_s: float = 10.0
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    token: str | None = None
+
+
+def read_token(token_file: str | None, token_env: str) -> str | None:
+    """The bearer token from a file (first line) or an environment variable; None = auth off."""
+    if token_file:
+        try:
+            token = Path(token_file).read_text().strip()
+        except OSError as exc:
+            raise UserError(f"--token-file: cannot read {token_file} ({exc.strerror})") from None
+        if not token:
+            raise UserError(f"--token-file: {token_file} is empty")
+        return token
+    return os.environ.get(token_env) or None
+
+
+class BearerAuth(grpc.aio.ServerInterceptor):
+    """Every RPC but health checks needs `authorization: Bearer <token>`."""
+
+    def __init__(self, token: str):
+        self.expected = f"Bearer {token}".encode()
+
+        async def deny(request, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token (metadata 'authorization')")
+
+        self.deny = grpc.unary_unary_rpc_method_handler(deny)
+
+    async def intercept_service(self, continuation, details):
+        if details.method.startswith(HEALTH_PREFIX):
+            return await continuation(details)
+        got = dict(details.invocation_metadata or ()).get("authorization", "")
+        got = got.encode() if isinstance(got, str) else got
+        if hmac.compare_digest(got, self.expected):
+            return await continuation(details)
+        return self.deny
+
+
+class Server:
+    """The running service; `start()` then `wait()`, or `run()` for both with signal handling."""
+
+    def __init__(self, cfg: ServeConfig):
+        self.cfg = cfg
+        if not Path(cfg.models).is_dir():
+            raise UserError(f"--models: {cfg.models} is not a folder")
+        if bool(cfg.tls_cert) != bool(cfg.tls_key):
+            raise UserError("--tls-cert and --tls-key go together")
+        self.metrics = Metrics()
+        threads = cfg.threads or (os.cpu_count() or 1)
+        self.executor = ThreadPoolExecutor(max_workers=max(4, 2 * (os.cpu_count() or 1)), thread_name_prefix="ort")
+        batching = BatchConfig(max_batch=cfg.max_batch, max_delay_s=cfg.max_delay_ms / 1000, max_queue_rows=cfg.max_queue_rows)
+        self.repo = ModelRepository(cfg.models, cfg.device, threads, self.executor, batching, self.metrics.on_batch)
+        self.health = health.aio.HealthServicer()
+        self.stopping = asyncio.Event()
+        self.server: grpc.aio.Server | None = None
+        self.port = cfg.port
+        self.metrics_port = 0
+        self._poller: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        cfg = self.cfg
+        if cfg.indexes and Path(cfg.indexes).is_dir() and any(Path(cfg.indexes).iterdir()):
+            log.warning("--indexes %s: index serving is not part of this version; serving models only", cfg.indexes)
+        await self.rescan()
+        limit = cfg.max_message_mb * 1024 * 1024
+        options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
+                   ("grpc.so_reuseport", 0)]
+        interceptors = [BearerAuth(cfg.token)] if cfg.token else []
+        self.server = grpc.aio.server(migration_thread_pool=None, options=options, interceptors=interceptors,
+                                      maximum_concurrent_rpcs=cfg.max_concurrent_rpcs)
+        limits = Limits(max_rows=cfg.max_rows, max_generate=cfg.max_generate)
+        pb_grpc.add_ZSpaceServicer_to_server(ZSpaceServicer(self.repo, limits, self.metrics), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), self.server)
+        address = f"{cfg.host}:{cfg.port}"
+        if cfg.tls_cert:
+            creds = grpc.ssl_server_credentials([(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())])
+            self.port = self.server.add_secure_port(address, creds)
+        else:
+            self.port = self.server.add_insecure_port(address)
+        if self.port == 0:
+            raise UserError(f"--port: cannot bind {address}")
+        await self.server.start()
+        if cfg.metrics_port:
+            self.metrics_port = self.metrics.serve_http(cfg.host, cfg.metrics_port)
+        if cfg.poll_s > 0:
+            self._poller = asyncio.get_running_loop().create_task(self._poll())
+        models = ", ".join(f"{rt.name}/{rt.version} ({rt.provider})" for rt in self.repo.loaded()) or "none"
+        log.info("serving on %s:%d%s, metrics on %s; models: %s", cfg.host, self.port, " (TLS)" if cfg.tls_cert else "",
+                 self.metrics_port or "off", models)
+
+    async def rescan(self) -> None:
+        changes = await asyncio.to_thread(self.repo.scan)
+        for change in changes:
+            log.info("repository: %s", change)
+        self.metrics.set_models(len(self.repo.loaded()), len(self.repo.broken))
+        if not self.stopping.is_set():
+            status = health_pb2.HealthCheckResponse.SERVING if self.repo.loaded() else health_pb2.HealthCheckResponse.NOT_SERVING
+            await self.health.set("", status)
+            await self.health.set(SERVICE_NAME, status)
+
+    async def _poll(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                await asyncio.wait_for(self.stopping.wait(), self.cfg.poll_s)
+            except asyncio.TimeoutError:
+                try:
+                    await self.rescan()
+                except Exception:
+                    log.exception("repository rescan failed; keeping the loaded models")
+
+    async def stop(self) -> None:
+        """Drain: NOT_SERVING, refuse new RPCs, finish in-flight ones within the grace period."""
+        if self.stopping.is_set():
+            return
+        self.stopping.set()
+        log.info("draining (grace %.1fs)", self.cfg.grace_s)
+        await self.health.enter_graceful_shutdown()
+        if self._poller:
+            self._poller.cancel()
+        if self.server:
+            await self.server.stop(self.cfg.grace_s)
+        for rt in self.repo.loaded():
+            rt.close()
+        self.metrics.close()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        log.info("stopped")
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        await self.start()
+        done = asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, done.set)
+        loop.add_signal_handler(signal.SIGINT, done.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.rescan()))
+        await done.wait()
+        await self.stop()
+        return 0
+
+
+def serve(cfg: ServeConfig) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return asyncio.run(Server(cfg).run())

@@ -1,0 +1,261 @@
+"""The ZSpace gRPC servicer: validate, featurise, run through the batchers, answer.
+
+Every RPC goes through `_call`, which maps failures to status codes in one
+place: a bad field -> INVALID_ARGUMENT naming it, an unknown model ->
+NOT_FOUND, a full queue -> RESOURCE_EXHAUSTED. Nothing a client sends can
+raise out of here: an unexpected error becomes INTERNAL and is logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+from service.batcher import QueueFull
+from service.repository import ModelRepository, ModelRuntime
+from zspace.errors import UserError
+from zspace.likelihood import kl_standard_normal, log_likelihood, target_of
+from zspace.v1 import zspace_pb2 as pb
+from zspace.v1 import zspace_pb2_grpc as pb_grpc
+
+log = logging.getLogger("zspace.serve")
+
+
+@dataclass
+class Limits:
+    max_rows: int = 4096        # rows per request (tensor, images, texts)
+    max_generate: int = 4096    # Generate.count
+    max_steps: int = 1024       # Interpolate.steps
+    max_text_chars: int = 1_000_000
+
+
+class InvalidArgument(Exception):
+    pass
+
+
+def tensor_to_array(t: pb.Tensor, field: str, ndim: int = 2, cols: int | None = None, max_rows: int | None = None) -> np.ndarray:
+    """A Tensor message -> float32 array, checking shape, byte length and finiteness."""
+    shape = list(t.shape)
+    if len(shape) != ndim:
+        raise InvalidArgument(f"{field}.shape: expected {ndim} dimensions [batch, {cols or 'dim'}], got {shape}")
+    if any(d < 0 for d in shape):
+        raise InvalidArgument(f"{field}.shape: dimensions must be non-negative, got {shape}")
+    if shape[0] == 0:
+        raise InvalidArgument(f"{field}: empty batch (shape {shape}); send at least one row")
+    if max_rows is not None and shape[0] > max_rows:
+        raise InvalidArgument(f"{field}: batch of {shape[0]} rows is over the limit of {max_rows}")
+    if cols is not None and shape[1] != cols:
+        raise InvalidArgument(f"{field}.shape: expected [batch, {cols}], got {shape}")
+    want = int(np.prod(shape)) * 4
+    if len(t.data) != want:
+        raise InvalidArgument(f"{field}.data: {len(t.data)} bytes do not match shape {shape} "
+                              f"(expected {want} bytes of little-endian float32)")
+    arr = np.frombuffer(t.data, dtype="<f4").reshape(shape).astype(np.float32, copy=False)
+    if not np.isfinite(arr).all():
+        raise InvalidArgument(f"{field}.data: contains NaN or infinity")
+    return arr
+
+
+def array_to_tensor(a: np.ndarray) -> pb.Tensor:
+    a = np.ascontiguousarray(a, dtype="<f4")
+    return pb.Tensor(shape=list(a.shape), data=a.tobytes())
+
+
+def slerp(a: np.ndarray, b: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """Spherical interpolation between two vectors (falls back to a line when they are parallel)."""
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    cos = float(np.dot(a, b) / max(na * nb, 1e-12))
+    omega = np.arccos(np.clip(cos, -1.0, 1.0))
+    if omega < 1e-6:
+        return (1 - t)[:, None] * a + t[:, None] * b
+    return (np.sin((1 - t) * omega)[:, None] * a + np.sin(t * omega)[:, None] * b) / np.sin(omega)
+
+
+class ZSpaceServicer(pb_grpc.ZSpaceServicer):
+    def __init__(self, repo: ModelRepository, limits: Limits, metrics=None):
+        self.repo, self.limits, self.metrics = repo, limits, metrics
+
+    # ------------------------------------------------------------ plumbing
+
+    async def _call(self, method: str, request, context, body):
+        model = request.model.name if hasattr(request, "model") else ""
+        t0 = time.monotonic()
+        code = grpc.StatusCode.OK
+        try:
+            return await body()
+        except InvalidArgument as exc:
+            code, message = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+        except UserError as exc:  # e.g. an undecodable image from the transforms
+            code, message = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+        except KeyError as exc:
+            code, message = grpc.StatusCode.NOT_FOUND, exc.args[0]
+        except QueueFull as exc:
+            code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, f"server busy: {exc}; retry later"
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception:  # a bug, not the client's fault: log it, keep serving
+            log.exception("%s failed", method)
+            code, message = grpc.StatusCode.INTERNAL, f"{method}: internal error (logged on the server)"
+        finally:
+            if self.metrics:
+                self.metrics.observe(method, model, code.name, time.monotonic() - t0)
+        await context.abort(code, message)
+
+    def _model(self, ref: pb.ModelRef) -> ModelRuntime:
+        if not ref.name:
+            raise InvalidArgument("model.name: required (see ListModels)")
+        if ref.version < 0:
+            raise InvalidArgument(f"model.version: expected 0 (latest) or a positive version, got {ref.version}")
+        return self.repo.get(ref.name, int(ref.version))
+
+    async def _features(self, rt: ModelRuntime, inputs: pb.Inputs, field: str = "inputs") -> np.ndarray:
+        """Any of the three input forms -> float32 [batch, input_dim] through the bundle's transform."""
+        kind = inputs.WhichOneof("kind")
+        if kind is None:
+            raise InvalidArgument(f"{field}: set one of tensor, images or texts")
+        if kind == "tensor":
+            return tensor_to_array(inputs.tensor, f"{field}.tensor", cols=rt.input_dim, max_rows=self.limits.max_rows)
+        items = list(inputs.images.images) if kind == "images" else list(inputs.texts.texts)
+        if not items:
+            raise InvalidArgument(f"{field}.{kind}: empty batch; send at least one")
+        if len(items) > self.limits.max_rows:
+            raise InvalidArgument(f"{field}.{kind}: {len(items)} items are over the limit of {self.limits.max_rows}")
+        if kind == "images":
+            if rt.modality != "image":
+                raise InvalidArgument(f"{field}.images: model {rt.name} takes {rt.modality} inputs, not images")
+            return await asyncio.to_thread(
+                lambda: np.stack([rt.transform.from_bytes(b, f"{field}.images[{i}]") for i, b in enumerate(items)]))
+        if rt.modality != "text":
+            raise InvalidArgument(f"{field}.texts: model {rt.name} takes {rt.modality} inputs, not texts")
+        for i, text in enumerate(items):
+            if not text.strip():
+                raise InvalidArgument(f"{field}.texts[{i}]: empty text")
+            if len(text) > self.limits.max_text_chars:
+                raise InvalidArgument(f"{field}.texts[{i}]: {len(text)} characters, over the limit of {self.limits.max_text_chars}")
+        return await asyncio.to_thread(rt.transform.apply, items)
+
+    async def _outputs(self, rt: ModelRuntime, x_hat: np.ndarray, return_png: bool) -> pb.Outputs:
+        out = pb.Outputs(tensor=array_to_tensor(x_hat))
+        if return_png:
+            if rt.modality != "image":
+                raise InvalidArgument(f"return_png: model {rt.name} outputs {rt.modality}s, not images")
+            out.png.extend(await asyncio.to_thread(lambda: [rt.transform.to_png(row) for row in x_hat]))
+        return out
+
+    def _info(self, rt: ModelRuntime) -> pb.ModelInfo:
+        return pb.ModelInfo(
+            name=rt.name, version=rt.version, versions=sorted(self.repo.models.get(rt.name, {})),
+            kind=rt.kind, modality=rt.modality, input_dim=rt.input_dim,
+            input_shape=rt.manifest.get("input_shape") or [], latent_dim=rt.latent_dim,
+            execution_provider=rt.provider, metrics_json=json.dumps(rt.manifest.get("metrics", {})),
+            prior=rt.manifest["prior"]["type"],
+        )
+
+    # ------------------------------------------------------------ RPCs
+
+    async def ListModels(self, request, context):
+        async def body():
+            broken = [pb.BrokenModel(path=p, error=e) for p, e in sorted(self.repo.broken.items())]
+            return pb.ListModelsResponse(models=[self._info(rt) for rt in self.repo.loaded()], broken=broken)
+
+        return await self._call("ListModels", request, context, body)
+
+    async def GetModel(self, request, context):
+        return await self._call("GetModel", request, context, lambda: self._async(self._info(self._model(request.model))))
+
+    @staticmethod
+    async def _async(value):
+        return value
+
+    async def Encode(self, request, context):
+        async def body():
+            rt = self._model(request.model)
+            mean, logvar = await rt.encode(await self._features(rt, request.inputs))
+            resp = pb.EncodeResponse(mean=array_to_tensor(mean), version=rt.version)
+            if logvar is not None:
+                resp.logvar.CopyFrom(array_to_tensor(logvar))
+            return resp
+
+        return await self._call("Encode", request, context, body)
+
+    async def Decode(self, request, context):
+        async def body():
+            rt = self._model(request.model)
+            z = tensor_to_array(request.latents, "latents", cols=rt.latent_dim, max_rows=self.limits.max_rows)
+            x_hat = await rt.decode(z)
+            return pb.DecodeResponse(outputs=await self._outputs(rt, x_hat, request.return_png),
+                                     latents=array_to_tensor(z), version=rt.version)
+
+        return await self._call("Decode", request, context, body)
+
+    async def Reconstruct(self, request, context):
+        async def body():
+            rt = self._model(request.model)
+            mean, _ = await rt.encode(await self._features(rt, request.inputs))
+            x_hat = await rt.decode(mean)
+            return pb.DecodeResponse(outputs=await self._outputs(rt, x_hat, request.return_png),
+                                     latents=array_to_tensor(mean), version=rt.version)
+
+        return await self._call("Reconstruct", request, context, body)
+
+    async def Generate(self, request, context):
+        async def body():
+            rt = self._model(request.model)
+            if not 0 < request.count <= self.limits.max_generate:
+                raise InvalidArgument(f"count: expected 1 to {self.limits.max_generate}, got {request.count}")
+            temperature = request.temperature or 1.0
+            if not (np.isfinite(temperature) and temperature > 0):
+                raise InvalidArgument(f"temperature: expected a positive number (0 means 1.0), got {request.temperature}")
+            z = rt.sample_prior(int(request.count), int(request.seed), float(temperature))
+            x_hat = await rt.decode(z)
+            return pb.DecodeResponse(outputs=await self._outputs(rt, x_hat, request.return_png),
+                                     latents=array_to_tensor(z), version=rt.version)
+
+        return await self._call("Generate", request, context, body)
+
+    async def Interpolate(self, request, context):
+        async def body():
+            rt = self._model(request.model)
+            if not 2 <= request.steps <= self.limits.max_steps:
+                raise InvalidArgument(f"steps: expected 2 to {self.limits.max_steps} points, got {request.steps}")
+            which = request.WhichOneof("endpoints")
+            if which == "latents":
+                ends = tensor_to_array(request.latents, "latents", cols=rt.latent_dim)
+            elif which == "inputs":
+                ends = (await rt.encode(await self._features(rt, request.inputs)))[0]
+            else:
+                raise InvalidArgument("endpoints: set inputs (two items) or latents ([2, latent_dim])")
+            if len(ends) != 2:
+                raise InvalidArgument(f"{which}: expected exactly 2 endpoints, got {len(ends)}")
+            t = np.linspace(0.0, 1.0, int(request.steps))
+            path = slerp(ends[0], ends[1], t) if request.spherical else (1 - t)[:, None] * ends[0] + t[:, None] * ends[1]
+            z = path.astype(np.float32)
+            x_hat = await rt.decode(z)
+            return pb.DecodeResponse(outputs=await self._outputs(rt, x_hat, request.return_png),
+                                     latents=array_to_tensor(z), version=rt.version)
+
+        return await self._call("Interpolate", request, context, body)
+
+    async def Score(self, request, context):
+        async def body():
+            rt = self._model(request.model)
+            x = await self._features(rt, request.inputs)
+            mean, logvar = await rt.encode(x)
+            x_hat = await rt.decode(mean)
+            if rt.is_vae:
+                # Deterministic negative ELBO: -log p(x | z = mean) + KL(q(z|x) || N(0, I)).
+                scores = -log_likelihood(x, x_hat, rt.likelihood, rt.out_logvar) + kl_standard_normal(mean, logvar)
+                kind = "neg_elbo"
+            else:
+                scores = ((x_hat - target_of(x, rt.likelihood)) ** 2).sum(-1)
+                kind = "squared_error"
+            return pb.ScoreResponse(scores=scores.astype(np.float32).tolist(), score_kind=kind, version=rt.version)
+
+        return await self._call("Score", request, context, body)

@@ -1,0 +1,201 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Tensor(_message.Message):
+    __slots__ = ("shape", "data")
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    data: bytes
+    def __init__(self, shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class ImageList(_message.Message):
+    __slots__ = ("images",)
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    images: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, images: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class TextList(_message.Message):
+    __slots__ = ("texts",)
+    TEXTS_FIELD_NUMBER: _ClassVar[int]
+    texts: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, texts: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Inputs(_message.Message):
+    __slots__ = ("tensor", "images", "texts")
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    TEXTS_FIELD_NUMBER: _ClassVar[int]
+    tensor: Tensor
+    images: ImageList
+    texts: TextList
+    def __init__(self, tensor: _Optional[_Union[Tensor, _Mapping]] = ..., images: _Optional[_Union[ImageList, _Mapping]] = ..., texts: _Optional[_Union[TextList, _Mapping]] = ...) -> None: ...
+
+class ModelRef(_message.Message):
+    __slots__ = ("name", "version")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
+class Outputs(_message.Message):
+    __slots__ = ("tensor", "png")
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    PNG_FIELD_NUMBER: _ClassVar[int]
+    tensor: Tensor
+    png: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, tensor: _Optional[_Union[Tensor, _Mapping]] = ..., png: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("name", "version", "versions", "kind", "modality", "input_dim", "input_shape", "latent_dim", "execution_provider", "metrics_json", "prior")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    MODALITY_FIELD_NUMBER: _ClassVar[int]
+    INPUT_DIM_FIELD_NUMBER: _ClassVar[int]
+    INPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    LATENT_DIM_FIELD_NUMBER: _ClassVar[int]
+    EXECUTION_PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    METRICS_JSON_FIELD_NUMBER: _ClassVar[int]
+    PRIOR_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: int
+    versions: _containers.RepeatedScalarFieldContainer[int]
+    kind: str
+    modality: str
+    input_dim: int
+    input_shape: _containers.RepeatedScalarFieldContainer[int]
+    latent_dim: int
+    execution_provider: str
+    metrics_json: str
+    prior: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., versions: _Optional[_Iterable[int]] = ..., kind: _Optional[str] = ..., modality: _Optional[str] = ..., input_dim: _Optional[int] = ..., input_shape: _Optional[_Iterable[int]] = ..., latent_dim: _Optional[int] = ..., execution_provider: _Optional[str] = ..., metrics_json: _Optional[str] = ..., prior: _Optional[str] = ...) -> None: ...
+
+class BrokenModel(_message.Message):
+    __slots__ = ("path", "error")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    error: str
+    def __init__(self, path: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
+
+class ListModelsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListModelsResponse(_message.Message):
+    __slots__ = ("models", "broken")
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    BROKEN_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
+    broken: _containers.RepeatedCompositeFieldContainer[BrokenModel]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., broken: _Optional[_Iterable[_Union[BrokenModel, _Mapping]]] = ...) -> None: ...
+
+class GetModelRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: ModelRef
+    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ...) -> None: ...
+
+class EncodeRequest(_message.Message):
+    __slots__ = ("model", "inputs")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    model: ModelRef
+    inputs: Inputs
+    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., inputs: _Optional[_Union[Inputs, _Mapping]] = ...) -> None: ...
+
+class EncodeResponse(_message.Message):
+    __slots__ = ("mean", "logvar", "version")
+    MEAN_FIELD_NUMBER: _ClassVar[int]
+    LOGVAR_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    mean: Tensor
+    logvar: Tensor
+    version: int
+    def __init__(self, mean: _Optional[_Union[Tensor, _Mapping]] = ..., logvar: _Optional[_Union[Tensor, _Mapping]] = ..., version: _Optional[int] = ...) -> None: ...
+
+class DecodeRequest(_message.Message):
+    __slots__ = ("model", "latents", "return_png")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    LATENTS_FIELD_NUMBER: _ClassVar[int]
+    RETURN_PNG_FIELD_NUMBER: _ClassVar[int]
+    model: ModelRef
+    latents: Tensor
+    return_png: bool
+    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., latents: _Optional[_Union[Tensor, _Mapping]] = ..., return_png: _Optional[bool] = ...) -> None: ...
+
+class ReconstructRequest(_message.Message):
+    __slots__ = ("model", "inputs", "return_png")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    RETURN_PNG_FIELD_NUMBER: _ClassVar[int]
+    model: ModelRef
+    inputs: Inputs
+    return_png: bool
+    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., inputs: _Optional[_Union[Inputs, _Mapping]] = ..., return_png: _Optional[bool] = ...) -> None: ...
+
+class GenerateRequest(_message.Message):
+    __slots__ = ("model", "count", "seed", "temperature", "return_png")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    RETURN_PNG_FIELD_NUMBER: _ClassVar[int]
+    model: ModelRef
+    count: int
+    seed: int
+    temperature: float
+    return_png: bool
+    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., count: _Optional[int] = ..., seed: _Optional[int] = ..., temperature: _Optional[float] = ..., return_png: _Optional[bool] = ...) -> None: ...
+
+class InterpolateRequest(_message.Message):
+    __slots__ = ("model", "inputs", "latents", "steps", "spherical", "return_png")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    LATENTS_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    SPHERICAL_FIELD_NUMBER: _ClassVar[int]
+    RETURN_PNG_FIELD_NUMBER: _ClassVar[int]
+    model: ModelRef
+    inputs: Inputs
+    latents: Tensor
+    steps: int
+    spherical: bool
+    return_png: bool
+    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., inputs: _Optional[_Union[Inputs, _Mapping]] = ..., latents: _Optional[_Union[Tensor, _Mapping]] = ..., steps: _Optional[int] = ..., spherical: _Optional[bool] = ..., return_png: _Optional[bool] = ...) -> None: ...
+
+class DecodeResponse(_message.Message):
+    __slots__ = ("outputs", "latents", "version")
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    LATENTS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    outputs: Outputs
+    latents: Tensor
+    version: int
+    def __init__(self, outputs: _Optional[_Union[Outputs, _Mapping]] = ..., latents: _Optional[_Union[Tensor, _Mapping]] = ..., version: _Optional[int] = ...) -> None: ...
+
+class ScoreRequest(_message.Message):
+    __slots__ = ("model", "inputs")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    model: ModelRef
+    inputs: Inputs
+    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., inputs: _Optional[_Union[Inputs, _Mapping]] = ...) -> None: ...
+
+class ScoreResponse(_message.Message):
+    __slots__ = ("scores", "score_kind", "version")
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    SCORE_KIND_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    scores: _containers.RepeatedScalarFieldContainer[float]
+    score_kind: str
+    version: int
+    def __init__(self, scores: _Optional[_Iterable[float]] = ..., score_kind: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
