@@ -41,6 +41,7 @@ class DynamicBatcher:
         self.on_batch = on_batch or (lambda rows, queued_s: None)
         self.queue: deque[_Item] = deque()
         self.queued_rows = 0
+        self.direct_rows = 0  # rows running outside the queue (batching off, or full-size requests)
         self.wakeup = asyncio.Event()
         self.worker: asyncio.Task | None = None
         self.closed = False
@@ -52,19 +53,23 @@ class DynamicBatcher:
     async def submit(self, x: np.ndarray) -> list[np.ndarray]:
         """Run the graph on x's rows, merged with whatever else is waiting."""
         loop = asyncio.get_running_loop()
-        if not self.enabled or len(x) >= self.max_batch:
+        n = len(x)
+        waiting = self.queued_rows + self.direct_rows
+        if waiting and waiting + n > self.max_queue_rows:
+            raise QueueFull(f"{waiting} rows are waiting for this model (limit {self.max_queue_rows})")
+        if not self.enabled or n >= self.max_batch:
             # Nothing to merge with (batching off, or the request fills a batch by itself).
-            if self.queued_rows + len(x) > self.max_queue_rows and self.queued_rows:
-                raise QueueFull(f"queue holds {self.queued_rows} rows (limit {self.max_queue_rows})")
-            self.on_batch(len(x), 0.0)
-            return await loop.run_in_executor(self.executor, self.run, x)
-        if self.queued_rows + len(x) > self.max_queue_rows:
-            raise QueueFull(f"queue holds {self.queued_rows} rows (limit {self.max_queue_rows})")
+            self.direct_rows += n
+            try:
+                self.on_batch(n, 0.0)
+                return await loop.run_in_executor(self.executor, self.run, x)
+            finally:
+                self.direct_rows -= n
         if self.worker is None or self.worker.done():
             self.worker = loop.create_task(self._work())
         item = _Item(x, loop.create_future())
         self.queue.append(item)
-        self.queued_rows += len(x)
+        self.queued_rows += n
         self.wakeup.set()
         return await item.future
 

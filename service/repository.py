@@ -114,9 +114,14 @@ class ModelRepository:
         return sorted(v for n in self.root.iterdir() if n.is_dir() and not n.name.startswith(".")
                       for v in n.iterdir() if v.is_dir() and v.name.isdigit() and int(v.name) > 0)
 
-    def scan(self) -> list[str]:
-        """Load new or changed bundles, drop removed ones; returns what changed, for the log."""
+    def scan(self) -> tuple[list[str], list[ModelRuntime]]:
+        """Load new or changed bundles, drop removed ones.
+
+        Returns what changed (for the log) and the runtimes taken out of service;
+        the caller closes those on the event loop's thread, since this may run in another.
+        """
         changes: list[str] = []
+        retired: list[ModelRuntime] = []
         models = {n: dict(vs) for n, vs in self.models.items()}
         seen = set()
         for vdir in self.version_dirs():
@@ -136,7 +141,7 @@ class ModelRepository:
                 self.broken[key] = str(exc)
                 old = models.get(name, {}).pop(version, None)
                 if old:
-                    old.close()
+                    retired.append(old)
                 log.error("model %s/%s skipped: %s", name, version, exc)
                 changes.append(f"broken {name}/{version}")
                 continue
@@ -144,7 +149,7 @@ class ModelRepository:
             old = models.setdefault(name, {}).get(version)
             models[name][version] = runtime
             if old:
-                old.close()
+                retired.append(old)
             log.info("model %s/%s loaded (%s, %s, provider %s)", name, version, runtime.kind, runtime.modality, runtime.provider)
             changes.append(f"{'reloaded' if old else 'loaded'} {name}/{version}")
         for key in [k for k in self._prints if k not in seen]:
@@ -153,10 +158,10 @@ class ModelRepository:
             vdir = Path(key)
             old = models.get(vdir.parent.name, {}).pop(int(vdir.name), None)
             if old:
-                old.close()
+                retired.append(old)
                 changes.append(f"removed {vdir.parent.name}/{vdir.name}")
         self.models = {n: vs for n, vs in models.items() if vs}  # one assignment: readers see old or new
-        return changes
+        return changes, retired
 
     def get(self, name: str, version: int = 0) -> ModelRuntime:
         versions = self.models.get(name)

@@ -145,7 +145,9 @@ class Server:
                  self.metrics_port or "off", models)
 
     async def rescan(self) -> None:
-        changes = await asyncio.to_thread(self.repo.scan)
+        changes, retired = await asyncio.to_thread(self.repo.scan)
+        for runtime in retired:
+            runtime.close()  # finishes its queued requests, then its workers end
         for change in changes:
             log.info("repository: %s", change)
         self.metrics.set_models(len(self.repo.loaded()), len(self.repo.broken))
@@ -196,3 +198,50 @@ class Server:
 def serve(cfg: ServeConfig) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return asyncio.run(Server(cfg).run())
+
+
+class BackgroundServer:
+    """A Server on its own event loop in a daemon thread: for quickstart, benchmarks and tests.
+
+        with BackgroundServer(ServeConfig(models=Path("models"), port=0)) as s:
+            ZSpaceClient(s.target) ...
+    """
+
+    def __init__(self, cfg: ServeConfig):
+        import threading
+
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="zspace-server")
+        self.thread.start()
+        try:
+            self.server = self._run(self._start(cfg))
+        except BaseException:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            raise
+
+    @staticmethod
+    async def _start(cfg: ServeConfig) -> Server:
+        server = Server(cfg)
+        await server.start()
+        return server
+
+    def _run(self, coro, timeout: float = 120):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.server.port}"
+
+    def rescan(self) -> None:
+        self._run(self.server.rescan())
+
+    def stop(self) -> None:
+        self._run(self.server.stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+    def __enter__(self) -> "BackgroundServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -104,8 +104,9 @@ class ZSpaceServicer(pb_grpc.ZSpaceServicer):
             log.exception("%s failed", method)
             code, message = grpc.StatusCode.INTERNAL, f"{method}: internal error (logged on the server)"
         finally:
-            if self.metrics:
-                self.metrics.observe(method, model, code.name, time.monotonic() - t0)
+            if self.metrics:  # label only loaded names: clients must not grow the series without bound
+                label = model if model in self.repo.models else ("" if not model else "unknown")
+                self.metrics.observe(method, label, code.name, time.monotonic() - t0)
         await context.abort(code, message)
 
     def _model(self, ref: pb.ModelRef) -> ModelRuntime:

@@ -2,13 +2,11 @@
 
 import gzip
 import io
-import json
 import tarfile
 
 import numpy as np
 import pytest
 
-from conftest import write_idx
 from zspace.data import load_dataset, read_idx, validation_split
 from zspace.errors import UserError
 

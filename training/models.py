@@ -28,7 +28,7 @@ Likelihoods (the decoder's output distribution):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -52,7 +52,6 @@ class ModelConfig:
     capacity_max: float | None = None  # Burgess: C_max in nats; None = β form
     capacity_gamma: float = 100.0
     capacity_ramp_steps: int = 10000
-    extra: dict = field(default_factory=dict)
 
 
 def mlp(dims: list[int], activation: str) -> nn.Sequential:

@@ -14,7 +14,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +52,6 @@ class TrainConfig:
     vocab_size: int = 2000
     weighting: str = "log1p"
     threads: int = 0  # torch CPU threads; 0 = torch's default
-    extra: dict = field(default_factory=dict)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -119,12 +119,45 @@ def export(run, repo, name, version) -> None:
 @click.option("--workdir", type=click.Path(file_okay=False), default=".", help="Where runs/ and models/ are written.")
 @click.option("--epochs", type=click.IntRange(min=1), default=60, help="Training epochs for the digits VAE.")
 def quickstart(workdir, epochs) -> None:
-    """Train a VAE on the built-in digits, evaluate, export, and print where everything is."""
-    from training.quickstart import quickstart as run_quickstart
+    """Train a VAE on the built-in digits, evaluate, export, serve it, call it, stop it; print where everything is."""
+    from zspace.quickstart import quickstart as run_quickstart
 
     summary = run_quickstart(Path(workdir), epochs=epochs)
     click.echo(json.dumps(summary, indent=1))
 
+
+@main.command()
+@click.option("--models", type=click.Path(file_okay=False), required=True, help="Model repository: NAME/VERSION/ bundles.")
+@click.option("--indexes", type=click.Path(file_okay=False), default=None, help="Index folder (index serving arrives with the index issue).")
+@click.option("--host", default="127.0.0.1", help="Address to bind; 0.0.0.0 in containers.")
+@click.option("--port", type=click.IntRange(0, 65535), default=50051, help="gRPC port (0: any free port).")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=9100, help="Prometheus /metrics port (0: off).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", help="auto: CUDA only when onnxruntime-gpu can use a GPU here.")
+@click.option("--threads", type=click.IntRange(min=0), default=0, help="ONNX Runtime intra-op threads per session (0: all cores).")
+@click.option("--max-batch", type=click.IntRange(min=1), default=64, help="Rows merged into one ONNX Runtime call (1: batching off).")
+@click.option("--max-delay-ms", type=click.FloatRange(min=0), default=2.0, help="Longest wait for a batch to fill.")
+@click.option("--max-queue", type=click.IntRange(min=1), default=4096, help="Rows waiting per graph before RESOURCE_EXHAUSTED.")
+@click.option("--max-rows", type=click.IntRange(min=1), default=4096, help="Largest batch one request may send.")
+@click.option("--max-message-mb", type=click.IntRange(min=1), default=64, help="gRPC message size limit (both ways).")
+@click.option("--max-concurrent-rpcs", type=click.IntRange(min=1), default=None, help="Shed load beyond this many RPCs.")
+@click.option("--poll-s", type=click.FloatRange(min=0), default=5.0, help="Rescan --models this often (0: on SIGHUP only).")
+@click.option("--grace-s", type=click.FloatRange(min=0), default=10.0, help="SIGTERM: time for in-flight requests to finish.")
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), default=None, help="PEM certificate (with --tls-key).")
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), default=None, help="PEM private key.")
+@click.option("--token-file", type=click.Path(dir_okay=False), default=None, help="Require this bearer token (first line of the file).")
+@click.option("--token-env", default="ZSPACE_TOKEN", help="Or require the token in this environment variable, when set.")
+def serve(models, indexes, max_delay_ms, max_queue, token_file, token_env, **opts) -> None:
+    """Serve every bundle under --models over gRPC (health, reflection, metrics, hot reload)."""
+    from service.server import ServeConfig, read_token, serve as run_server
+
+    cfg = ServeConfig(models=Path(models), indexes=Path(indexes) if indexes else None, max_delay_ms=max_delay_ms,
+                      max_queue_rows=max_queue, token=read_token(token_file, token_env), **opts)
+    sys.exit(run_server(cfg))
+
+
+from zspace.client_cli import client  # noqa: E402  (the `zspace client ...` group)
+
+main.add_command(client)
 
 if __name__ == "__main__":
     sys.exit(main())

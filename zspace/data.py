@@ -143,12 +143,6 @@ def _seeded_split(n: int) -> tuple[np.ndarray, np.ndarray]:
     return np.sort(perm[n_test:]), np.sort(perm[:n_test])
 
 
-def _label_ids(labels: list[str]) -> tuple[np.ndarray, list[str]]:
-    classes = sorted(set(labels))
-    lookup = {c: i for i, c in enumerate(classes)}
-    return np.array([lookup[c] for c in labels], dtype=np.int64), classes
-
-
 def _labels_of(raw: _Raw) -> tuple[np.ndarray | None, np.ndarray | None]:
     if raw.y_train is None:
         return None, None

@@ -1,0 +1,225 @@
+"""Serving benchmark: Encode through the real server vs Python gRPC's ceiling vs in-process ONNX Runtime.
+
+The server runs as its own process (`zspace serve`) on loopback with the
+MNIST-sized AE (784-1000-500-250-30); the load comes from a grpc.aio client
+in this process with N concurrent callers, each bounded in time and count.
+The "echo" server is the same harness against a servicer that answers Encode
+with a fixed response and does no work: the most Python gRPC can do here.
+
+    python benchmarks/serve.py [--run benchmarks/results/mnist_runs/ae]
+
+Targets (issue 3): 64 clients x 1 row, batching on >= 70% of echo's requests/s;
+256-row requests >= 70% of in-process ONNX Runtime rows/s; p99 at 8 clients <= 10 ms.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+
+from common import ROOT, SHARED, machine, table, write_json
+
+OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------ the echo server (a child process)
+
+
+def run_echo(port: int) -> None:
+    import grpc
+
+    from zspace.v1 import zspace_pb2 as pb
+    from zspace.v1 import zspace_pb2_grpc as pb_grpc
+
+    reply = pb.EncodeResponse(mean=pb.Tensor(shape=[1, 30], data=bytes(120)), version=1)
+
+    class Echo(pb_grpc.ZSpaceServicer):
+        async def Encode(self, request, context):
+            return reply
+
+    async def main():
+        server = grpc.aio.server(options=OPTIONS)
+        pb_grpc.add_ZSpaceServicer_to_server(Echo(), server)
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        await server.wait_for_termination()
+
+    asyncio.run(main())
+
+
+# ------------------------------------------------------------------ load
+
+
+async def load(target: str, rows: np.ndarray, concurrency: int, seconds: float, max_requests: int) -> dict:
+    import grpc
+
+    from service.client import to_tensor
+    from zspace.v1 import zspace_pb2 as pb
+    from zspace.v1 import zspace_pb2_grpc as pb_grpc
+
+    request = pb.EncodeRequest(model=pb.ModelRef(name="mnist-ae"), inputs=pb.Inputs(tensor=to_tensor(rows)))
+    async with grpc.aio.insecure_channel(target, options=OPTIONS) as channel:
+        stub = pb_grpc.ZSpaceStub(channel)
+        for _ in range(20):  # warm the connection and the server's code paths
+            await stub.Encode(request, timeout=30)
+        latencies: list[float] = []
+        errors = 0
+        stop_at = time.perf_counter() + seconds
+
+        async def caller():
+            nonlocal errors
+            while time.perf_counter() < stop_at and len(latencies) < max_requests:
+                t = time.perf_counter()
+                try:
+                    await stub.Encode(request, timeout=30)
+                    latencies.append(time.perf_counter() - t)
+                except grpc.aio.AioRpcError:
+                    errors += 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(caller() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - t0
+    lat = np.asarray(latencies) * 1000
+    return {"requests": len(lat), "errors": errors, "req_s": len(lat) / elapsed, "rows_s": len(lat) * len(rows) / elapsed,
+            "p50_ms": float(np.percentile(lat, 50)), "p90_ms": float(np.percentile(lat, 90)),
+            "p99_ms": float(np.percentile(lat, 99))}
+
+
+def in_process(bundle: Path, batch: int, seconds: float, threads: int) -> dict:
+    from zspace.bundle import load_bundle
+    from zspace.runtime import onnx_session
+
+    session = onnx_session(load_bundle(bundle).graph("encoder"), "cpu", threads)
+    x = np.random.default_rng(0).random((batch, 784), dtype=np.float32)
+    for _ in range(10):
+        session.run(None, {"x": x})
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        session.run(None, {"x": x})
+        n += 1
+    elapsed = time.perf_counter() - t0
+    return {"req_s": n / elapsed, "rows_s": n * batch / elapsed, "p50_ms": elapsed / n * 1000}
+
+
+class Child:
+    """A server process, stopped with SIGTERM."""
+
+    def __init__(self, args: list[str], port: int):
+        self.port = port
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    return
+            if self.proc.poll() is not None:
+                raise RuntimeError(self.proc.stderr.read().decode())
+            time.sleep(0.2)
+        raise TimeoutError(f"server on {port} did not start")
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def bundle_for(run: Path | None, workdir: Path) -> Path:
+    """Export the MNIST AE run if given, else train one epoch of it (speed does not depend on weights)."""
+    from training.export import export_run
+    from training.train import TrainConfig, train
+
+    if run is None:
+        run = workdir / "run"
+        train(TrainConfig(data=f"mnist:{SHARED / 'mnist'}", model="ae", latent_dim=30, hidden=(1000, 500, 250),
+                          epochs=1, batch_size=256), run, quiet=True)
+    return export_run(run, workdir / "models", "mnist-ae")
+
+
+@click.command()
+@click.option("--run", type=click.Path(exists=True, file_okay=False), default=None, help="MNIST AE run to export (default: train 1 epoch).")
+@click.option("--seconds", default=4.0, help="Load duration per configuration.")
+@click.option("--max-requests", default=200_000, help="Request cap per configuration.")
+@click.option("--threads", default=2, help="ONNX Runtime threads (server and in-process).")
+@click.option("--json", "json_path", default="benchmarks/results/serve.json", help="Where the figures go.")
+@click.option("--echo-port", type=int, default=None, hidden=True)
+def main(run, seconds, max_requests, threads, json_path, echo_port):
+    if echo_port:
+        return run_echo(echo_port)
+    work = Path(tempfile.mkdtemp(prefix="zspace-serve-bench-"))
+    bundle = bundle_for(Path(run) if run else None, work)
+    models = bundle.parents[1]
+    rng = np.random.default_rng(0)
+    one, big = rng.random((1, 784), dtype=np.float32), rng.random((256, 784), dtype=np.float32)
+    rows = []
+
+    def measure(label: str, target: str, x: np.ndarray, clients: int) -> None:
+        r = asyncio.run(load(target, x, clients, seconds, max_requests))
+        rows.append({"setup": label, "clients": clients, "rows_per_request": len(x), **r})
+        print(f"{label:<22} clients={clients:<3} rows={len(x):<4} {r['req_s']:9.0f} req/s {r['rows_s']:10.0f} rows/s "
+              f"p50 {r['p50_ms']:6.2f} p99 {r['p99_ms']:6.2f} ms errors {r['errors']}", flush=True)
+
+    serve = [sys.executable, "-m", "zspace.cli", "serve", "--models", str(models), "--metrics-port", "0",
+             "--threads", str(threads), "--poll-s", "0", "--max-delay-ms", "1"]
+    for label, extra in (("server, batching on", ["--max-batch", "64"]), ("server, batching off", ["--max-batch", "1"])):
+        port = free_port()
+        child = Child([*serve, "--port", str(port), *extra], port)
+        try:
+            for clients in (1, 8, 64):
+                measure(label, f"127.0.0.1:{port}", one, clients)
+            if "on" in label:
+                measure(label, f"127.0.0.1:{port}", big, 8)
+        finally:
+            child.stop()
+
+    port = free_port()
+    echo = Child([sys.executable, str(Path(__file__).resolve()), "--echo-port", str(port)], port)
+    try:
+        for clients in (1, 8, 64):
+            measure("echo (gRPC ceiling)", f"127.0.0.1:{port}", one, clients)
+    finally:
+        echo.stop()
+
+    for batch in (1, 8, 64, 256):
+        r = in_process(bundle, batch, seconds, threads)
+        rows.append({"setup": "in-process ORT", "clients": 1, "rows_per_request": batch, **r})
+        print(f"in-process ORT batch={batch:<4} {r['rows_s']:10.0f} rows/s", flush=True)
+
+    def pick(setup, clients, n):
+        return next(r for r in rows if r["setup"] == setup and r["clients"] == clients and r["rows_per_request"] == n)
+
+    ratio_echo = pick("server, batching on", 64, 1)["req_s"] / pick("echo (gRPC ceiling)", 64, 1)["req_s"]
+    ratio_ort = pick("server, batching on", 8, 256)["rows_s"] / pick("in-process ORT", 1, 256)["rows_s"]
+    p99_8 = pick("server, batching on", 8, 1)["p99_ms"]
+    targets = {
+        "batching_on_64x1_vs_echo": {"value": ratio_echo, "target": ">= 0.70", "met": ratio_echo >= 0.70},
+        "rows256_vs_in_process_ort": {"value": ratio_ort, "target": ">= 0.70", "met": ratio_ort >= 0.70},
+        "p99_ms_8_clients": {"value": p99_8, "target": "<= 10", "met": p99_8 <= 10},
+    }
+    cols = ["setup", "clients", "rows_per_request", "req_s", "rows_s", "p50_ms", "p90_ms", "p99_ms", "errors"]
+    print(table(rows, cols, "Encode on the MNIST AE (784-1000-500-250-30), loopback"))
+    for name, t in targets.items():
+        print(f"{name}: {t['value']:.3f} (target {t['target']}): {'met' if t['met'] else 'NOT met'}")
+    write_json(Path(json_path), {"benchmark": "serve", "rows": rows, "targets": targets, "machine": machine(),
+                                 "seconds_per_setup": seconds, "threads": threads})
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    main()

@@ -1,0 +1,146 @@
+"""A Python client for the zspace service: numpy arrays in and out.
+
+    from service.client import ZSpaceClient
+    with ZSpaceClient("127.0.0.1:50051") as c:
+        mean, logvar = c.encode("digits", x)                # x: float32 [batch, input_dim]
+        images = c.generate("digits", count=16, seed=0).x   # [16, input_dim]
+
+Transient failures (UNAVAILABLE: server starting, restarting, draining) are
+retried by gRPC itself with exponential backoff (the channel's retry policy).
+Any other failure raises grpc.RpcError with the server's status and message.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from zspace.v1 import zspace_pb2 as pb
+from zspace.v1 import zspace_pb2_grpc as pb_grpc
+
+
+def to_tensor(a: np.ndarray) -> pb.Tensor:
+    a = np.ascontiguousarray(a, dtype="<f4")
+    if a.ndim == 1:
+        a = a[None]
+    return pb.Tensor(shape=list(a.shape), data=a.tobytes())
+
+
+def from_tensor(t: pb.Tensor) -> np.ndarray:
+    return np.frombuffer(t.data, dtype="<f4").reshape(list(t.shape)).copy()
+
+
+def make_inputs(x: np.ndarray | None = None, images: list[bytes] | None = None, texts: list[str] | None = None) -> pb.Inputs:
+    given = [v is not None for v in (x, images, texts)]
+    if sum(given) != 1:
+        raise ValueError("give exactly one of x (array), images (PNG/JPEG bytes) or texts")
+    if x is not None:
+        return pb.Inputs(tensor=to_tensor(x))
+    if images is not None:
+        return pb.Inputs(images=pb.ImageList(images=list(images)))
+    return pb.Inputs(texts=pb.TextList(texts=list(texts)))
+
+
+@dataclass
+class Decoded:
+    x: np.ndarray          # outputs in data space [batch, input_dim]
+    latents: np.ndarray    # the decoded codes [batch, latent_dim]
+    png: list[bytes] = field(default_factory=list)
+    version: int = 0
+
+
+def _decoded(resp: pb.DecodeResponse) -> Decoded:
+    return Decoded(from_tensor(resp.outputs.tensor), from_tensor(resp.latents), list(resp.outputs.png), resp.version)
+
+
+def retry_config(attempts: int) -> str:
+    return json.dumps({"methodConfig": [{
+        "name": [{"service": "zspace.v1.ZSpace"}, {"service": "grpc.health.v1.Health"}],
+        "retryPolicy": {"maxAttempts": attempts, "initialBackoff": "0.1s", "maxBackoff": "2s",
+                        "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]},
+    }]})
+
+
+class ZSpaceClient:
+    def __init__(self, target: str, token: str | None = None, tls_ca: str | Path | None = None,
+                 timeout: float | None = 30.0, retries: int = 5, max_message_mb: int = 64,
+                 options: list[tuple[str, object]] | None = None, tls_server_name: str | None = None):
+        limit = max_message_mb * 1024 * 1024
+        opts = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
+                ("grpc.enable_retries", 1), ("grpc.service_config", retry_config(max(retries, 1)))]
+        if tls_server_name:
+            opts.append(("grpc.ssl_target_name_override", tls_server_name))
+        opts += options or []
+        if tls_ca is not None:
+            creds = grpc.ssl_channel_credentials(root_certificates=Path(tls_ca).read_bytes())
+            self.channel = grpc.secure_channel(target, creds, options=opts)
+        else:
+            self.channel = grpc.insecure_channel(target, options=opts)
+        self.stub = pb_grpc.ZSpaceStub(self.channel)
+        self.health_stub = health_pb2_grpc.HealthStub(self.channel)
+        self.metadata = [("authorization", f"Bearer {token}")] if token else []
+        self.timeout = timeout
+
+    def __enter__(self) -> "ZSpaceClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def _call(self, method: str, request):
+        return getattr(self.stub, method)(request, timeout=self.timeout, metadata=self.metadata)
+
+    # -------------------------------------------------------------- RPCs
+
+    def health(self, service: str = "") -> str:
+        resp = self.health_stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=self.timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
+    def list_models(self) -> pb.ListModelsResponse:
+        return self._call("ListModels", pb.ListModelsRequest())
+
+    def get_model(self, model: str, version: int = 0) -> pb.ModelInfo:
+        return self._call("GetModel", pb.GetModelRequest(model=pb.ModelRef(name=model, version=version)))
+
+    def encode(self, model: str, x=None, *, images=None, texts=None, version: int = 0):
+        """-> (mean [batch, K], logvar [batch, K] or None)."""
+        resp = self._call("Encode", pb.EncodeRequest(model=pb.ModelRef(name=model, version=version),
+                                                     inputs=make_inputs(x, images, texts)))
+        return from_tensor(resp.mean), (from_tensor(resp.logvar) if resp.HasField("logvar") else None)
+
+    def decode(self, model: str, z: np.ndarray, version: int = 0, return_png: bool = False) -> Decoded:
+        return _decoded(self._call("Decode", pb.DecodeRequest(
+            model=pb.ModelRef(name=model, version=version), latents=to_tensor(z), return_png=return_png)))
+
+    def reconstruct(self, model: str, x=None, *, images=None, texts=None, version: int = 0, return_png: bool = False) -> Decoded:
+        return _decoded(self._call("Reconstruct", pb.ReconstructRequest(
+            model=pb.ModelRef(name=model, version=version), inputs=make_inputs(x, images, texts), return_png=return_png)))
+
+    def generate(self, model: str, count: int, seed: int = 0, temperature: float = 1.0, version: int = 0,
+                 return_png: bool = False) -> Decoded:
+        return _decoded(self._call("Generate", pb.GenerateRequest(
+            model=pb.ModelRef(name=model, version=version), count=count, seed=seed, temperature=temperature,
+            return_png=return_png)))
+
+    def interpolate(self, model: str, x=None, *, images=None, texts=None, latents=None, steps: int = 8,
+                    spherical: bool = False, version: int = 0, return_png: bool = False) -> Decoded:
+        req = pb.InterpolateRequest(model=pb.ModelRef(name=model, version=version), steps=steps,
+                                    spherical=spherical, return_png=return_png)
+        if latents is not None:
+            req.latents.CopyFrom(to_tensor(latents))
+        else:
+            req.inputs.CopyFrom(make_inputs(x, images, texts))
+        return _decoded(self._call("Interpolate", req))
+
+    def score(self, model: str, x=None, *, images=None, texts=None, version: int = 0) -> tuple[np.ndarray, str]:
+        resp = self._call("Score", pb.ScoreRequest(model=pb.ModelRef(name=model, version=version),
+                                                   inputs=make_inputs(x, images, texts)))
+        return np.asarray(resp.scores, np.float32), resp.score_kind
