@@ -71,8 +71,11 @@ class ZSpaceClient:
                  timeout: float | None = 30.0, retries: int = 5, max_message_mb: int = 64,
                  options: list[tuple[str, object]] | None = None, tls_server_name: str | None = None):
         limit = max_message_mb * 1024 * 1024
-        opts = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
-                ("grpc.enable_retries", 1), ("grpc.service_config", retry_config(max(retries, 1)))]
+        opts = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+        if retries > 1:  # gRPC wants at least 2 attempts in a retry policy; 1 means no retries
+            opts += [("grpc.enable_retries", 1), ("grpc.service_config", retry_config(retries))]
+        else:
+            opts += [("grpc.enable_retries", 0)]
         if tls_server_name:
             opts.append(("grpc.ssl_target_name_override", tls_server_name))
         opts += options or []

@@ -279,7 +279,7 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False, quiet: bool = False
             bar.close(f"train {train_loss:.3f} val {val_loss:.3f} sq_err {val['sq_error']:.3f}{' *' if improved else ''}")
         if stop_after is not None and epoch + 1 >= stop_after:
             break
-        if time_limit_s is not None and time.monotonic() - started > time_limit_s:
+        if time_limit_s is not None and time.monotonic() - started > time_limit_s and epoch + 1 < cfg.epochs:
             log(f"train: time limit of {time_limit_s:.0f}s reached after epoch {epoch + 1}; --resume continues")
             break
     metrics_file.close()

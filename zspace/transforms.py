@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import re
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
@@ -78,7 +79,9 @@ def decode_image(data: bytes, what: str = "image"):
     if not data:
         raise UserError(f"{what}: empty image bytes")
     try:
-        image = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():  # Pillow's own bomb warning; our limit below is stricter
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
         width, height = image.size
         if width * height > MAX_IMAGE_PIXELS:
             raise UserError(
@@ -87,6 +90,8 @@ def decode_image(data: bytes, what: str = "image"):
         image.load()
     except UserError:
         raise
+    except Image.DecompressionBombError as exc:
+        raise UserError(f"{what}: image is over the pixel limit ({exc})") from None
     except Exception as exc:  # Pillow raises many types for bad data
         raise UserError(f"{what}: cannot decode image ({type(exc).__name__}: {exc})") from None
     return image
