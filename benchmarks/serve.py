@@ -101,10 +101,16 @@ async def load(target: str, rows: np.ndarray, concurrency: int, seconds: float, 
 
 
 def in_process(bundle: Path, batch: int, seconds: float, threads: int) -> dict:
+    """The faster of ORT with and without thread spinning: the reference must be ORT at its best."""
+    runs = [in_process_once(bundle, batch, seconds / 2, threads, spin) for spin in (True, False)]
+    return max(runs, key=lambda r: r["rows_s"])
+
+
+def in_process_once(bundle: Path, batch: int, seconds: float, threads: int, spin: bool) -> dict:
     from zspace.bundle import load_bundle
     from zspace.runtime import onnx_session
 
-    session = onnx_session(load_bundle(bundle).graph("encoder"), "cpu", threads)
+    session = onnx_session(load_bundle(bundle).graph("encoder"), "cpu", threads, spin=spin)
     x = np.random.default_rng(0).random((batch, 784), dtype=np.float32)
     for _ in range(10):
         session.run(None, {"x": x})
@@ -113,7 +119,7 @@ def in_process(bundle: Path, batch: int, seconds: float, threads: int) -> dict:
         session.run(None, {"x": x})
         n += 1
     elapsed = time.perf_counter() - t0
-    return {"req_s": n / elapsed, "rows_s": n * batch / elapsed, "p50_ms": elapsed / n * 1000}
+    return {"req_s": n / elapsed, "rows_s": n * batch / elapsed, "p50_ms": elapsed / n * 1000, "spin": spin}
 
 
 class Child:
@@ -175,8 +181,9 @@ def main(run, seconds, max_requests, threads, json_path, echo_port):
         print(f"{label:<22} clients={clients:<3} rows={len(x):<4} {r['req_s']:9.0f} req/s {r['rows_s']:10.0f} rows/s "
               f"p50 {r['p50_ms']:6.2f} p99 {r['p99_ms']:6.2f} ms errors {r['errors']}", flush=True)
 
+    before = {batch: in_process(bundle, batch, seconds, threads) for batch in (1, 8, 64, 256)}
     serve = [sys.executable, "-m", "zspace.cli", "serve", "--models", str(models), "--metrics-port", "0",
-             "--threads", str(threads), "--poll-s", "0", "--max-delay-ms", "1"]
+             "--threads", str(threads), "--poll-s", "0"]
     for label, extra in (("server, batching on", ["--max-batch", "64"]), ("server, batching off", ["--max-batch", "1"])):
         port = free_port()
         child = Child([*serve, "--port", str(port), *extra], port)
@@ -196,8 +203,10 @@ def main(run, seconds, max_requests, threads, json_path, echo_port):
     finally:
         echo.stop()
 
+    # The reference is ORT at its best on this noisy machine: measured before and after the
+    # server phases (with and without spinning each time), the fastest kept.
     for batch in (1, 8, 64, 256):
-        r = in_process(bundle, batch, seconds, threads)
+        r = max(before[batch], in_process(bundle, batch, seconds, threads), key=lambda r: r["rows_s"])
         rows.append({"setup": "in-process ORT", "clients": 1, "rows_per_request": batch, **r})
         print(f"in-process ORT batch={batch:<4} {r['rows_s']:10.0f} rows/s", flush=True)
 

@@ -3,7 +3,9 @@
 One batcher per model graph. Requests queue as row blocks; a single worker
 takes rows until `max_batch` rows or `max_delay_s` after the oldest waiting
 request, runs the graph once in a thread (ONNX Runtime releases the GIL),
-and splits the outputs back. The queue is bounded in rows: beyond it a
+and splits the outputs back. Since one batch runs at a time, requests that
+arrive during a run form the next batch: with max_delay_s = 0 (the default)
+an idle server answers at once and a busy one batches by itself. The queue is bounded in rows: beyond it a
 request is refused at once (RESOURCE_EXHAUSTED) instead of waiting forever.
 A request cancelled while queued (deadline, client gone) is skipped.
 """
@@ -34,37 +36,24 @@ class _Item:
 
 
 class DynamicBatcher:
-    def __init__(self, run: RunFn, executor: Executor, max_batch: int = 64, max_delay_s: float = 0.002,
-                 max_queue_rows: int = 4096, on_batch: Callable[[int, float], None] | None = None):
-        self.run, self.executor = run, executor
+    def __init__(self, run: RunFn, executor: Executor, max_batch: int = 64, max_delay_s: float = 0.0,
+                 max_queue_rows: int = 4096, on_batch: Callable[[int, float], None] | None = None,
+                 inline_rows: int = 64):
+        self.run, self.executor, self.inline_rows = run, executor, inline_rows
         self.max_batch, self.max_delay_s, self.max_queue_rows = max_batch, max_delay_s, max_queue_rows
         self.on_batch = on_batch or (lambda rows, queued_s: None)
         self.queue: deque[_Item] = deque()
         self.queued_rows = 0
-        self.direct_rows = 0  # rows running outside the queue (batching off, or full-size requests)
         self.wakeup = asyncio.Event()
         self.worker: asyncio.Task | None = None
         self.closed = False
-
-    @property
-    def enabled(self) -> bool:
-        return self.max_batch > 1
 
     async def submit(self, x: np.ndarray) -> list[np.ndarray]:
         """Run the graph on x's rows, merged with whatever else is waiting."""
         loop = asyncio.get_running_loop()
         n = len(x)
-        waiting = self.queued_rows + self.direct_rows
-        if waiting and waiting + n > self.max_queue_rows:
-            raise QueueFull(f"{waiting} rows are waiting for this model (limit {self.max_queue_rows})")
-        if not self.enabled or n >= self.max_batch:
-            # Nothing to merge with (batching off, or the request fills a batch by itself).
-            self.direct_rows += n
-            try:
-                self.on_batch(n, 0.0)
-                return await loop.run_in_executor(self.executor, self.run, x)
-            finally:
-                self.direct_rows -= n
+        if self.queued_rows and self.queued_rows + n > self.max_queue_rows:
+            raise QueueFull(f"{self.queued_rows} rows are waiting for this model (limit {self.max_queue_rows})")
         if self.worker is None or self.worker.done():
             self.worker = loop.create_task(self._work())
         item = _Item(x, loop.create_future())
@@ -74,7 +63,12 @@ class DynamicBatcher:
         return await item.future
 
     async def _take(self) -> list[_Item]:
-        """Wait for the first request, then for more until the batch is full or the delay is over."""
+        """Wait for the first request, then for more until the batch is full or the delay is over.
+
+        The first request is always taken, even when it alone exceeds max_batch:
+        every run goes through this one queue, so a graph never runs twice at
+        once and big requests cannot oversubscribe the cores.
+        """
         while not self.queue:
             if self.closed:
                 return []
@@ -88,7 +82,7 @@ class DynamicBatcher:
             except asyncio.TimeoutError:
                 break
         batch, rows = [], 0
-        while self.queue and rows + len(self.queue[0].x) <= self.max_batch:
+        while self.queue and (not batch or rows + len(self.queue[0].x) <= self.max_batch):
             item = self.queue.popleft()
             self.queued_rows -= len(item.x)
             if not item.future.cancelled():
@@ -106,7 +100,13 @@ class DynamicBatcher:
             self.on_batch(sum(len(i.x) for i in batch), max(now - i.enqueued for i in batch))
             xs = np.concatenate([i.x for i in batch]) if len(batch) > 1 else batch[0].x
             try:
-                outs = await loop.run_in_executor(self.executor, self.run, xs)
+                # Small batches run right here: handing a sub-millisecond ONNX Runtime call to a
+                # thread costs more (GIL, wake-ups) than it saves. Big ones go to the executor so
+                # the loop keeps accepting requests meanwhile.
+                if len(xs) <= self.inline_rows:
+                    outs = self.run(xs)
+                else:
+                    outs = await loop.run_in_executor(self.executor, self.run, xs)
             except Exception as exc:  # the graph failed: every waiting request learns why
                 for item in batch:
                     if not item.future.done():

@@ -23,14 +23,25 @@ class Metrics:
         self.models_loaded = Gauge("zspace_models_loaded", "Bundle versions being served", registry=r)
         self.models_broken = Gauge("zspace_models_broken", "Bundle versions that failed to load", registry=r)
         self._http = None
+        self._children: dict[tuple, tuple] = {}  # labels() takes a lock and builds a key: once per label set
+
+    def _child(self, key: tuple, make):
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = make()
+        return child
 
     def observe(self, method: str, model: str, code: str, seconds: float) -> None:
-        self.requests.labels(method, model, code).inc()
-        self.latency.labels(method).observe(seconds)
+        count, latency = self._child(("rpc", method, model, code),
+                                     lambda: (self.requests.labels(method, model, code), self.latency.labels(method)))
+        count.inc()
+        latency.observe(seconds)
 
     def on_batch(self, model: str, graph: str, rows: int, queued_s: float) -> None:
-        self.batch_rows.labels(model, graph).observe(rows)
-        self.queue_seconds.labels(model, graph).observe(queued_s)
+        rows_h, queue_h = self._child(("batch", model, graph),
+                                      lambda: (self.batch_rows.labels(model, graph), self.queue_seconds.labels(model, graph)))
+        rows_h.observe(rows)
+        queue_h.observe(queued_s)
 
     def set_models(self, loaded: int, broken: int) -> None:
         self.models_loaded.set(loaded)

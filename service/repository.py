@@ -29,8 +29,9 @@ log = logging.getLogger("zspace.serve")
 @dataclass
 class BatchConfig:
     max_batch: int = 64
-    max_delay_s: float = 0.002
+    max_delay_s: float = 0.0
     max_queue_rows: int = 4096
+    inline_rows: int = 64  # batches up to this many rows run on the event loop's thread (see batcher)
 
 
 class ModelRuntime:
@@ -46,15 +47,15 @@ class ModelRuntime:
         self.likelihood = self.manifest["output"]["likelihood"]
         logvar = self.manifest["output"].get("logvar")
         self.out_logvar = None if logvar is None else np.asarray(logvar, np.float64)
-        self.encoder = onnx_session(bundle.graph("encoder"), device, threads)
-        self.decoder = onnx_session(bundle.graph("decoder"), device, threads)
+        self.encoder = onnx_session(bundle.graph("encoder"), device, threads, spin=False)
+        self.decoder = onnx_session(bundle.graph("decoder"), device, threads, spin=False)
         self.provider = self.encoder.get_providers()[0]
         self._warm_up()
         hook = on_batch or (lambda *a: None)
-        self.encode_batcher = DynamicBatcher(self._run_encoder, executor, batching.max_batch, batching.max_delay_s,
-                                             batching.max_queue_rows, lambda r, q: hook(self.name, "encoder", r, q))
-        self.decode_batcher = DynamicBatcher(self._run_decoder, executor, batching.max_batch, batching.max_delay_s,
-                                             batching.max_queue_rows, lambda r, q: hook(self.name, "decoder", r, q))
+        self.encode_batcher, self.decode_batcher = (
+            DynamicBatcher(run, executor, batching.max_batch, batching.max_delay_s, batching.max_queue_rows,
+                           lambda r, q, g=graph: hook(self.name, g, r, q), batching.inline_rows)
+            for run, graph in ((self._run_encoder, "encoder"), (self._run_decoder, "decoder")))
 
     @property
     def is_vae(self) -> bool:

@@ -43,7 +43,7 @@ class ServeConfig:
     device: str = "auto"
     threads: int = 0  # ONNX Runtime intra-op threads per session; 0: all cores
     max_batch: int = 64
-    max_delay_ms: float = 2.0
+    max_delay_ms: float = 0.0
     max_queue_rows: int = 4096
     max_rows: int = 4096
     max_generate: int = 4096

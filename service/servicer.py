@@ -52,7 +52,9 @@ def tensor_to_array(t: pb.Tensor, field: str, ndim: int = 2, cols: int | None = 
         raise InvalidArgument(f"{field}: batch of {shape[0]} rows is over the limit of {max_rows}")
     if cols is not None and shape[1] != cols:
         raise InvalidArgument(f"{field}.shape: expected [batch, {cols}], got {shape}")
-    want = int(np.prod(shape)) * 4
+    want = 4
+    for d in shape:
+        want *= d
     if len(t.data) != want:
         raise InvalidArgument(f"{field}.data: {len(t.data)} bytes do not match shape {shape} "
                               f"(expected {want} bytes of little-endian float32)")

@@ -444,3 +444,9 @@ def test_client_cli_reports_status_and_message(server):
     assert code == 1 and "INVALID_ARGUMENT: count: expected 1 to 4096, got 0" in out
     code, out = cli("client", "--target", server.target, "generate", "--model", "nope")
     assert code == 1 and out.startswith("NOT_FOUND: model 'nope' is not loaded")
+
+
+def test_serving_side_never_imports_torch():
+    code = ("import sys, service.server, service.client, zspace.cli, zspace.bundle, zspace.data; "
+            "sys.exit(1 if 'torch' in sys.modules else 0)")
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0, "torch leaked into the serving side"

@@ -14,7 +14,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -144,7 +144,8 @@ def read_run(run: Path) -> dict:
 def load_model(run: Path, which: str = "best.pt"):
     """(model, run info) from a run directory, on the CPU, in eval mode."""
     info = read_run(run)
-    mcfg = ModelConfig(**{**info["model"], "hidden": tuple(info["model"]["hidden"])})
+    known = {f.name for f in fields(ModelConfig)}  # runs written by other versions may carry more keys
+    mcfg = ModelConfig(**{**{k: v for k, v in info["model"].items() if k in known}, "hidden": tuple(info["model"]["hidden"])})
     model = build_model(mcfg)
     ckpt_path = Path(run) / which
     if not ckpt_path.is_file():

@@ -117,7 +117,7 @@ def export(run, repo, name, version) -> None:
 
 @main.command()
 @click.option("--workdir", type=click.Path(file_okay=False), default=".", help="Where runs/ and models/ are written.")
-@click.option("--epochs", type=click.IntRange(min=1), default=60, help="Training epochs for the digits VAE.")
+@click.option("--epochs", type=click.IntRange(min=1), default=300, help="Training epochs for the digits VAE.")
 def quickstart(workdir, epochs) -> None:
     """Train a VAE on the built-in digits, evaluate, export, serve it, call it, stop it; print where everything is."""
     from zspace.quickstart import quickstart as run_quickstart
@@ -135,7 +135,8 @@ def quickstart(workdir, epochs) -> None:
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", help="auto: CUDA only when onnxruntime-gpu can use a GPU here.")
 @click.option("--threads", type=click.IntRange(min=0), default=0, help="ONNX Runtime intra-op threads per session (0: all cores).")
 @click.option("--max-batch", type=click.IntRange(min=1), default=64, help="Rows merged into one ONNX Runtime call (1: batching off).")
-@click.option("--max-delay-ms", type=click.FloatRange(min=0), default=2.0, help="Longest wait for a batch to fill.")
+@click.option("--max-delay-ms", type=click.FloatRange(min=0), default=0.0,
+              help="Extra wait for a batch to fill; 0: merge what queued while the previous batch ran.")
 @click.option("--max-queue", type=click.IntRange(min=1), default=4096, help="Rows waiting per graph before RESOURCE_EXHAUSTED.")
 @click.option("--max-rows", type=click.IntRange(min=1), default=4096, help="Largest batch one request may send.")
 @click.option("--max-message-mb", type=click.IntRange(min=1), default=64, help="gRPC message size limit (both ways).")

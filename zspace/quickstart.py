@@ -13,7 +13,7 @@ from pathlib import Path
 MODEL_NAME = "digits"
 
 
-def quickstart(workdir: Path, epochs: int = 60) -> dict:
+def quickstart(workdir: Path, epochs: int = 300) -> dict:
     from training.evaluate import evaluate, format_table, write_json
     from training.export import export_run
     from training.plots import run_plots
@@ -23,8 +23,9 @@ def quickstart(workdir: Path, epochs: int = 60) -> dict:
     run = workdir / "runs" / "quickstart-digits-vae"
     if run.exists():
         shutil.rmtree(run)  # the quickstart owns this folder; each call starts clean
+    # 1.4k small images: many short epochs. This beats PCA-8 on squared error and precision@10.
     cfg = TrainConfig(data="digits", model="vae", latent_dim=8, hidden=(256, 128), epochs=epochs,
-                      batch_size=64, lr=2e-3, seed=0)
+                      batch_size=32, lr=1e-3, seed=0)
     train(cfg, run)
     pngs = run_plots(run)
     report = evaluate(run, k=1000)

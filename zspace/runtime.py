@@ -38,12 +38,19 @@ def providers_for(device: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def onnx_session(path: str | os.PathLike, device: str = "cpu", threads: int = 0):
-    """An InferenceSession on the best provider `device` allows; threads 0 = ORT default."""
+def onnx_session(path: str | os.PathLike, device: str = "cpu", threads: int = 0, spin: bool = True):
+    """An InferenceSession on the best provider `device` allows; threads 0 = ORT default.
+
+    spin=False stops ORT's idle worker threads from busy-waiting between runs: a
+    server needs those cycles for its own request handling on small machines.
+    """
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
