@@ -152,6 +152,12 @@ class ZSpaceServicer(pb_grpc.ZSpaceServicer):
             out.png.extend(await asyncio.to_thread(lambda: [rt.transform.to_png(row) for row in x_hat]))
         return out
 
+    async def _decoded(self, rt: ModelRuntime, z: np.ndarray, return_png: bool) -> pb.DecodeResponse:
+        """Decode latents through the batcher; the answer every decoding RPC gives."""
+        x_hat = await rt.decode(z)
+        return pb.DecodeResponse(outputs=await self._outputs(rt, x_hat, return_png),
+                                 latents=array_to_tensor(z), version=rt.version)
+
     def _info(self, rt: ModelRuntime) -> pb.ModelInfo:
         return pb.ModelInfo(
             name=rt.name, version=rt.version, versions=sorted(self.repo.models.get(rt.name, {})),
@@ -192,9 +198,7 @@ class ZSpaceServicer(pb_grpc.ZSpaceServicer):
         async def body():
             rt = self._model(request.model)
             z = tensor_to_array(request.latents, "latents", cols=rt.latent_dim, max_rows=self.limits.max_rows)
-            x_hat = await rt.decode(z)
-            return pb.DecodeResponse(outputs=await self._outputs(rt, x_hat, request.return_png),
-                                     latents=array_to_tensor(z), version=rt.version)
+            return await self._decoded(rt, z, request.return_png)
 
         return await self._call("Decode", request, context, body)
 
@@ -202,9 +206,7 @@ class ZSpaceServicer(pb_grpc.ZSpaceServicer):
         async def body():
             rt = self._model(request.model)
             mean, _ = await rt.encode(await self._features(rt, request.inputs))
-            x_hat = await rt.decode(mean)
-            return pb.DecodeResponse(outputs=await self._outputs(rt, x_hat, request.return_png),
-                                     latents=array_to_tensor(mean), version=rt.version)
+            return await self._decoded(rt, mean, request.return_png)
 
         return await self._call("Reconstruct", request, context, body)
 
@@ -217,9 +219,7 @@ class ZSpaceServicer(pb_grpc.ZSpaceServicer):
             if not (np.isfinite(temperature) and temperature > 0):
                 raise InvalidArgument(f"temperature: expected a positive number (0 means 1.0), got {request.temperature}")
             z = rt.sample_prior(int(request.count), int(request.seed), float(temperature))
-            x_hat = await rt.decode(z)
-            return pb.DecodeResponse(outputs=await self._outputs(rt, x_hat, request.return_png),
-                                     latents=array_to_tensor(z), version=rt.version)
+            return await self._decoded(rt, z, request.return_png)
 
         return await self._call("Generate", request, context, body)
 
@@ -239,10 +239,7 @@ class ZSpaceServicer(pb_grpc.ZSpaceServicer):
                 raise InvalidArgument(f"{which}: expected exactly 2 endpoints, got {len(ends)}")
             t = np.linspace(0.0, 1.0, int(request.steps))
             path = slerp(ends[0], ends[1], t) if request.spherical else (1 - t)[:, None] * ends[0] + t[:, None] * ends[1]
-            z = path.astype(np.float32)
-            x_hat = await rt.decode(z)
-            return pb.DecodeResponse(outputs=await self._outputs(rt, x_hat, request.return_png),
-                                     latents=array_to_tensor(z), version=rt.version)
+            return await self._decoded(rt, path.astype(np.float32), request.return_png)
 
         return await self._call("Interpolate", request, context, body)
 
