@@ -248,8 +248,12 @@ class LatentIndex:
 
     # ------------------------------------------------------------ public API
 
-    def upsert(self, keys: list[str], vectors: np.ndarray, payloads: list[dict]) -> None:
-        """Insert or replace; durable when this returns."""
+    def upsert(self, keys: list[str], vectors: np.ndarray, payloads: list[dict], maintain: bool = True) -> None:
+        """Insert or replace; durable when this returns.
+
+        maintain=False skips training/compaction checks, for bulk loads that call
+        rebuild() once at the end (so IVF trains on all codes, not the first batch).
+        """
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or vectors.shape[1] != self.dim:
             raise IndexError_(f"vectors: expected shape [n, {self.dim}], got {list(vectors.shape)}")
@@ -267,7 +271,8 @@ class LatentIndex:
             self._remove([old for old, _ in pairs if old is not None])
             self._add(np.array([new for _, new in pairs], dtype=np.int64), vectors)
             self.seq = self.store.last_seq()
-            self._maybe_train()
+            if maintain:
+                self._maybe_train()
 
     def delete(self, keys: list[str]) -> None:
         with self.lock.write():

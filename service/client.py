@@ -147,3 +147,42 @@ class ZSpaceClient:
         resp = self._call("Score", pb.ScoreRequest(model=pb.ModelRef(name=model, version=version),
                                                    inputs=make_inputs(x, images, texts)))
         return np.asarray(resp.scores, np.float32), resp.score_kind
+
+    # -------------------------------------------------------------- indexes
+
+    def list_indexes(self) -> pb.ListIndexesResponse:
+        return self._call("ListIndexes", pb.ListIndexesRequest())
+
+    def index_stats(self, index: str) -> pb.IndexInfo:
+        return self._call("IndexStats", pb.IndexStatsRequest(index=index))
+
+    def search(self, index: str, x=None, *, images=None, texts=None, vectors=None, key: str | None = None,
+               k: int = 10, where: tuple[str, object] | None = None) -> list[list[tuple[str, float, dict]]]:
+        """Nearest stored items per query: [(key, distance, payload), ...], nearest first."""
+        req = pb.SearchRequest(index=index, k=k)
+        if key is not None:
+            req.key = key
+        elif vectors is not None:
+            req.vectors.CopyFrom(to_tensor(vectors))
+        else:
+            req.inputs.CopyFrom(make_inputs(x, images, texts))
+        if where is not None:
+            req.filter_field, req.filter_value_json = where[0], json.dumps(where[1])
+        resp = self._call("Search", req)
+        return [[(h.key, h.distance, json.loads(h.payload_json)) for h in hits.hits] for hits in resp.results]
+
+    def upsert(self, index: str, keys: list[str], x=None, *, images=None, texts=None, vectors=None,
+               payloads: list[dict] | None = None) -> int:
+        req = pb.UpsertRequest(index=index, keys=list(keys), payloads_json=[json.dumps(p) for p in payloads or []])
+        if vectors is not None:
+            req.vectors.CopyFrom(to_tensor(vectors))
+        else:
+            req.inputs.CopyFrom(make_inputs(x, images, texts))
+        return self._call("Upsert", req).count
+
+    def delete(self, index: str, keys: list[str]) -> int:
+        return self._call("Delete", pb.DeleteRequest(index=index, keys=list(keys))).count
+
+    def get_item(self, index: str, key: str) -> tuple[np.ndarray, dict]:
+        item = self._call("GetItem", pb.GetItemRequest(index=index, key=key))
+        return from_tensor(item.vector)[0], json.loads(item.payload_json)

@@ -21,6 +21,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from service.indexes import IndexRegistry
 from service.metrics import Metrics
 from service.repository import BatchConfig, ModelRepository
 from service.servicer import Limits, ZSpaceServicer
@@ -104,6 +105,7 @@ class Server:
         self.executor = ThreadPoolExecutor(max_workers=max(4, 2 * (os.cpu_count() or 1)), thread_name_prefix="ort")
         batching = BatchConfig(max_batch=cfg.max_batch, max_delay_s=cfg.max_delay_ms / 1000, max_queue_rows=cfg.max_queue_rows)
         self.repo = ModelRepository(cfg.models, cfg.device, threads, self.executor, batching, self.metrics.on_batch)
+        self.indexes = IndexRegistry(cfg.indexes, self.repo, threads)
         self.health = health.aio.HealthServicer()
         self.stopping = asyncio.Event()
         self.server: grpc.aio.Server | None = None
@@ -113,9 +115,8 @@ class Server:
 
     async def start(self) -> None:
         cfg = self.cfg
-        if cfg.indexes and Path(cfg.indexes).is_dir() and any(Path(cfg.indexes).iterdir()):
-            log.warning("--indexes %s: index serving is not part of this version; serving models only", cfg.indexes)
         await self.rescan()
+        await asyncio.to_thread(self.indexes.open_all)
         limit = cfg.max_message_mb * 1024 * 1024
         options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
                    ("grpc.so_reuseport", 0)]
@@ -123,7 +124,7 @@ class Server:
         self.server = grpc.aio.server(migration_thread_pool=None, options=options, interceptors=interceptors,
                                       maximum_concurrent_rpcs=cfg.max_concurrent_rpcs)
         limits = Limits(max_rows=cfg.max_rows, max_generate=cfg.max_generate)
-        pb_grpc.add_ZSpaceServicer_to_server(ZSpaceServicer(self.repo, limits, self.metrics), self.server)
+        pb_grpc.add_ZSpaceServicer_to_server(ZSpaceServicer(self.repo, limits, self.metrics, self.indexes), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), self.server)
@@ -179,6 +180,7 @@ class Server:
             await self.server.stop(self.cfg.grace_s)
         for rt in self.repo.loaded():
             rt.close()
+        await asyncio.to_thread(self.indexes.close)
         self.metrics.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
         log.info("stopped")

@@ -33,6 +33,7 @@ class Limits:
     max_generate: int = 4096    # Generate.count
     max_steps: int = 1024       # Interpolate.steps
     max_text_chars: int = 1_000_000
+    max_k: int = 1000           # Search.k
 
 
 class InvalidArgument(Exception):
@@ -79,9 +80,9 @@ def slerp(a: np.ndarray, b: np.ndarray, t: np.ndarray) -> np.ndarray:
     return (np.sin((1 - t) * omega)[:, None] * a + np.sin(t * omega)[:, None] * b) / np.sin(omega)
 
 
-class ZSpaceServicer(pb_grpc.ZSpaceServicer):
-    def __init__(self, repo: ModelRepository, limits: Limits, metrics=None):
-        self.repo, self.limits, self.metrics = repo, limits, metrics
+class ModelServicer(pb_grpc.ZSpaceServicer):
+    def __init__(self, repo: ModelRepository, limits: Limits, metrics=None, indexes=None):
+        self.repo, self.limits, self.metrics, self.indexes = repo, limits, metrics, indexes
 
     # ------------------------------------------------------------ plumbing
 
@@ -259,3 +260,134 @@ class ZSpaceServicer(pb_grpc.ZSpaceServicer):
             return pb.ScoreResponse(scores=scores.astype(np.float32).tolist(), score_kind=kind, version=rt.version)
 
         return await self._call("Score", request, context, body)
+
+
+def parse_payloads(payloads_json, n: int) -> list[dict]:
+    if not payloads_json:
+        return [{} for _ in range(n)]
+    if len(payloads_json) != n:
+        raise InvalidArgument(f"payloads_json: {len(payloads_json)} payloads for {n} items; give one per key or none")
+    out = []
+    for i, text in enumerate(payloads_json):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InvalidArgument(f"payloads_json[{i}]: not valid JSON ({exc.msg})") from None
+        if not isinstance(value, dict):
+            raise InvalidArgument(f"payloads_json[{i}]: must be a JSON object, got {type(value).__name__}")
+        out.append(value)
+    return out
+
+
+class IndexServicerMixin:
+    """Search, Upsert, Delete, GetItem, ListIndexes, IndexStats over the registry's indexes.
+
+    FAISS and SQLite calls block, so they run in threads; the index itself
+    serialises writes and lets searches run together.
+    """
+
+    def _index_info(self, name: str, index) -> pb.IndexInfo:
+        st = index.stats()
+        return pb.IndexInfo(name=name, model=st["model"]["name"], model_version=st["model"]["version"], dim=st["dim"],
+                            metric=st["metric"], factory=st["factory"], count=st["count"], trained=st["trained"],
+                            note=st["training_note"] or "")
+
+    def _index(self, name: str):
+        if not name:
+            raise InvalidArgument("index: required (see ListIndexes)")
+        return self.indexes.get(name)
+
+    async def _codes(self, index, inputs: pb.Inputs, field: str) -> np.ndarray:
+        """Raw inputs -> codes through the index's own model and its batcher (VAE kinds: means)."""
+        model = index.manifest["model"]
+        rt = self.repo.get(model["name"], int(model["version"]))
+        return (await rt.encode(await self._features(rt, inputs, field)))[0]
+
+    async def ListIndexes(self, request, context):
+        async def body():
+            infos = [self._index_info(n, ix) for n, ix in sorted(self.indexes.indexes.items())]
+            broken = [pb.BrokenModel(path=p, error=e) for p, e in sorted(self.indexes.broken.items())]
+            return pb.ListIndexesResponse(indexes=infos, broken=broken)
+
+        return await self._call("ListIndexes", request, context, body)
+
+    async def IndexStats(self, request, context):
+        async def body():
+            return self._index_info(request.index, self._index(request.index))
+
+        return await self._call("IndexStats", request, context, body)
+
+    async def Search(self, request, context):
+        async def body():
+            index = self._index(request.index)
+            if not 1 <= request.k <= self.limits.max_k:
+                raise InvalidArgument(f"k: expected 1 to {self.limits.max_k}, got {request.k}")
+            which = request.WhichOneof("query")
+            if which == "inputs":
+                q = await self._codes(index, request.inputs, "inputs")
+            elif which == "vectors":
+                q = tensor_to_array(request.vectors, "vectors", cols=index.dim, max_rows=self.limits.max_rows)
+            elif which == "key":
+                if not request.key:
+                    raise InvalidArgument("key: must be a non-empty string")
+                q = (await asyncio.to_thread(index.get, request.key)).vector[None]
+            else:
+                raise InvalidArgument("query: set one of inputs, vectors or key")
+            where = None
+            if request.filter_field:
+                try:
+                    where = (request.filter_field, json.loads(request.filter_value_json))
+                except json.JSONDecodeError as exc:
+                    raise InvalidArgument(f"filter_value_json: not valid JSON ({exc.msg})") from None
+            results = await asyncio.to_thread(index.search, q, int(request.k), where)
+            return pb.SearchResponse(results=[pb.HitList(hits=[
+                pb.Hit(key=k, distance=d, payload_json=json.dumps(p)) for k, d, p in hits]) for hits in results])
+
+        return await self._call("Search", request, context, body)
+
+    async def Upsert(self, request, context):
+        async def body():
+            index = self._index(request.index)
+            keys = list(request.keys)
+            which = request.WhichOneof("items")
+            if which == "inputs":
+                codes = await self._codes(index, request.inputs, "inputs")
+            elif which == "vectors":
+                codes = tensor_to_array(request.vectors, "vectors", cols=index.dim, max_rows=self.limits.max_rows)
+            else:
+                raise InvalidArgument("items: set inputs or vectors")
+            if len(keys) != len(codes):
+                raise InvalidArgument(f"keys: {len(keys)} keys for {len(codes)} items; give one key per item")
+            payloads = parse_payloads(list(request.payloads_json), len(keys))
+            await asyncio.to_thread(index.upsert, keys, codes, payloads)
+            return pb.UpsertResponse(count=index.stats()["count"])
+
+        return await self._call("Upsert", request, context, body)
+
+    async def Delete(self, request, context):
+        async def body():
+            index = self._index(request.index)
+            keys = list(request.keys)
+            if not keys:
+                raise InvalidArgument("keys: give at least one key")
+            for i, key in enumerate(keys):
+                if not key:
+                    raise InvalidArgument(f"keys[{i}]: must be a non-empty string")
+            await asyncio.to_thread(index.delete, keys)
+            return pb.DeleteResponse(count=index.stats()["count"])
+
+        return await self._call("Delete", request, context, body)
+
+    async def GetItem(self, request, context):
+        async def body():
+            index = self._index(request.index)
+            if not request.key:
+                raise InvalidArgument("key: must be a non-empty string")
+            item = await asyncio.to_thread(index.get, request.key)
+            return pb.Item(key=item.key, vector=array_to_tensor(item.vector[None]), payload_json=json.dumps(item.payload))
+
+        return await self._call("GetItem", request, context, body)
+
+
+class ZSpaceServicer(IndexServicerMixin, ModelServicer):
+    """The whole ZSpace service: model RPCs and index RPCs."""

@@ -128,7 +128,7 @@ def quickstart(workdir, epochs) -> None:
 
 @main.command()
 @click.option("--models", type=click.Path(file_okay=False), required=True, help="Model repository: NAME/VERSION/ bundles.")
-@click.option("--indexes", type=click.Path(file_okay=False), default=None, help="Index folder (index serving arrives with the index issue).")
+@click.option("--indexes", type=click.Path(file_okay=False), default=None, help="Folder of indexes (one per subfolder) to serve beside the models.")
 @click.option("--host", default="127.0.0.1", help="Address to bind; 0.0.0.0 in containers.")
 @click.option("--port", type=click.IntRange(0, 65535), default=50051, help="gRPC port (0: any free port).")
 @click.option("--metrics-port", type=click.IntRange(0, 65535), default=9100, help="Prometheus /metrics port (0: off).")
@@ -157,8 +157,10 @@ def serve(models, indexes, max_delay_ms, max_queue, token_file, token_env, **opt
 
 
 from zspace.client_cli import client  # noqa: E402  (the `zspace client ...` group)
+from zspace.index_cli import index_group  # noqa: E402  (the `zspace index ...` group)
 
 main.add_command(client)
+main.add_command(index_group)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -162,3 +162,52 @@ def score(c, model, version, pngs, texts, npy) -> None:
     """Anomaly scores (reconstruction error; negative ELBO for VAE kinds), one per input."""
     scores, kind = c.score(model, version=version, **gather_inputs(pngs, texts, npy))
     click.echo(json.dumps({"score_kind": kind, "scores": [round(float(s), 6) for s in scores]}))
+
+
+@client.command()
+@click.option("--index", "index_name", required=True, help="Index name (see the server's ListIndexes).")
+@click.option("--key", default=None, help="Query with the code of this stored item.")
+@input_options
+@click.option("-k", "k", type=int, default=10, help="Neighbours per query.")
+@click.option("--where", default=None, help="Payload filter FIELD=VALUE (VALUE as JSON, else a string).")
+@click.option("--vectors", is_flag=True, help="--npy holds latent codes, not inputs.")
+@click.pass_obj
+def search(c, index_name, key, pngs, texts, npy, k, where, vectors) -> None:
+    """Nearest stored items to a key, inputs or codes; JSON out."""
+    from zspace.index_cli import parse_where
+
+    if key is not None:
+        hits = c.search(index_name, key=key, k=k, where=parse_where(where))
+    elif vectors:
+        if npy is None:
+            raise click.UsageError("--vectors needs --npy")
+        hits = c.search(index_name, vectors=np.load(npy).astype(np.float32), k=k, where=parse_where(where))
+    else:
+        hits = c.search(index_name, k=k, where=parse_where(where), **gather_inputs(pngs, texts, npy))
+    click.echo(json.dumps([[{"key": h[0], "distance": round(h[1], 6), "payload": h[2]} for h in row] for row in hits], indent=1))
+
+
+@client.command()
+@click.option("--index", "index_name", required=True, help="Index name.")
+@click.option("--key", "keys", multiple=True, required=True, help="Item key, one per input (repeatable).")
+@click.option("--payload", "payloads", multiple=True, help="JSON object per key (repeatable; none: {}).")
+@input_options
+@click.pass_obj
+def upsert(c, index_name, keys, payloads, pngs, texts, npy) -> None:
+    """Insert or replace items (encoded by the index's model)."""
+    try:
+        parsed = [json.loads(p) for p in payloads]
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not valid JSON ({exc.msg})", param_hint="--payload") from None
+    count = c.upsert(index_name, list(keys), payloads=parsed or None, **gather_inputs(pngs, texts, npy))
+    click.echo(json.dumps({"index": index_name, "upserted": len(keys), "count": count}))
+
+
+@client.command()
+@click.option("--index", "index_name", required=True, help="Index name.")
+@click.option("--key", "keys", multiple=True, required=True, help="Item key (repeatable).")
+@click.pass_obj
+def delete(c, index_name, keys) -> None:
+    """Delete items by key."""
+    count = c.delete(index_name, list(keys))
+    click.echo(json.dumps({"index": index_name, "deleted": len(keys), "count": count}))

@@ -199,3 +199,135 @@ class ScoreResponse(_message.Message):
     score_kind: str
     version: int
     def __init__(self, scores: _Optional[_Iterable[float]] = ..., score_kind: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
+class IndexInfo(_message.Message):
+    __slots__ = ("name", "model", "model_version", "dim", "metric", "factory", "count", "trained", "note")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    METRIC_FIELD_NUMBER: _ClassVar[int]
+    FACTORY_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    TRAINED_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    model: str
+    model_version: int
+    dim: int
+    metric: str
+    factory: str
+    count: int
+    trained: bool
+    note: str
+    def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[int] = ..., dim: _Optional[int] = ..., metric: _Optional[str] = ..., factory: _Optional[str] = ..., count: _Optional[int] = ..., trained: _Optional[bool] = ..., note: _Optional[str] = ...) -> None: ...
+
+class ListIndexesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListIndexesResponse(_message.Message):
+    __slots__ = ("indexes", "broken")
+    INDEXES_FIELD_NUMBER: _ClassVar[int]
+    BROKEN_FIELD_NUMBER: _ClassVar[int]
+    indexes: _containers.RepeatedCompositeFieldContainer[IndexInfo]
+    broken: _containers.RepeatedCompositeFieldContainer[BrokenModel]
+    def __init__(self, indexes: _Optional[_Iterable[_Union[IndexInfo, _Mapping]]] = ..., broken: _Optional[_Iterable[_Union[BrokenModel, _Mapping]]] = ...) -> None: ...
+
+class IndexStatsRequest(_message.Message):
+    __slots__ = ("index",)
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    index: str
+    def __init__(self, index: _Optional[str] = ...) -> None: ...
+
+class SearchRequest(_message.Message):
+    __slots__ = ("index", "inputs", "vectors", "key", "k", "filter_field", "filter_value_json")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    VECTORS_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_FIELD_NUMBER: _ClassVar[int]
+    FILTER_VALUE_JSON_FIELD_NUMBER: _ClassVar[int]
+    index: str
+    inputs: Inputs
+    vectors: Tensor
+    key: str
+    k: int
+    filter_field: str
+    filter_value_json: str
+    def __init__(self, index: _Optional[str] = ..., inputs: _Optional[_Union[Inputs, _Mapping]] = ..., vectors: _Optional[_Union[Tensor, _Mapping]] = ..., key: _Optional[str] = ..., k: _Optional[int] = ..., filter_field: _Optional[str] = ..., filter_value_json: _Optional[str] = ...) -> None: ...
+
+class Hit(_message.Message):
+    __slots__ = ("key", "distance", "payload_json")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    DISTANCE_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_JSON_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    distance: float
+    payload_json: str
+    def __init__(self, key: _Optional[str] = ..., distance: _Optional[float] = ..., payload_json: _Optional[str] = ...) -> None: ...
+
+class HitList(_message.Message):
+    __slots__ = ("hits",)
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    hits: _containers.RepeatedCompositeFieldContainer[Hit]
+    def __init__(self, hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ...) -> None: ...
+
+class SearchResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[HitList]
+    def __init__(self, results: _Optional[_Iterable[_Union[HitList, _Mapping]]] = ...) -> None: ...
+
+class UpsertRequest(_message.Message):
+    __slots__ = ("index", "inputs", "vectors", "keys", "payloads_json")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    VECTORS_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    PAYLOADS_JSON_FIELD_NUMBER: _ClassVar[int]
+    index: str
+    inputs: Inputs
+    vectors: Tensor
+    keys: _containers.RepeatedScalarFieldContainer[str]
+    payloads_json: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, index: _Optional[str] = ..., inputs: _Optional[_Union[Inputs, _Mapping]] = ..., vectors: _Optional[_Union[Tensor, _Mapping]] = ..., keys: _Optional[_Iterable[str]] = ..., payloads_json: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class UpsertResponse(_message.Message):
+    __slots__ = ("count",)
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    count: int
+    def __init__(self, count: _Optional[int] = ...) -> None: ...
+
+class DeleteRequest(_message.Message):
+    __slots__ = ("index", "keys")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    index: str
+    keys: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, index: _Optional[str] = ..., keys: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class DeleteResponse(_message.Message):
+    __slots__ = ("count",)
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    count: int
+    def __init__(self, count: _Optional[int] = ...) -> None: ...
+
+class GetItemRequest(_message.Message):
+    __slots__ = ("index", "key")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    index: str
+    key: str
+    def __init__(self, index: _Optional[str] = ..., key: _Optional[str] = ...) -> None: ...
+
+class Item(_message.Message):
+    __slots__ = ("key", "vector", "payload_json")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    VECTOR_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_JSON_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    vector: Tensor
+    payload_json: str
+    def __init__(self, key: _Optional[str] = ..., vector: _Optional[_Union[Tensor, _Mapping]] = ..., payload_json: _Optional[str] = ...) -> None: ...

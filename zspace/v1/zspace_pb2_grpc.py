@@ -74,6 +74,36 @@ class ZSpaceStub:
                 request_serializer=zspace_dot_v1_dot_zspace__pb2.ScoreRequest.SerializeToString,
                 response_deserializer=zspace_dot_v1_dot_zspace__pb2.ScoreResponse.FromString,
                 _registered_method=True)
+        self.ListIndexes = channel.unary_unary(
+                '/zspace.v1.ZSpace/ListIndexes',
+                request_serializer=zspace_dot_v1_dot_zspace__pb2.ListIndexesRequest.SerializeToString,
+                response_deserializer=zspace_dot_v1_dot_zspace__pb2.ListIndexesResponse.FromString,
+                _registered_method=True)
+        self.IndexStats = channel.unary_unary(
+                '/zspace.v1.ZSpace/IndexStats',
+                request_serializer=zspace_dot_v1_dot_zspace__pb2.IndexStatsRequest.SerializeToString,
+                response_deserializer=zspace_dot_v1_dot_zspace__pb2.IndexInfo.FromString,
+                _registered_method=True)
+        self.Search = channel.unary_unary(
+                '/zspace.v1.ZSpace/Search',
+                request_serializer=zspace_dot_v1_dot_zspace__pb2.SearchRequest.SerializeToString,
+                response_deserializer=zspace_dot_v1_dot_zspace__pb2.SearchResponse.FromString,
+                _registered_method=True)
+        self.Upsert = channel.unary_unary(
+                '/zspace.v1.ZSpace/Upsert',
+                request_serializer=zspace_dot_v1_dot_zspace__pb2.UpsertRequest.SerializeToString,
+                response_deserializer=zspace_dot_v1_dot_zspace__pb2.UpsertResponse.FromString,
+                _registered_method=True)
+        self.Delete = channel.unary_unary(
+                '/zspace.v1.ZSpace/Delete',
+                request_serializer=zspace_dot_v1_dot_zspace__pb2.DeleteRequest.SerializeToString,
+                response_deserializer=zspace_dot_v1_dot_zspace__pb2.DeleteResponse.FromString,
+                _registered_method=True)
+        self.GetItem = channel.unary_unary(
+                '/zspace.v1.ZSpace/GetItem',
+                request_serializer=zspace_dot_v1_dot_zspace__pb2.GetItemRequest.SerializeToString,
+                response_deserializer=zspace_dot_v1_dot_zspace__pb2.Item.FromString,
+                _registered_method=True)
 
 
 class ZSpaceServicer:
@@ -127,6 +157,42 @@ class ZSpaceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListIndexes(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def IndexStats(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Search(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Upsert(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Delete(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetItem(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ZSpaceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -169,6 +235,36 @@ def add_ZSpaceServicer_to_server(servicer, server):
                     servicer.Score,
                     request_deserializer=zspace_dot_v1_dot_zspace__pb2.ScoreRequest.FromString,
                     response_serializer=zspace_dot_v1_dot_zspace__pb2.ScoreResponse.SerializeToString,
+            ),
+            'ListIndexes': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListIndexes,
+                    request_deserializer=zspace_dot_v1_dot_zspace__pb2.ListIndexesRequest.FromString,
+                    response_serializer=zspace_dot_v1_dot_zspace__pb2.ListIndexesResponse.SerializeToString,
+            ),
+            'IndexStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.IndexStats,
+                    request_deserializer=zspace_dot_v1_dot_zspace__pb2.IndexStatsRequest.FromString,
+                    response_serializer=zspace_dot_v1_dot_zspace__pb2.IndexInfo.SerializeToString,
+            ),
+            'Search': grpc.unary_unary_rpc_method_handler(
+                    servicer.Search,
+                    request_deserializer=zspace_dot_v1_dot_zspace__pb2.SearchRequest.FromString,
+                    response_serializer=zspace_dot_v1_dot_zspace__pb2.SearchResponse.SerializeToString,
+            ),
+            'Upsert': grpc.unary_unary_rpc_method_handler(
+                    servicer.Upsert,
+                    request_deserializer=zspace_dot_v1_dot_zspace__pb2.UpsertRequest.FromString,
+                    response_serializer=zspace_dot_v1_dot_zspace__pb2.UpsertResponse.SerializeToString,
+            ),
+            'Delete': grpc.unary_unary_rpc_method_handler(
+                    servicer.Delete,
+                    request_deserializer=zspace_dot_v1_dot_zspace__pb2.DeleteRequest.FromString,
+                    response_serializer=zspace_dot_v1_dot_zspace__pb2.DeleteResponse.SerializeToString,
+            ),
+            'GetItem': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetItem,
+                    request_deserializer=zspace_dot_v1_dot_zspace__pb2.GetItemRequest.FromString,
+                    response_serializer=zspace_dot_v1_dot_zspace__pb2.Item.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -387,6 +483,168 @@ class ZSpace:
             '/zspace.v1.ZSpace/Score',
             zspace_dot_v1_dot_zspace__pb2.ScoreRequest.SerializeToString,
             zspace_dot_v1_dot_zspace__pb2.ScoreResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListIndexes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/zspace.v1.ZSpace/ListIndexes',
+            zspace_dot_v1_dot_zspace__pb2.ListIndexesRequest.SerializeToString,
+            zspace_dot_v1_dot_zspace__pb2.ListIndexesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def IndexStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/zspace.v1.ZSpace/IndexStats',
+            zspace_dot_v1_dot_zspace__pb2.IndexStatsRequest.SerializeToString,
+            zspace_dot_v1_dot_zspace__pb2.IndexInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Search(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/zspace.v1.ZSpace/Search',
+            zspace_dot_v1_dot_zspace__pb2.SearchRequest.SerializeToString,
+            zspace_dot_v1_dot_zspace__pb2.SearchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Upsert(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/zspace.v1.ZSpace/Upsert',
+            zspace_dot_v1_dot_zspace__pb2.UpsertRequest.SerializeToString,
+            zspace_dot_v1_dot_zspace__pb2.UpsertResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Delete(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/zspace.v1.ZSpace/Delete',
+            zspace_dot_v1_dot_zspace__pb2.DeleteRequest.SerializeToString,
+            zspace_dot_v1_dot_zspace__pb2.DeleteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetItem(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/zspace.v1.ZSpace/GetItem',
+            zspace_dot_v1_dot_zspace__pb2.GetItemRequest.SerializeToString,
+            zspace_dot_v1_dot_zspace__pb2.Item.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,160 @@
+"""Indexes end to end: built by the CLI from an exported encoder, served over gRPC on loopback."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import grpc
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from serving import start_thread
+from service.client import ZSpaceClient, to_tensor
+from index.latent_index import LatentIndex
+from training.export import export_run
+from zspace.cli import main
+from zspace.data import load_dataset
+from zspace.v1 import zspace_pb2 as pb
+
+
+def cli(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+@pytest.fixture(scope="module")
+def layout(vae_run, tmp_path_factory):
+    root = tmp_path_factory.mktemp("deploy")
+    export_run(vae_run, root / "models", "digits")
+    code, out = cli("index", "build", "--model", root / "models" / "digits", "--data", "digits",
+                    "--out", root / "indexes" / "digits")
+    assert code == 0, out
+    code, out = cli("index", "build", "--model", root / "models" / "digits" / "1", "--data", "digits",
+                    "--out", root / "indexes" / "digits-hnsw", "--factory", "HNSW32", "--split", "test")
+    assert code == 0, out
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(layout):
+    s = start_thread(layout / "models", indexes=layout / "indexes")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with ZSpaceClient(server.target, timeout=20) as c:
+        yield c
+
+
+def test_build_and_local_queries(layout):
+    code, out = cli("index", "stats", layout / "indexes" / "digits")
+    st = json.loads(out)
+    assert code == 0 and st["count"] == 1438 and st["model"] == {"name": "digits", "version": 1} and st["metric"] == "l2"
+    code, out = cli("index", "search", layout / "indexes" / "digits", "--key", "digits/train/5", "-k", "3")
+    hits = json.loads(out)[0]
+    assert code == 0 and hits[0]["key"] == "digits/train/5" and hits[0]["distance"] == pytest.approx(0.0, abs=1e-5)
+    assert {"label", "split", "source"} <= hits[0]["payload"].keys()
+    code, out = cli("index", "search", layout / "indexes" / "digits", "--key", "nope")
+    assert code == 2 and "'nope' is not in the index" in out
+    code, out = cli("index", "build", "--model", layout / "models" / "digits", "--data", "digits",
+                    "--out", layout / "indexes" / "digits")
+    assert code == 2 and "already exists" in out
+
+
+def test_list_and_stats(client):
+    names = {i.name: i for i in client.list_indexes().indexes}
+    assert set(names) == {"digits", "digits-hnsw"}
+    assert names["digits"].count == 1438 and names["digits-hnsw"].count == 359 and names["digits-hnsw"].factory == "HNSW32"
+    assert client.index_stats("digits").model == "digits"
+
+
+def test_search_by_tensor_image_and_key_equals_local(client, layout):
+    x = load_dataset("digits").x_train[:4]
+    by_input = client.search("digits", x, k=5)
+    codes = client.encode("digits", x)[0]
+    by_vector = client.search("digits", vectors=codes, k=5)
+    assert by_input == by_vector
+    assert [row[0][0] for row in by_input] == [f"digits/train/{i}" for i in range(4)], "each item finds itself"
+    local = LatentIndex.open(layout / "indexes" / "digits").search(codes, 5)
+    assert [[h[0] for h in r] for r in local] == [[h[0] for h in r] for r in by_input]
+    by_key = client.search("digits", key="digits/train/2", k=5)
+    assert [h[0] for h in by_key[0]] == [h[0] for h in by_input[2]]
+    sevens = client.search("digits", x, k=5, where=("label", "7"))
+    assert all(h[2]["label"] == "7" for row in sevens for h in row)
+
+
+def test_upsert_get_delete(client):
+    x = load_dataset("digits").x_test[:2]
+    count = client.upsert("digits-hnsw", ["mine/a", "mine/b"], x, payloads=[{"label": "a"}, {"label": "b"}])
+    assert count == 361
+    vec, payload = client.get_item("digits-hnsw", "mine/a")
+    assert payload == {"label": "a"} and np.allclose(vec, client.encode("digits", x[:1])[0][0], atol=1e-6)
+    assert client.search("digits-hnsw", x[:1], k=1)[0][0][0] in ("mine/a", "digits/test/0")
+    assert client.delete("digits-hnsw", ["mine/a", "mine/b"]) == 359
+    assert all(h[0] not in ("mine/a", "mine/b") for h in client.search("digits-hnsw", x, k=10)[0])
+
+
+def test_index_bad_input(client):
+    v = to_tensor(np.zeros((1, 4), np.float32))
+    cases = [
+        ("Search", pb.SearchRequest(index="nope", vectors=v, k=3), "NOT_FOUND", "index 'nope' is not served"),
+        ("Search", pb.SearchRequest(index="digits", key="no/such/key", k=3), "NOT_FOUND", "'no/such/key' is not in the index"),
+        ("Search", pb.SearchRequest(index="digits", vectors=to_tensor(np.zeros((1, 5), np.float32)), k=3), "INVALID_ARGUMENT", "vectors.shape: expected [batch, 4]"),
+        ("Search", pb.SearchRequest(index="digits", vectors=v, k=0), "INVALID_ARGUMENT", "k: expected 1 to 1000, got 0"),
+        ("Search", pb.SearchRequest(index="digits", vectors=v, k=5000), "INVALID_ARGUMENT", "k: expected 1 to 1000"),
+        ("Search", pb.SearchRequest(index="digits", k=3), "INVALID_ARGUMENT", "query: set one of"),
+        ("Search", pb.SearchRequest(index="digits", vectors=v, k=3, filter_field="label", filter_value_json="{bad"), "INVALID_ARGUMENT", "filter_value_json"),
+        ("Upsert", pb.UpsertRequest(index="digits", vectors=v, keys=[""]), "INVALID_ARGUMENT", "keys[0]: must be a non-empty string"),
+        ("Upsert", pb.UpsertRequest(index="digits", vectors=v, keys=["a"], payloads_json=["[1, 2]"]), "INVALID_ARGUMENT", "payloads_json[0]: must be a JSON object"),
+        ("Upsert", pb.UpsertRequest(index="digits", vectors=v, keys=["a"], payloads_json=["nope"]), "INVALID_ARGUMENT", "payloads_json[0]: not valid JSON"),
+        ("Upsert", pb.UpsertRequest(index="digits", vectors=v, keys=["a", "b"]), "INVALID_ARGUMENT", "2 keys for 1 items"),
+        ("Delete", pb.DeleteRequest(index="digits", keys=["never/stored"]), "NOT_FOUND", "'never/stored' is not in the index"),
+        ("Delete", pb.DeleteRequest(index="digits", keys=[""]), "INVALID_ARGUMENT", "keys[0]: must be a non-empty string"),
+        ("GetItem", pb.GetItemRequest(index="digits", key="nope"), "NOT_FOUND", "'nope' is not in the index"),
+        ("IndexStats", pb.IndexStatsRequest(index=""), "INVALID_ARGUMENT", "index: required"),
+    ]
+    for method, request, code, message in cases:
+        with pytest.raises(grpc.RpcError) as err:
+            getattr(client.stub, method)(request, timeout=20)
+        assert err.value.code().name == code, (method, err.value.details())
+        assert message in err.value.details(), (method, err.value.details())
+    assert client.index_stats("digits").count == 1438, "nothing was written by the refused requests"
+
+
+def test_empty_index_and_model_pairing(layout, tmp_path):
+    models = tmp_path / "models"
+    shutil.copytree(layout / "models" / "digits", models / "digits")
+    LatentIndex.create(tmp_path / "indexes" / "empty", "digits", 1, 4).close()
+    LatentIndex.create(tmp_path / "indexes" / "orphan", "digits", 7, 4).close()
+    s = start_thread(models, indexes=tmp_path / "indexes")
+    try:
+        with ZSpaceClient(s.target) as c:
+            assert c.search("empty", vectors=np.zeros((2, 4), np.float32), k=3) == [[], []]
+            resp = c.list_indexes()
+            assert [i.name for i in resp.indexes] == ["empty"]
+            assert "no version 7" in resp.broken[0].error
+    finally:
+        s.stop()
+
+
+def test_client_cli_search_upsert_delete(server, tmp_path):
+    from PIL import Image
+
+    x = load_dataset("digits").x_test[0]
+    png = tmp_path / "q.png"
+    Image.fromarray((x.reshape(8, 8) * 255).astype(np.uint8)).save(png)
+    code, out = cli("client", "--target", server.target, "search", "--index", "digits", "--png", png, "-k", "3")
+    assert code == 0 and len(json.loads(out)[0]) == 3
+    code, out = cli("client", "--target", server.target, "upsert", "--index", "digits", "--key", "cli/q",
+                    "--payload", '{"label": "q"}', "--png", png)
+    assert code == 0 and json.loads(out)["count"] == 1439
+    code, out = cli("client", "--target", server.target, "search", "--index", "digits", "--key", "cli/q", "-k", "1")
+    assert json.loads(out)[0][0]["key"] == "cli/q"
+    code, out = cli("client", "--target", server.target, "delete", "--index", "digits", "--key", "cli/q")
+    assert code == 0 and json.loads(out)["count"] == 1438
+    code, out = cli("client", "--target", server.target, "delete", "--index", "digits", "--key", "cli/q")
+    assert code == 1 and out.startswith("NOT_FOUND")

@@ -1,0 +1,103 @@
+"""`zspace index build|search|stats`: latent indexes on local disk, no server needed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+import numpy as np
+
+from zspace.data import SPEC_HELP
+from zspace.errors import UserError
+
+
+def parse_where(value: str | None):
+    """`field=value` -> (field, JSON value, or the raw string when not JSON)."""
+    if not value:
+        return None
+    field, sep, raw = value.partition("=")
+    if not sep or not field:
+        raise click.BadParameter(f"expected FIELD=VALUE such as label=3, got {value!r}", param_hint="--where")
+    try:
+        return field, json.loads(raw)
+    except json.JSONDecodeError:
+        return field, raw
+
+
+def query_options(f):
+    f = click.option("--where", default=None, help="Payload filter FIELD=VALUE (VALUE as JSON, else a string).")(f)
+    f = click.option("-k", "k", type=click.IntRange(min=1), default=10, help="Neighbours per query.")(f)
+    f = click.option("--npy", type=click.Path(exists=True, dir_okay=False), default=None, help="Codes [n, dim] (or inputs with --encode).")(f)
+    f = click.option("--text", "texts", multiple=True, help="A document query (repeatable).")(f)
+    f = click.option("--png", "pngs", multiple=True, type=click.Path(exists=True, dir_okay=False), help="An image query (repeatable).")(f)
+    return click.option("--key", default=None, help="Query with the code of this stored item.")(f)
+
+
+@click.group("index", context_settings={"show_default": True})
+def index_group() -> None:
+    """Build and query latent indexes on local disk."""
+
+
+@index_group.command()
+@click.option("--model", "model_ref", type=click.Path(exists=True, file_okay=False), required=True,
+              help="models/NAME (highest version) or models/NAME/VERSION.")
+@click.option("--data", required=True, help=f"Data set: {SPEC_HELP}.")
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Index folder to create, e.g. indexes/NAME.")
+@click.option("--factory", default="Flat", help="FAISS factory string: Flat, HNSW32, IVF256,Flat, IVF256,PQ8 ...")
+@click.option("--metric", type=click.Choice(["auto", "l2", "cosine"]), default="auto", help="auto: cosine for texts, l2 otherwise.")
+@click.option("--split", type=click.Choice(["train", "test", "all"]), default="train", help="Which split to store.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=1024, help="Rows per encoder call.")
+def build(model_ref, data, out, factory, metric, split, batch_size) -> None:
+    """Encode a data set's split with the exported encoder and store the codes."""
+    from index.build import build_index
+
+    index = build_index(Path(model_ref), data, Path(out), factory=factory, metric=None if metric == "auto" else metric,
+                        split=split, batch_size=batch_size)
+    click.echo(json.dumps({"index": out, **index.stats()}, indent=1))
+    index.close()
+
+
+@index_group.command()
+@click.argument("index_dir", type=click.Path(exists=True, file_okay=False))
+@query_options
+@click.option("--models", type=click.Path(file_okay=False), default="models", help="Model repository, to encode --png/--text.")
+def search(index_dir, key, pngs, texts, npy, k, where, models) -> None:
+    """Nearest stored items to a stored key, raw inputs, or codes; JSON out."""
+    from index.latent_index import LatentIndex
+
+    index = LatentIndex.open(Path(index_dir))
+    if key is not None:
+        try:
+            queries = index.get(key).vector[None]
+        except KeyError as exc:
+            raise UserError(f"--key: {exc.args[0]}") from None
+    elif npy is not None:
+        queries = np.load(npy).astype(np.float32)
+    elif pngs or texts:
+        queries = _encode_local(index, Path(models), pngs, texts)
+    else:
+        raise click.UsageError("give a query: --key, --png, --text or --npy")
+    hits = index.search(queries, k, parse_where(where))
+    click.echo(json.dumps([[{"key": h[0], "distance": round(h[1], 6), "payload": h[2]} for h in row] for row in hits], indent=1))
+
+
+def _encode_local(index, models: Path, pngs, texts) -> np.ndarray:
+    from zspace.bundle import load_bundle
+    from zspace.runtime import onnx_session
+    from zspace.transforms import transform_from_dict
+
+    m = index.manifest["model"]
+    bundle = load_bundle(models / m["name"] / str(m["version"]))
+    transform = transform_from_dict(bundle.manifest["transform"])
+    x = np.stack([transform.from_bytes(Path(p).read_bytes(), p) for p in pngs]) if pngs else transform.apply(list(texts))
+    return onnx_session(bundle.graph("encoder")).run(None, {"x": x})[0]
+
+
+@index_group.command()
+@click.argument("index_dir", type=click.Path(exists=True, file_okay=False))
+def stats(index_dir) -> None:
+    """Model, metric, factory, count and training state of an index."""
+    from index.latent_index import LatentIndex
+
+    click.echo(json.dumps(LatentIndex.open(Path(index_dir)).stats(), indent=1))
