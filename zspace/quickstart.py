@@ -33,12 +33,20 @@ def quickstart(workdir: Path, epochs: int = 300) -> dict:
     write_json(report, run / "evaluation.json")
     bundle = export_run(run, workdir / "models", MODEL_NAME)
     print(f"quickstart: bundle {bundle}", flush=True)
-    served = serve_and_call(workdir / "models", run)
+    index_dir = workdir / "indexes" / MODEL_NAME
+    if index_dir.exists():
+        shutil.rmtree(index_dir)  # the quickstart owns it; its codes belonged to the previous version
+    from index.build import build_index
+
+    build_index(bundle, "digits", index_dir).close()
+    print(f"quickstart: index {index_dir}", flush=True)
+    served = serve_and_call(workdir / "models", workdir / "indexes", run)
     return {
         "run": str(run),
         "bundle": str(bundle),
         "evaluation": str(run / "evaluation.json"),
-        "pictures": [str(p) for p in pngs] + [served.pop("samples_png")],
+        "index": str(index_dir),
+        "pictures": [str(p) for p in pngs] + [served.pop("samples_png"), served.pop("neighbours_png")],
         "test_sq_error": report["model"]["sq_error"],
         "test_nll_is": report["model"].get("nll_is"),
         "pca_sq_error": report["pca"]["sq_error"],
@@ -46,7 +54,7 @@ def quickstart(workdir: Path, epochs: int = 300) -> dict:
     }
 
 
-def serve_and_call(models: Path, out: Path) -> dict:
+def serve_and_call(models: Path, indexes: Path, out: Path) -> dict:
     """Start the real gRPC server on a free loopback port, call it as a client would, stop it."""
     import numpy as np
 
@@ -56,19 +64,28 @@ def serve_and_call(models: Path, out: Path) -> dict:
     from zspace.data import load_dataset
     from zspace.transforms import ImageTransform
 
-    x = load_dataset("digits").x_test[:8]
-    with BackgroundServer(ServeConfig(models=models, port=0, metrics_port=0, poll_s=0)) as server:
+    digits = load_dataset("digits")
+    x = digits.x_test[:8]
+    with BackgroundServer(ServeConfig(models=models, indexes=indexes, port=0, metrics_port=0, poll_s=0)) as server:
         with ZSpaceClient(server.target) as client:
             info = client.get_model(MODEL_NAME)
             mean, _ = client.encode(MODEL_NAME, x)
             recon = client.reconstruct(MODEL_NAME, x)
             samples = client.generate(MODEL_NAME, count=16, seed=0)
+            hits = client.search(MODEL_NAME, x[:6], k=8)
             health = client.health()
     t = ImageTransform((1, 8, 8))
     grid = image_grid([t.to_uint8(x), t.to_uint8(recon.x), t.to_uint8(samples.x[:8]), t.to_uint8(samples.x[8:])],
                       out / "served.png")
+    # Each row: a test digit, then the 8 nearest training digits Search found (keys are digits/train/<row>).
+    rows = [t.to_uint8(np.stack([x[i]] + [digits.x_train[int(h[0].rsplit("/", 1)[1])] for h in row]))
+            for i, row in enumerate(hits)]
+    near = image_grid(rows, out / "neighbours.png")
+    labels = [[h[2]["label"] for h in row] for row in hits]
     print(f"quickstart: served {MODEL_NAME}/{info.version} on {server.target} ({info.execution_provider}); "
-          f"Encode {list(mean.shape)}, Reconstruct, Generate 16 -> {grid}", flush=True)
+          f"Encode {list(mean.shape)}, Reconstruct, Generate 16 -> {grid}; Search -> {near}", flush=True)
     return {"target": server.target, "health": health, "version": info.version, "provider": info.execution_provider,
             "encode_shape": list(mean.shape), "reconstruct_sq_error": float(((recon.x - x) ** 2).sum(1).mean()),
-            "samples_png": str(grid), "generated": int(len(samples.x)), "codes_finite": bool(np.isfinite(mean).all())}
+            "samples_png": str(grid), "generated": int(len(samples.x)), "codes_finite": bool(np.isfinite(mean).all()),
+            "neighbours_png": str(near), "neighbour_labels": labels,
+            "query_labels": [str(v) for v in digits.y_test[:6]]}
