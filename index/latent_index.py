@@ -287,7 +287,8 @@ class LatentIndex:
             raise KeyError(f"key {key!r} is not in the index")
         return item
 
-    def search(self, queries: np.ndarray, k: int, where: tuple[str, object] | None = None, nprobe: int = 16):
+    def search(self, queries: np.ndarray, k: int, where: tuple[str, object] | None = None, nprobe: int = 16,
+               ef_search: int = 64):
         """-> per query a list of (key, distance, payload), nearest first. Cosine distance = 1 − cos."""
         faiss = self.faiss
         queries = np.asarray(queries, dtype=np.float32)
@@ -305,13 +306,15 @@ class LatentIndex:
                 selectors.append(faiss.IDSelectorNot(faiss.IDSelectorBatch(np.fromiter(self.tombstones, np.int64))))
             sel = selectors[0] if len(selectors) == 1 else (faiss.IDSelectorAnd(*selectors) if selectors else None)
             params = None
-            if sel is not None or "IVF" in self.factory:
-                kind = "IVF" if ("IVF" in self.factory and self.trained_kind) else ("HNSW" if "HNSW" in self.factory and self.trained_kind else "")
+            kind = "" if not self.trained_kind else ("IVF" if "IVF" in self.factory else ("HNSW" if "HNSW" in self.factory else ""))
+            if sel is not None or kind:
                 params = getattr(faiss, f"SearchParameters{kind}")()
                 if sel is not None:
                     params.sel = sel
                 if kind == "IVF":
                     params.nprobe = nprobe
+                if kind == "HNSW":
+                    params.efSearch = max(ef_search, k)  # FAISS's default of 16 loses recall at k = 10
             dist, ids = self.index.search(self._prep(queries), min(k, self.index.ntotal), params=params)
             found = self.store.by_ids([int(i) for i in ids.ravel() if i >= 0])
         results = []

@@ -1,0 +1,203 @@
+"""Retrieval benchmark: codes vs raw input vs PCA/LSA, FAISS factories, and Search through the service.
+
+Needs the runs of the 2006 benchmarks (mnist_2006.py, newsgroups_2006.py):
+AE and VAE codes come from their best checkpoints. Queries are test items,
+the database the training items, relevant = same label.
+
+    python benchmarks/retrieval.py
+
+Targets (issue 4): 30-d AE codes on MNIST precision@10 >= 0.97; on 20 Newsgroups
+10-d AE codes beat 10-d LSA at every cut-off; HNSW recall@10 >= 0.98 at >= 10x
+Flat's single-query rate; Search through the service p99 <= 5 ms at 8 clients
+on a 60k index.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+
+from common import SHARED, machine, table, write_json
+from newsgroups_2006 import lsa_codes
+from serve import Child, free_port
+
+RESULTS = Path("benchmarks/results")
+
+
+def codes_of_run(run: Path, x: np.ndarray) -> np.ndarray:
+    from training.train import codes_of, load_model
+
+    model, _ = load_model(run)
+    return codes_of(model, x)
+
+
+def quality_rows(ds, spaces: dict[str, tuple[np.ndarray, np.ndarray]], metric: str, at: tuple[int, ...]) -> list[dict]:
+    from training.evaluate import retrieval
+
+    rows = []
+    for name, (tr, te) in spaces.items():
+        t0 = time.monotonic()
+        rows.append({"codes": name, **retrieval(te, ds.y_test, tr, ds.y_train, metric, at=at),
+                     "seconds": time.monotonic() - t0})
+        print(f"  {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in rows[-1].items() if isinstance(v, float)), flush=True)
+    return rows
+
+
+def factory_rows(train_codes: np.ndarray, test_codes: np.ndarray, work: Path, seconds: float) -> list[dict]:
+    """Build time, recall@10 against exact search, and queries/s at 1 and 256 queries per call."""
+    from index.latent_index import LatentIndex
+
+    keys = [f"t/{i}" for i in range(len(train_codes))]
+    payloads = [{} for _ in keys]
+    rows, exact = [], None
+    for factory in ("Flat", "HNSW32", "IVF256,Flat"):
+        t0 = time.monotonic()
+        ix = LatentIndex.create(work / factory.replace(",", "_"), "bench", 1, train_codes.shape[1], factory=factory)
+        for s in range(0, len(keys), 10000):
+            ix.upsert(keys[s : s + 10000], train_codes[s : s + 10000], payloads[s : s + 10000], maintain=False)
+        if "IVF" in factory:
+            ix.rebuild()
+        build_s = time.monotonic() - t0
+        found = [[h[0] for h in row] for row in ix.search(test_codes, 10)]
+        exact = exact or found
+        recall = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, exact)]))
+        rates = {}
+        for per_call in (1, 256):
+            n, t0 = 0, time.monotonic()
+            while time.monotonic() - t0 < seconds:
+                start = (n * per_call) % (len(test_codes) - per_call)
+                ix.search(test_codes[start : start + per_call], 10)
+                n += 1
+            rates[per_call] = n * per_call / (time.monotonic() - t0)
+        rows.append({"factory": factory, "build_s": build_s, "recall@10": recall,
+                     "qps_1": rates[1], "qps_256": rates[256]})
+        print(f"  {factory}: build {build_s:.1f}s recall@10 {recall:.3f} q/s {rates[1]:.0f} (1/call) "
+              f"{rates[256]:.0f} (256/call)", flush=True)
+        ix.close()
+    return rows
+
+
+async def search_load(target: str, codes: np.ndarray, clients: int, seconds: float) -> dict:
+    import grpc
+
+    from service.client import to_tensor
+    from zspace.v1 import zspace_pb2 as pb
+    from zspace.v1 import zspace_pb2_grpc as pb_grpc
+
+    requests = [pb.SearchRequest(index="mnist", vectors=to_tensor(codes[i : i + 1]), k=10) for i in range(256)]
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = pb_grpc.ZSpaceStub(channel)
+        for r in requests[:20]:
+            await stub.Search(r, timeout=30)
+        lat: list[float] = []
+        stop_at = time.perf_counter() + seconds
+
+        async def caller(offset):
+            i = offset
+            while time.perf_counter() < stop_at and len(lat) < 200_000:
+                t = time.perf_counter()
+                await stub.Search(requests[i % len(requests)], timeout=30)
+                lat.append(time.perf_counter() - t)
+                i += clients
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(caller(c) for c in range(clients)))
+        elapsed = time.perf_counter() - t0
+    ms = np.asarray(lat) * 1000
+    return {"clients": clients, "req_s": len(ms) / elapsed, "p50_ms": float(np.percentile(ms, 50)),
+            "p99_ms": float(np.percentile(ms, 99))}
+
+
+def service_search(ae_run: Path, work: Path, test_codes: np.ndarray, seconds: float) -> dict:
+    from index.build import build_index
+    from training.export import export_run
+
+    bundle = export_run(ae_run, work / "models", "mnist")
+    build_index(bundle, f"mnist:{SHARED / 'mnist'}", work / "indexes" / "mnist", quiet=True).close()
+    port = free_port()
+    child = Child([sys.executable, "-m", "zspace.cli", "serve", "--models", str(work / "models"), "--indexes",
+                   str(work / "indexes"), "--metrics-port", "0", "--poll-s", "0", "--port", str(port)], port)
+    try:
+        return asyncio.run(search_load(f"127.0.0.1:{port}", test_codes, 8, seconds))
+    finally:
+        child.stop()
+
+
+@click.command()
+@click.option("--mnist-runs", default=str(RESULTS / "mnist_runs"), help="Runs written by mnist_2006.py.")
+@click.option("--news-run", default=str(RESULTS / "newsgroups_run"), help="AE run written by newsgroups_2006.py.")
+@click.option("--seconds", default=3.0, help="Timing window per measurement.")
+@click.option("--json", "json_path", default=str(RESULTS / "retrieval.json"), help="Where the figures go.")
+@click.option("--threads", default=2, help="torch/FAISS threads.")
+def main(mnist_runs, news_run, seconds, json_path, threads):
+    import faiss
+    import torch
+
+    from zspace.data import load_dataset
+
+    torch.set_num_threads(threads)
+    faiss.omp_set_num_threads(threads)
+    runs = Path(mnist_runs)
+    work = Path(tempfile.mkdtemp(prefix="zspace-retrieval-"))
+    record = {"benchmark": "retrieval", "machine": machine()}
+
+    print("MNIST: test -> train, L2", flush=True)
+    ds = load_dataset(f"mnist:{SHARED / 'mnist'}")
+    pca_tr, pca_te = codes_of_run(runs / "pca", ds.x_train), codes_of_run(runs / "pca", ds.x_test)
+    ae_tr, ae_te = codes_of_run(runs / "ae", ds.x_train), codes_of_run(runs / "ae", ds.x_test)
+    spaces = {"raw 784-d": (ds.x_train, ds.x_test), "PCA-30": (pca_tr, pca_te), "AE-30": (ae_tr, ae_te)}
+    if (runs / "vae" / "best.pt").is_file():
+        spaces["VAE-30 (means)"] = (codes_of_run(runs / "vae", ds.x_train), codes_of_run(runs / "vae", ds.x_test))
+    record["mnist"] = quality_rows(ds, spaces, "l2", (10,))
+
+    print("MNIST AE-30 codes in FAISS: 60k database, 10k queries", flush=True)
+    record["factories"] = factory_rows(ae_tr, ae_te, work, seconds)
+
+    print("20 Newsgroups: test -> train, cosine", flush=True)
+    from training.train import load_run_data
+
+    news = load_run_data(Path(news_run))  # the run's own 2000-word vocabulary
+    lsa_tr, lsa_te = lsa_codes(news.x_train, news.x_test, 10)
+    record["newsgroups"] = quality_rows(news, {
+        "raw 2000-d": (news.x_train, news.x_test), "LSA-10": (lsa_tr, lsa_te),
+        "AE-10": (codes_of_run(Path(news_run), news.x_train), codes_of_run(Path(news_run), news.x_test))},
+        "cosine", (1, 10, 100))
+
+    print("Search through the service: 60k Flat index, 8 clients, 1 query each", flush=True)
+    record["service"] = service_search(runs / "ae", work, ae_te, seconds * 2)
+    print(f"  {record['service']}", flush=True)
+    shutil.rmtree(work, ignore_errors=True)
+
+    print(table(record["mnist"], ["codes", "precision@10", "mAP", "5nn_accuracy"], "MNIST retrieval (exact L2)"))
+    print(table(record["factories"], ["factory", "build_s", "recall@10", "qps_1", "qps_256"], "FAISS on AE-30 codes"))
+    print(table(record["newsgroups"], ["codes", "precision@1", "precision@10", "precision@100", "mAP"],
+                "20 Newsgroups retrieval (cosine)"))
+    ae = next(r for r in record["mnist"] if r["codes"] == "AE-30")
+    flat, hnsw = record["factories"][0], record["factories"][1]
+    news_ae = next(r for r in record["newsgroups"] if r["codes"] == "AE-10")
+    lsa = next(r for r in record["newsgroups"] if r["codes"] == "LSA-10")
+    record["targets"] = {
+        "mnist_ae_precision@10": {"value": ae["precision@10"], "target": ">= 0.97", "met": ae["precision@10"] >= 0.97},
+        "news_ae10_beats_lsa10": {"value": [news_ae[f"precision@{c}"] - lsa[f"precision@{c}"] for c in (1, 10, 100)],
+                                  "target": "> 0 at 1, 10, 100",
+                                  "met": all(news_ae[f"precision@{c}"] > lsa[f"precision@{c}"] for c in (1, 10, 100))},
+        "hnsw_recall@10": {"value": hnsw["recall@10"], "target": ">= 0.98", "met": hnsw["recall@10"] >= 0.98},
+        "hnsw_vs_flat_single_query": {"value": hnsw["qps_1"] / flat["qps_1"], "target": ">= 10",
+                                      "met": hnsw["qps_1"] / flat["qps_1"] >= 10},
+        "service_search_p99_ms_8_clients": {"value": record["service"]["p99_ms"], "target": "<= 5",
+                                            "met": record["service"]["p99_ms"] <= 5},
+    }
+    for name, t in record["targets"].items():
+        print(f"{name}: {t['value']} (target {t['target']}): {'met' if t['met'] else 'NOT met'}")
+    write_json(Path(json_path), record)
+
+
+if __name__ == "__main__":
+    main()
