@@ -42,7 +42,9 @@ def parse_hidden(ctx, param, value: str) -> tuple[int, ...]:
     return sizes
 
 
-@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+# Every option can also come from the environment: ZSPACE_<COMMAND>_<OPTION>, e.g. ZSPACE_SERVE_MAX_BATCH=32.
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "show_default": True,
+                                          "auto_envvar_prefix": "ZSPACE"})
 @click.version_option(package_name="zspace")
 def main() -> None:
     """zspace: learn compact latent codes, export them as ONNX bundles, serve and search them."""
