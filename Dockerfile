@@ -12,9 +12,11 @@ COPY zspace /src/zspace
 COPY service /src/service
 COPY index /src/index
 COPY training /src/training
-# The serve extra only: onnxruntime(-gpu), grpcio, FAISS, numpy, Pillow. Torch stays out.
+# The serving extra only: ONNX Runtime, grpcio, FAISS, numpy, Pillow. Torch stays out.
+# serve-cpu: plain onnxruntime (default); serve: onnxruntime-gpu (docker-compose.gpu.yml).
+ARG SERVE_EXTRA=serve-cpu
 RUN python3 -m venv /opt/zspace \
- && /opt/zspace/bin/pip install --no-compile "/src[serve]" \
+ && /opt/zspace/bin/pip install --no-compile "/src[${SERVE_EXTRA}]" \
  && rm -rf /src \
  && find /opt/zspace -name "__pycache__" -prune -exec rm -rf {} + \
  && useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin zspace \

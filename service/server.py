@@ -199,6 +199,7 @@ class Server:
 
 def serve(cfg: ServeConfig) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # it narrates which CPU build it tried
     return asyncio.run(Server(cfg).run())
 
 

@@ -83,6 +83,13 @@ def test_tampered_bundle_is_refused(vae_bundle, tmp_path):
     assert resolve_bundle(tmp_path / "digits") == copy
 
 
+def test_bundle_is_readable_by_other_users(vae_bundle):
+    import stat
+
+    assert vae_bundle.stat().st_mode & stat.S_IROTH and vae_bundle.stat().st_mode & stat.S_IXOTH, \
+        "a server running as another user (the container's) must be able to read the bundle"
+
+
 def test_versions_increase_and_exist_is_refused(vae_run, tmp_path):
     assert export_run(vae_run, tmp_path, "d").name == "1"
     assert export_run(vae_run, tmp_path, "d").name == "2"

@@ -101,6 +101,9 @@ def export_run(run: Path, repo: Path, name: str, version: int | None = None) -> 
         raise UserError(f"{final} already exists; bundles are immutable, export a new --version")
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{version}.staging-", dir=final.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it 0700: a server running as another user could not read it
     try:
         manifest = _build(model, info, ds, run, staging, name, version)
         write_manifest(staging, manifest)

@@ -56,7 +56,7 @@ def deployment(tmp_path_factory):
     name = f"zspace-smoke-{os.getpid()}"
     env = {**os.environ, "ZSPACE_MODELS": str(work / "models"), "ZSPACE_INDEXES": str(work / "indexes"),
            "ZSPACE_PORT": str(port), "ZSPACE_METRICS_PORT": str(metrics), "ZSPACE_CONTAINER": name,
-           "ZSPACE_MAX_DELAY_MS": "1500", "ZSPACE_THREADS": "1"}
+           "ZSPACE_MAX_DELAY_MS": "1500", "ZSPACE_THREADS": "1", "BUILDAH_FORMAT": "docker"}
     compose = compose_cmd() + ["-p", name]
     subprocess.run(compose + ["build"], cwd=ROOT, env=env, check=True)
     subprocess.run(compose + ["up", "-d"], cwd=ROOT, env=env, check=True)
