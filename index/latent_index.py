@@ -121,6 +121,8 @@ class LatentIndex:
         self.index = None
         self.trained_kind = False  # False while an untrained factory is stood in for by a flat index
         self.seq = 0
+        # id -> (key, payload) of every item: a search answers from memory, not from SQLite.
+        self.entries = self.store.all_entries()
         self._load()
 
     # ------------------------------------------------------------ create / open
@@ -268,6 +270,9 @@ class LatentIndex:
             raise IndexError_("vectors: contain NaN or infinity")
         with self.lock.write():
             pairs = self.store.upsert(keys, vectors, payloads)
+            for (old, new), key, payload in zip(pairs, keys, payloads):
+                self.entries.pop(old, None)
+                self.entries[new] = (key, payload)
             self._remove([old for old, _ in pairs if old is not None])
             self._add(np.array([new for _, new in pairs], dtype=np.int64), vectors)
             self.seq = self.store.last_seq()
@@ -277,6 +282,8 @@ class LatentIndex:
     def delete(self, keys: list[str]) -> None:
         with self.lock.write():
             ids = self.store.delete(keys)
+            for i in ids:
+                self.entries.pop(i, None)
             self._remove(ids)
             self.seq = self.store.last_seq()
             self._maybe_train()
@@ -316,16 +323,11 @@ class LatentIndex:
                 if kind == "HNSW":
                     params.efSearch = max(ef_search, k)  # FAISS's default of 16 loses recall at k = 10
             dist, ids = self.index.search(self._prep(queries), min(k, self.index.ntotal), params=params)
-            found = self.store.by_ids([int(i) for i in ids.ravel() if i >= 0])
-        results = []
-        for drow, irow in zip(dist, ids):
-            hits = []
-            for d, i in zip(drow, irow):
-                if i >= 0 and int(i) in found:
-                    key, payload = found[int(i)]
-                    hits.append((key, float(1.0 - d) if self.metric == "cosine" else float(d), payload))
-            results.append(hits)
-        return results
+            entries = self.entries
+            cosine = self.metric == "cosine"
+            return [[(*entries[i][:1], 1.0 - d if cosine else d, entries[i][1])
+                     for d, i in zip(drow.tolist(), irow.tolist()) if i >= 0 and i in entries]
+                    for drow, irow in zip(dist, ids)]
 
     def stats(self) -> dict:
         need = min_train_points(self.factory)

@@ -100,12 +100,9 @@ class ItemStore:
         row = self.db.execute("SELECT id, key, vector, payload FROM items WHERE key = ?", (key,)).fetchone()
         return None if row is None else Item(row[0], row[1], self._vector(row[2]), json.loads(row[3]))
 
-    def by_ids(self, ids: list[int]) -> dict[int, tuple[str, dict]]:
-        if not ids:
-            return {}
-        marks = ",".join("?" * len(ids))
-        rows = self.db.execute(f"SELECT id, key, payload FROM items WHERE id IN ({marks})", list(ids)).fetchall()
-        return {i: (k, json.loads(p)) for i, k, p in rows}
+    def all_entries(self) -> dict[int, tuple[str, dict]]:
+        """id -> (key, payload) for every item: the index keeps this in memory for searches."""
+        return {i: (k, json.loads(p)) for i, k, p in self.db.execute("SELECT id, key, payload FROM items")}
 
     def vectors_of(self, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """(ids that still exist, their vectors)."""

@@ -10,17 +10,45 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from concurrent.futures import Executor
+
+import numpy as np
+
 from index.latent_index import LatentIndex
+from service.batcher import DynamicBatcher
 from service.repository import ModelRepository
 
 log = logging.getLogger("zspace.serve")
 
 
 class IndexRegistry:
-    def __init__(self, root: Path | None, repo: ModelRepository, threads: int = 0):
+    def __init__(self, root: Path | None, repo: ModelRepository, threads: int = 0, executor: Executor | None = None,
+                 max_batch: int = 256):
         self.root, self.repo, self.threads = (Path(root) if root else None), repo, threads
+        self.executor, self.max_batch = executor, max_batch
         self.indexes: dict[str, LatentIndex] = {}
         self.broken: dict[str, str] = {}
+        self.batchers: dict[tuple[str, int], DynamicBatcher] = {}
+
+    async def search(self, name: str, queries: np.ndarray, k: int) -> list:
+        """Concurrent unfiltered searches of one index and k become one FAISS call.
+
+        One call at a time per (index, k), in a worker thread: FAISS's OpenMP pool is
+        per calling thread, so many small concurrent calls would oversubscribe the cores.
+        """
+        index = self.get(name)
+        batcher = self.batchers.get((name, k))
+        if batcher is None:
+            def run(q: np.ndarray, index=index, k=k) -> list[np.ndarray]:
+                hits = index.search(q, k)
+                out = np.empty(len(hits), dtype=object)
+                for i, row in enumerate(hits):
+                    out[i] = row
+                return [out]
+
+            batcher = self.batchers[(name, k)] = DynamicBatcher(run, self.executor, max_batch=self.max_batch,
+                                                                max_queue_rows=64 * self.max_batch, inline_rows=0)
+        return list((await batcher.submit(queries))[0])
 
     def open_all(self) -> None:
         if self.root is None or not self.root.is_dir():
@@ -47,5 +75,7 @@ class IndexRegistry:
         return self.indexes[name]
 
     def close(self) -> None:
+        for batcher in self.batchers.values():
+            batcher.close()
         for index in self.indexes.values():
             index.close()  # a fresh snapshot, so the next start replays nothing

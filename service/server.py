@@ -105,7 +105,7 @@ class Server:
         self.executor = ThreadPoolExecutor(max_workers=max(4, 2 * (os.cpu_count() or 1)), thread_name_prefix="ort")
         batching = BatchConfig(max_batch=cfg.max_batch, max_delay_s=cfg.max_delay_ms / 1000, max_queue_rows=cfg.max_queue_rows)
         self.repo = ModelRepository(cfg.models, cfg.device, threads, self.executor, batching, self.metrics.on_batch)
-        self.indexes = IndexRegistry(cfg.indexes, self.repo, threads)
+        self.indexes = IndexRegistry(cfg.indexes, self.repo, threads, self.executor)
         self.health = health.aio.HealthServicer()
         self.stopping = asyncio.Event()
         self.server: grpc.aio.Server | None = None

@@ -339,7 +339,10 @@ class IndexServicerMixin:
                     where = (request.filter_field, json.loads(request.filter_value_json))
                 except json.JSONDecodeError as exc:
                     raise InvalidArgument(f"filter_value_json: not valid JSON ({exc.msg})") from None
-            results = await asyncio.to_thread(index.search, q, int(request.k), where)
+            if where is None:
+                results = await self.indexes.search(request.index, q, int(request.k))
+            else:
+                results = await asyncio.to_thread(index.search, q, int(request.k), where)
             return pb.SearchResponse(results=[pb.HitList(hits=[
                 pb.Hit(key=k, distance=d, payload_json=json.dumps(p)) for k, d, p in hits]) for hits in results])
 
