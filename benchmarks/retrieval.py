@@ -120,7 +120,7 @@ def service_search(ae_run: Path, work: Path, test_codes: np.ndarray, seconds: fl
     from training.export import export_run
 
     bundle = export_run(ae_run, work / "models", "mnist")
-    build_index(bundle, f"mnist:{SHARED / 'mnist'}", work / "indexes" / "mnist", quiet=True).close()
+    build_index(bundle, f"mnist:{SHARED / 'mnist'}", work / "indexes" / "mnist", factory="HNSW32", quiet=True).close()
     port = free_port()
     child = Child([sys.executable, "-m", "zspace.cli", "serve", "--models", str(work / "models"), "--indexes",
                    str(work / "indexes"), "--metrics-port", "0", "--poll-s", "0", "--port", str(port)], port)
@@ -170,7 +170,7 @@ def main(mnist_runs, news_run, seconds, json_path, threads):
         "AE-10": (codes_of_run(Path(news_run), news.x_train), codes_of_run(Path(news_run), news.x_test))},
         "cosine", (1, 10, 100))
 
-    print("Search through the service: 60k Flat index, 8 clients, 1 query each", flush=True)
+    print("Search through the service: 60k HNSW32 index, 8 clients, 1 query each", flush=True)
     record["service"] = service_search(runs / "ae", work, ae_te, seconds * 2)
     print(f"  {record['service']}", flush=True)
     shutil.rmtree(work, ignore_errors=True)

@@ -303,6 +303,12 @@ class IndexServicerMixin:
         rt = self.repo.get(model["name"], int(model["version"]))
         return (await rt.encode(await self._features(rt, inputs, field)))[0]
 
+    async def _query_codes(self, index, request, which: str) -> np.ndarray:
+        """The `inputs` (encoded by the index's model) or `vectors` field of a request, as codes."""
+        if which == "inputs":
+            return await self._codes(index, request.inputs, "inputs")
+        return tensor_to_array(request.vectors, "vectors", cols=index.dim, max_rows=self.limits.max_rows)
+
     async def ListIndexes(self, request, context):
         async def body():
             infos = [self._index_info(n, ix) for n, ix in sorted(self.indexes.indexes.items())]
@@ -323,10 +329,8 @@ class IndexServicerMixin:
             if not 1 <= request.k <= self.limits.max_k:
                 raise InvalidArgument(f"k: expected 1 to {self.limits.max_k}, got {request.k}")
             which = request.WhichOneof("query")
-            if which == "inputs":
-                q = await self._codes(index, request.inputs, "inputs")
-            elif which == "vectors":
-                q = tensor_to_array(request.vectors, "vectors", cols=index.dim, max_rows=self.limits.max_rows)
+            if which in ("inputs", "vectors"):
+                q = await self._query_codes(index, request, which)
             elif which == "key":
                 if not request.key:
                     raise InvalidArgument("key: must be a non-empty string")
@@ -353,12 +357,9 @@ class IndexServicerMixin:
             index = self._index(request.index)
             keys = list(request.keys)
             which = request.WhichOneof("items")
-            if which == "inputs":
-                codes = await self._codes(index, request.inputs, "inputs")
-            elif which == "vectors":
-                codes = tensor_to_array(request.vectors, "vectors", cols=index.dim, max_rows=self.limits.max_rows)
-            else:
+            if which is None:
                 raise InvalidArgument("items: set inputs or vectors")
+            codes = await self._query_codes(index, request, which)
             if len(keys) != len(codes):
                 raise InvalidArgument(f"keys: {len(keys)} keys for {len(codes)} items; give one key per item")
             payloads = parse_payloads(list(request.payloads_json), len(keys))
