@@ -178,11 +178,10 @@ class ModelServicer(pb_grpc.ZSpaceServicer):
         return await self._call("ListModels", request, context, body)
 
     async def GetModel(self, request, context):
-        return await self._call("GetModel", request, context, lambda: self._async(self._info(self._model(request.model))))
+        async def body():
+            return self._info(self._model(request.model))
 
-    @staticmethod
-    async def _async(value):
-        return value
+        return await self._call("GetModel", request, context, body)
 
     async def Encode(self, request, context):
         async def body():
