@@ -106,3 +106,12 @@ def vae_bundle(vae_run, tmp_path_factory) -> Path:
     from training.export import export_run
 
     return export_run(vae_run, tmp_path_factory.mktemp("repo"), "digits")
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    """A client of the module's own `server` fixture (a real server on a loopback port)."""
+    from service.client import ZSpaceClient
+
+    with ZSpaceClient(server.target, timeout=20) as c:
+        yield c

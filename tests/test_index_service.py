@@ -39,15 +39,8 @@ def layout(vae_run, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(layout):
-    s = start_thread(layout / "models", indexes=layout / "indexes")
-    yield s
-    s.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with ZSpaceClient(server.target, timeout=20) as c:
-        yield c
+    with start_thread(layout / "models", indexes=layout / "indexes") as s:
+        yield s
 
 
 def test_build_and_local_queries(layout):

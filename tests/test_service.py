@@ -55,15 +55,8 @@ def jsonl_corpus(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(repo):
-    s = start_thread(repo, max_delay_ms=5.0, max_batch=64)
-    yield s
-    s.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with ZSpaceClient(server.target, timeout=20) as c:
-        yield c
+    with start_thread(repo, max_delay_ms=5.0, max_batch=64) as s:
+        yield s
 
 
 @pytest.fixture(scope="module")
