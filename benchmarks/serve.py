@@ -43,9 +43,12 @@ def free_port() -> int:
 def run_echo(port: int) -> None:
     import grpc
 
+    from zspace.memory import keep_freed_memory
+
     from zspace.v1 import zspace_pb2 as pb
     from zspace.v1 import zspace_pb2_grpc as pb_grpc
 
+    keep_freed_memory()  # the same process tuning as `zspace serve`: the ceiling is the ceiling
     reply = pb.EncodeResponse(mean=pb.Tensor(shape=[1, 30], data=bytes(120)), version=1)
 
     class Echo(pb_grpc.ZSpaceServicer):

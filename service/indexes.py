@@ -47,7 +47,8 @@ class IndexRegistry:
                 return [out]
 
             batcher = self.batchers[(name, k)] = DynamicBatcher(run, self.executor, max_batch=self.max_batch,
-                                                                max_queue_rows=64 * self.max_batch, inline_rows=0)
+                                                                max_queue_rows=64 * self.max_batch, max_delay_s=0.0,
+                                                                inline_rows=0)
         return list((await batcher.submit(queries))[0])
 
     def open_all(self) -> None:

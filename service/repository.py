@@ -29,9 +29,10 @@ log = logging.getLogger("zspace.serve")
 @dataclass
 class BatchConfig:
     max_batch: int = 64
-    max_delay_s: float = 0.0
+    max_delay_s: float = 0.001
     max_queue_rows: int = 4096
     inline_rows: int = 64  # batches up to this many rows run on the event loop's thread (see batcher)
+    instances: int = 1     # runs in flight per graph
 
 
 class ModelRuntime:
@@ -54,7 +55,7 @@ class ModelRuntime:
         hook = on_batch or (lambda *a: None)
         self.encode_batcher, self.decode_batcher = (
             DynamicBatcher(run, executor, batching.max_batch, batching.max_delay_s, batching.max_queue_rows,
-                           lambda r, q, g=graph: hook(self.name, g, r, q), batching.inline_rows)
+                           lambda r, q, g=graph: hook(self.name, g, r, q), batching.inline_rows, batching.instances)
             for run, graph in ((self._run_encoder, "encoder"), (self._run_decoder, "decoder")))
 
     @property

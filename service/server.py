@@ -26,6 +26,7 @@ from service.metrics import Metrics
 from service.repository import BatchConfig, ModelRepository
 from service.servicer import Limits, ZSpaceServicer
 from zspace.errors import UserError
+from zspace.memory import keep_freed_memory
 from zspace.v1 import zspace_pb2 as pb
 from zspace.v1 import zspace_pb2_grpc as pb_grpc
 
@@ -42,9 +43,10 @@ class ServeConfig:
     port: int = 50051
     metrics_port: int = 9100  # 0: no metrics endpoint
     device: str = "auto"
-    threads: int = 0  # ONNX Runtime intra-op threads per session; 0: all cores
+    threads: int = 0  # ONNX Runtime intra-op threads per run; 0: the cores shared out among the instances
+    instances: int = 1  # ONNX Runtime runs in flight per model graph
     max_batch: int = 64
-    max_delay_ms: float = 0.0
+    max_delay_ms: float = 1.0  # an upper bound: the batcher waits only while waiting merges requests
     max_queue_rows: int = 4096
     max_rows: int = 4096
     max_generate: int = 4096
@@ -101,9 +103,10 @@ class Server:
         if bool(cfg.tls_cert) != bool(cfg.tls_key):
             raise UserError("--tls-cert and --tls-key go together")
         self.metrics = Metrics()
-        threads = cfg.threads or (os.cpu_count() or 1)
+        threads = cfg.threads or max(1, (os.cpu_count() or 1) // cfg.instances)
         self.executor = ThreadPoolExecutor(max_workers=max(4, 2 * (os.cpu_count() or 1)), thread_name_prefix="ort")
-        batching = BatchConfig(max_batch=cfg.max_batch, max_delay_s=cfg.max_delay_ms / 1000, max_queue_rows=cfg.max_queue_rows)
+        batching = BatchConfig(max_batch=cfg.max_batch, max_delay_s=cfg.max_delay_ms / 1000, max_queue_rows=cfg.max_queue_rows,
+                               instances=cfg.instances)
         self.repo = ModelRepository(cfg.models, cfg.device, threads, self.executor, batching, self.metrics.on_batch)
         self.indexes = IndexRegistry(cfg.indexes, self.repo, threads, self.executor)
         self.health = health.aio.HealthServicer()
@@ -200,6 +203,7 @@ class Server:
 def serve(cfg: ServeConfig) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # it narrates which CPU build it tried
+    keep_freed_memory()
     return asyncio.run(Server(cfg).run())
 
 

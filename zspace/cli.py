@@ -135,10 +135,12 @@ def quickstart(workdir, epochs) -> None:
 @click.option("--port", type=click.IntRange(0, 65535), default=50051, help="gRPC port (0: any free port).")
 @click.option("--metrics-port", type=click.IntRange(0, 65535), default=9100, help="Prometheus /metrics port (0: off).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", help="auto: CUDA only when onnxruntime-gpu can use a GPU here.")
-@click.option("--threads", type=click.IntRange(min=0), default=0, help="ONNX Runtime intra-op threads per session (0: all cores).")
+@click.option("--threads", type=click.IntRange(min=0), default=0, help="ONNX Runtime threads per run (0: the cores shared out among --instances).")
+@click.option("--instances", type=click.IntRange(min=1), default=1,
+              help="ONNX Runtime runs in flight per model graph; for many concurrent big requests try the core count with --threads 1.")
 @click.option("--max-batch", type=click.IntRange(min=1), default=64, help="Rows merged into one ONNX Runtime call (1: batching off).")
-@click.option("--max-delay-ms", type=click.FloatRange(min=0), default=0.0,
-              help="Extra wait for a batch to fill; 0: merge what queued while the previous batch ran.")
+@click.option("--max-delay-ms", type=click.FloatRange(min=0), default=1.0,
+              help="Longest wait for a batch to fill, taken only while waiting merges requests; 0: never wait.")
 @click.option("--max-queue", type=click.IntRange(min=1), default=4096, help="Rows waiting per graph before RESOURCE_EXHAUSTED.")
 @click.option("--max-rows", type=click.IntRange(min=1), default=4096, help="Largest batch one request may send.")
 @click.option("--max-message-mb", type=click.IntRange(min=1), default=64, help="gRPC message size limit (both ways).")

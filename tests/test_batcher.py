@@ -1,0 +1,182 @@
+"""The dynamic batcher on its own: merging, the adaptive wait, instances, failures, the bounded queue.
+
+The graph is a plain numpy function (what the batcher runs is any callable);
+the rest is the real batcher on a real event loop and thread pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from service.batcher import PROBE_EVERY, DynamicBatcher, QueueFull
+
+
+class Graph:
+    """Doubles its input; records batch sizes and how many runs overlapped."""
+
+    def __init__(self, seconds: float = 0.0, fail: bool = False):
+        self.seconds, self.fail = seconds, fail
+        self.batches: list[int] = []
+        self.active = self.most_active = 0
+        self.lock = threading.Lock()
+
+    def __call__(self, x: np.ndarray) -> list[np.ndarray]:
+        with self.lock:
+            self.active += 1
+            self.most_active = max(self.most_active, self.active)
+            self.batches.append(len(x))
+        try:
+            if self.seconds:
+                time.sleep(self.seconds)
+            if self.fail:
+                raise RuntimeError("graph failed")
+            return [x * 2, x.sum(1, keepdims=True)]
+        finally:
+            with self.lock:
+                self.active -= 1
+
+
+@pytest.fixture(scope="module")
+def pool():
+    with ThreadPoolExecutor(8) as p:
+        yield p
+
+
+def rows(n: int, start: int = 0) -> np.ndarray:
+    return np.arange(start, start + n * 3, dtype=np.float32).reshape(n, 3)
+
+
+def test_concurrent_requests_merge_and_split_back(pool):
+    graph = Graph()
+
+    async def main():
+        b = DynamicBatcher(graph, pool, max_batch=64, max_delay_s=0.05)
+        xs = [rows(i % 3 + 1, 100 * i) for i in range(10)]
+        outs = await asyncio.gather(*(b.submit(x) for x in xs))
+        for x, (doubled, sums) in zip(xs, outs):
+            np.testing.assert_array_equal(doubled, x * 2)
+            np.testing.assert_array_equal(sums, x.sum(1, keepdims=True))
+        b.close()
+
+    asyncio.run(main())
+    assert graph.batches == [sum(i % 3 + 1 for i in range(10))]  # one run for all ten
+
+
+def test_max_batch_bounds_a_run_but_never_splits_a_request(pool):
+    graph = Graph()
+
+    async def main():
+        b = DynamicBatcher(graph, pool, max_batch=4, max_delay_s=0.05, inline_rows=0)
+        outs = await asyncio.gather(b.submit(rows(3)), b.submit(rows(3, 9)), b.submit(rows(10, 99)))
+        np.testing.assert_array_equal(outs[2][0], rows(10, 99) * 2)
+        b.close()
+
+    asyncio.run(main())
+    assert graph.batches == [3, 3, 10]
+
+
+def test_the_wait_stops_when_it_merges_nothing_and_probes_again(pool):
+    """One client at a time: after a few waits that merged nothing, requests run at once."""
+    graph = Graph()
+
+    async def main():
+        b = DynamicBatcher(graph, pool, max_batch=64, max_delay_s=0.02)
+        times = []
+        for i in range(PROBE_EVERY + 12):
+            t = time.perf_counter()
+            await b.submit(rows(1, i))
+            times.append(time.perf_counter() - t)
+        b.close()
+        return b, times
+
+    b, times = asyncio.run(main())
+    waited = [t >= 0.015 for t in times]
+    assert all(waited[:3])  # it starts out waiting
+    first_fast = waited.index(False)
+    assert first_fast <= 10
+    # After that, only the periodic probe waits.
+    assert sum(waited[first_fast:]) == 1
+    assert waited[first_fast + PROBE_EVERY]
+    assert b.merge_share < 0.25
+
+
+def test_the_wait_resumes_when_clients_send_concurrently(pool):
+    graph = Graph(seconds=0.01)
+
+    async def main():
+        b = DynamicBatcher(graph, pool, max_batch=64, max_delay_s=0.005, inline_rows=0)
+        for i in range(15):  # a lone client teaches it not to wait
+            await b.submit(rows(1, i))
+        assert b.merge_share < 0.25
+        graph.batches.clear()
+        for _ in range(5):  # then bursts of 16 concurrent clients
+            await asyncio.gather(*(b.submit(rows(1, i)) for i in range(16)))
+        b.close()
+        return b
+
+    b = asyncio.run(main())
+    assert b.merge_share >= 0.25
+    assert max(graph.batches) == 16
+    assert len(graph.batches) <= 10
+
+
+def test_instances_bound_parallel_runs(pool):
+    for instances in (1, 3):
+        graph = Graph(seconds=0.03)
+
+        async def main():
+            b = DynamicBatcher(graph, pool, max_batch=1, max_delay_s=0.0, inline_rows=0, instances=instances)
+            outs = await asyncio.gather(*(b.submit(rows(1, i)) for i in range(9)))
+            for i, (doubled, _) in enumerate(outs):
+                np.testing.assert_array_equal(doubled, rows(1, i) * 2)
+            b.close()
+
+        asyncio.run(main())
+        assert graph.most_active == instances
+        assert len(graph.batches) == 9
+
+
+def test_a_failing_graph_fails_every_request_of_its_batch_and_the_next_batch_still_runs(pool):
+    for inline in (0, 64):
+        graph = Graph(fail=True)
+
+        async def main():
+            b = DynamicBatcher(graph, pool, max_batch=64, max_delay_s=0.02, inline_rows=inline)
+            results = await asyncio.gather(*(b.submit(rows(1, i)) for i in range(4)), return_exceptions=True)
+            assert all(isinstance(r, RuntimeError) for r in results)
+            graph.fail = False
+            (doubled, _), = [await b.submit(rows(2))]
+            np.testing.assert_array_equal(doubled, rows(2) * 2)
+            b.close()
+
+        asyncio.run(main())
+
+
+def test_a_full_queue_refuses_at_once_and_cancelled_requests_are_skipped(pool):
+    graph = Graph()
+
+    async def main():
+        b = DynamicBatcher(graph, pool, max_batch=64, max_delay_s=0.2, max_queue_rows=4)
+        first = asyncio.ensure_future(b.submit(rows(3)))
+        gone = asyncio.ensure_future(b.submit(rows(1, 50)))
+        await asyncio.sleep(0.01)
+        with pytest.raises(QueueFull, match="4"):
+            await b.submit(rows(2))
+        gone.cancel()
+        doubled, _ = await first
+        np.testing.assert_array_equal(doubled, rows(3) * 2)
+        b.close()
+
+    asyncio.run(main())
+    assert graph.batches == [3]
+
+
+def test_instances_must_be_positive(pool):
+    with pytest.raises(ValueError, match="instances"):
+        DynamicBatcher(Graph(), pool, instances=0)
