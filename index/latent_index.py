@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from index.store import ItemStore
+from index.store import ItemStore, payload_json
 from zspace.errors import UserError
 
 log = logging.getLogger("zspace.index")
@@ -65,44 +65,62 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 
 class RWLock:
-    """Many readers or one writer: searches run together, writes alone."""
+    """Many readers or one writer: searches run together, writes alone.
+
+    Readers wake a waiting writer only when one waits: a search pays two
+    uncontended lock round trips, nothing more.
+    """
 
     def __init__(self):
         self._cond = threading.Condition()
         self._readers = 0
         self._writer = False
+        self._writers_waiting = 0
 
-    def read(self):
-        return _Held(self, False)
+    def read(self, blocking: bool = True):
+        """A read hold; with blocking=False, IndexBusy at once instead of waiting for a writer."""
+        return _Held(self, False, blocking)
 
     def write(self):
         return _Held(self, True)
 
 
+class IndexBusy(Exception):
+    """A non-blocking search met a write in progress (or waiting)."""
+
+
 class _Held:
-    def __init__(self, lock: RWLock, write: bool):
-        self.lock, self.write = lock, write
+    __slots__ = ("lock", "write", "blocking")
+
+    def __init__(self, lock: RWLock, write: bool, blocking: bool = True):
+        self.lock, self.write, self.blocking = lock, write, blocking
 
     def __enter__(self):
-        c = self.lock._cond
-        with c:
+        lock = self.lock
+        with lock._cond:
             if self.write:
-                while self.lock._writer or self.lock._readers:
-                    c.wait()
-                self.lock._writer = True
+                lock._writers_waiting += 1
+                while lock._writer or lock._readers:
+                    lock._cond.wait()
+                lock._writers_waiting -= 1
+                lock._writer = True
             else:
-                while self.lock._writer:
-                    c.wait()
-                self.lock._readers += 1
+                if not self.blocking and (lock._writer or lock._writers_waiting):
+                    raise IndexBusy("a write to this index is in progress")
+                while lock._writer:
+                    lock._cond.wait()
+                lock._readers += 1
 
     def __exit__(self, *exc):
-        c = self.lock._cond
-        with c:
+        lock = self.lock
+        with lock._cond:
             if self.write:
-                self.lock._writer = False
+                lock._writer = False
+                lock._cond.notify_all()
             else:
-                self.lock._readers -= 1
-            c.notify_all()
+                lock._readers -= 1
+                if lock._writers_waiting and not lock._readers:
+                    lock._cond.notify_all()
 
 
 class LatentIndex:
@@ -276,7 +294,7 @@ class LatentIndex:
             pairs = self.store.upsert(keys, vectors, payloads)
             for (old, new), key, payload in zip(pairs, keys, payloads):
                 self.entries.pop(old, None)
-                self.entries[new] = (key, payload)
+                self.entries[new] = (key, payload, payload_json(payload))
             self._remove([old for old, _ in pairs if old is not None])
             self._add(np.array([new for _, new in pairs], dtype=np.int64), vectors)
             self.seq = self.store.last_seq()
@@ -299,45 +317,78 @@ class LatentIndex:
         return item
 
     def search(self, queries: np.ndarray, k: int, where: tuple[str, object] | None = None, nprobe: int = 16,
-               ef_search: int = 16):
-        """-> per query a list of (key, distance, payload), nearest first. Cosine distance = 1 − cos."""
-        faiss = self.faiss
+               ef_search: int = 16, blocking: bool = True, one_thread: bool | None = None, as_json: bool = False):
+        """-> per query a list of (key, distance, payload), nearest first. Cosine distance = 1 − cos.
+
+        as_json gives each payload as its stored JSON text (what a server sends on).
+        blocking=False raises IndexBusy instead of waiting for a write: for callers
+        (an event loop) that must never block. one_thread runs FAISS on the calling
+        thread alone; by default a single HNSW query does, since one graph walk
+        gains nothing from OpenMP but its fork and join (≈15% here)."""
         queries = np.asarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise IndexError_(f"queries: expected shape [n, {self.dim}], got {list(queries.shape)}")
         if k < 1:
             raise IndexError_(f"k: must be at least 1, got {k}")
-        with self.lock.read():
-            if self.index.ntotal == 0:
+        with self.lock.read(blocking):
+            ntotal = self.index.ntotal
+            if ntotal == 0:
                 return [[] for _ in queries]
-            selectors = []
-            if where is not None:
-                selectors.append(faiss.IDSelectorBatch(self.store.ids_where(*where)))
-            if self.tombstones and self.trained_kind:
-                selectors.append(faiss.IDSelectorNot(faiss.IDSelectorBatch(np.fromiter(self.tombstones, np.int64))))
-            sel = selectors[0] if len(selectors) == 1 else (faiss.IDSelectorAnd(*selectors) if selectors else None)
-            params = None
-            kind = "" if not self.trained_kind else ("IVF" if "IVF" in self.factory else ("HNSW" if "HNSW" in self.factory else ""))
-            if sel is not None or kind:
-                key = (kind, nprobe, max(ef_search, k))
-                params = self._plain_params.get(key) if sel is None else None
-                if params is None:
-                    params = getattr(faiss, f"SearchParameters{kind}")()
-                    if kind == "IVF":
-                        params.nprobe = nprobe
-                    if kind == "HNSW":
-                        # FAISS's default; on MNIST AE codes: recall@10 0.989 at 13.5x Flat (64: 0.999 at 5.9x)
-                        params.efSearch = max(ef_search, k)
-                    if sel is None:
-                        self._plain_params[key] = params
-                    else:
-                        params.sel = sel
-            dist, ids = self.index.search(self._prep(queries), min(k, self.index.ntotal), params=params)
-            entries = self.entries
-            cosine = self.metric == "cosine"
-            return [[(*entries[i][:1], 1.0 - d if cosine else d, entries[i][1])
-                     for d, i in zip(drow.tolist(), irow.tolist()) if i >= 0 and i in entries]
+            params = self._search_params(where, nprobe, max(ef_search, k))
+            if one_thread is None:
+                one_thread = len(queries) == 1 and bool(self.trained_kind) and "HNSW" in self.factory
+            if one_thread:
+                dist, ids = self._search_one_thread(queries, min(k, ntotal), params)
+            else:
+                dist, ids = self.index.search(self._prep(queries), min(k, ntotal), params=params)
+            entries, cosine, p = self.entries, self.metric == "cosine", 2 if as_json else 1
+            return [[(e[0], 1.0 - d if cosine else d, e[p])
+                     for d, i in zip(drow.tolist(), irow.tolist()) if (e := entries.get(i)) is not None]
                     for drow, irow in zip(dist, ids)]
+
+    def _search_one_thread(self, queries: np.ndarray, k: int, params):
+        faiss = self.faiss
+        threads = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(1)
+        try:
+            return self.index.search(self._prep(queries), k, params=params)
+        finally:
+            faiss.omp_set_num_threads(threads)
+
+    def _search_params(self, where: tuple[str, object] | None, nprobe: int, ef_search: int):
+        """FAISS search parameters: nprobe/efSearch for trained IVF/HNSW, a selector for filters and tombstones."""
+        faiss = self.faiss
+        selectors, keep = [], []  # FAISS holds selectors by raw pointer: `keep` keeps every Python object alive
+        if where is not None:
+            selectors.append(faiss.IDSelectorBatch(self.store.ids_where(*where)))
+        if self.tombstones and self.trained_kind:
+            keep.append(faiss.IDSelectorBatch(np.fromiter(self.tombstones, np.int64)))
+            selectors.append(faiss.IDSelectorNot(keep[-1]))
+        sel = selectors[0] if len(selectors) == 1 else (faiss.IDSelectorAnd(*selectors) if selectors else None)
+        keep += [*selectors, sel]
+        kind = "" if not self.trained_kind else ("IVF" if "IVF" in self.factory else ("HNSW" if "HNSW" in self.factory else ""))
+        if sel is None and not kind:
+            return None
+        key = (kind, nprobe, ef_search)
+        params = self._plain_params.get(key) if sel is None else None
+        if params is None:
+            params = getattr(faiss, f"SearchParameters{kind}")()
+            if kind == "IVF":
+                params.nprobe = nprobe
+            if kind == "HNSW":
+                # FAISS's default; on MNIST AE codes: recall@10 0.989 at 13.5x Flat (64: 0.999 at 5.9x)
+                params.efSearch = ef_search
+            if sel is None:
+                self._plain_params[key] = params
+            else:
+                params.sel = sel
+                params.referenced_objects = keep  # alive as long as params is
+        return params
+
+    @property
+    def cheap_queries(self) -> bool:
+        """A few queries take tens of microseconds (trained HNSW/IVF): worth answering on the caller's thread."""
+        return bool(self.trained_kind) and ("HNSW" in self.factory or "IVF" in self.factory)
 
     def stats(self) -> dict:
         need = min_train_points(self.factory)

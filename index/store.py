@@ -16,6 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
+
+def payload_json(payload: dict) -> str:
+    """The one JSON form of a payload, stored and served as is."""
+    return json.dumps(payload, sort_keys=True)
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
   id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -65,7 +70,7 @@ class ItemStore:
                 if old is not None:
                     self.db.execute("DELETE FROM items WHERE id = ?", (old,))
                 cur = self.db.execute("INSERT INTO items (key, vector, payload) VALUES (?, ?, ?)",
-                                      (key, vec.tobytes(), json.dumps(payload, sort_keys=True)))
+                                      (key, vec.tobytes(), payload_json(payload)))
                 self.db.execute("INSERT INTO changes (old_id, new_id) VALUES (?, ?)", (old, cur.lastrowid))
                 out.append((old, cur.lastrowid))
         return out
@@ -100,9 +105,9 @@ class ItemStore:
         row = self.db.execute("SELECT id, key, vector, payload FROM items WHERE key = ?", (key,)).fetchone()
         return None if row is None else Item(row[0], row[1], self._vector(row[2]), json.loads(row[3]))
 
-    def all_entries(self) -> dict[int, tuple[str, dict]]:
-        """id -> (key, payload) for every item: the index keeps this in memory for searches."""
-        return {i: (k, json.loads(p)) for i, k, p in self.db.execute("SELECT id, key, payload FROM items")}
+    def all_entries(self) -> dict[int, tuple[str, dict, str]]:
+        """id -> (key, payload, payload as JSON) for every item: the index keeps this in memory for searches."""
+        return {i: (k, json.loads(p), p) for i, k, p in self.db.execute("SELECT id, key, payload FROM items")}
 
     def vectors_of(self, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """(ids that still exist, their vectors)."""

@@ -17,7 +17,9 @@ At most `instances` runs are in flight per graph (Triton's instance count):
 the cores are shared out by ONNX Runtime threads within a run and by
 parallel runs, never oversubscribed. Small batches (up to `inline_rows`)
 run on the event loop's own thread: handing a sub-millisecond call to a
-thread costs more than it saves. The queue is bounded in rows: beyond it a
+thread costs more than it saves (a run function that may have to wait, like
+a search during an index write, declines with WouldBlock and goes to a
+thread after all). The queue is bounded in rows: beyond it a
 request is refused at once (QueueFull, RESOURCE_EXHAUSTED to the client).
 A request cancelled while queued (deadline, client gone) is skipped.
 """
@@ -43,6 +45,10 @@ class QueueFull(Exception):
     """The batcher's queue holds its maximum number of rows."""
 
 
+class WouldBlock(Exception):
+    """Raised by a run function called inline that would have to wait (e.g. for a lock): run it in a thread instead."""
+
+
 @dataclass
 class _Item:
     x: np.ndarray
@@ -53,10 +59,11 @@ class _Item:
 class DynamicBatcher:
     def __init__(self, run: RunFn, executor: Executor, max_batch: int = 64, max_delay_s: float = 0.001,
                  max_queue_rows: int = 4096, on_batch: Callable[[int, float], None] | None = None,
-                 inline_rows: int = 64, instances: int = 1):
+                 inline_rows: int = 64, instances: int = 1, run_declines: bool = False):
         if instances < 1:
             raise ValueError(f"instances: expected at least 1, got {instances}")
         self.run, self.executor, self.inline_rows, self.instances = run, executor, inline_rows, instances
+        self.run_declines = run_declines  # run(x, inline=True) may raise WouldBlock
         self.max_batch, self.max_delay_s, self.max_queue_rows = max_batch, max_delay_s, max_queue_rows
         self.on_batch = on_batch or (lambda rows, queued_s: None)
         self.queue: deque[_Item] = deque()
@@ -98,12 +105,15 @@ class DynamicBatcher:
             xs = np.concatenate([i.x for i in batch]) if len(batch) > 1 else batch[0].x
             if len(xs) <= self.inline_rows:
                 try:
-                    outs = self.run(xs)
+                    outs = self.run(xs, inline=True) if self.run_declines else self.run(xs)
+                except WouldBlock:
+                    pass  # to the executor, below
                 except Exception as exc:  # the graph failed: every waiting request learns why
                     self._fail(batch, exc)
+                    continue
                 else:
                     self._answer(batch, outs)
-                continue
+                    continue
             self.running += 1
             done = asyncio.get_running_loop().run_in_executor(self.executor, self.run, xs)
             done.add_done_callback(lambda f, b=batch: self._finished(b, f))

@@ -14,11 +14,12 @@ from concurrent.futures import Executor
 
 import numpy as np
 
-from index.latent_index import LatentIndex
-from service.batcher import DynamicBatcher
+from index.latent_index import IndexBusy, LatentIndex
+from service.batcher import DynamicBatcher, WouldBlock
 from service.repository import ModelRepository
 
 log = logging.getLogger("zspace.serve")
+INLINE_QUERIES = 8  # batches of cheap (HNSW/IVF) queries up to this size run on the event loop
 
 
 class IndexRegistry:
@@ -31,24 +32,35 @@ class IndexRegistry:
         self.batchers: dict[tuple[str, int], DynamicBatcher] = {}
 
     async def search(self, name: str, queries: np.ndarray, k: int) -> list:
-        """Concurrent unfiltered searches of one index and k become one FAISS call.
+        """Concurrent unfiltered searches of one index and k become one FAISS call; payloads come as JSON text.
 
-        One call at a time per (index, k), in a worker thread: FAISS's OpenMP pool is
-        per calling thread, so many small concurrent calls would oversubscribe the cores.
+        One call at a time per (index, k): a few queries to HNSW/IVF right on the event
+        loop with one thread, anything else in a worker thread (FAISS's OpenMP pool is per
+        calling thread, so many small concurrent calls would oversubscribe the cores).
         """
         index = self.get(name)
         batcher = self.batchers.get((name, k))
         if batcher is None:
-            def run(q: np.ndarray, index=index, k=k) -> list[np.ndarray]:
-                hits = index.search(q, k)
+            def run(q: np.ndarray, inline: bool = False, index=index, k=k) -> list[np.ndarray]:
+                if not inline:
+                    hits = index.search(q, k, as_json=True)
+                elif not index.cheap_queries:
+                    raise WouldBlock  # a flat scan: milliseconds, not for the event loop
+                else:
+                    try:
+                        hits = index.search(q, k, blocking=False, one_thread=True, as_json=True)
+                    except IndexBusy:
+                        raise WouldBlock from None
                 out = np.empty(len(hits), dtype=object)
                 for i, row in enumerate(hits):
                     out[i] = row
                 return [out]
 
-            batcher = self.batchers[(name, k)] = DynamicBatcher(run, self.executor, max_batch=self.max_batch,
-                                                                max_queue_rows=64 * self.max_batch, max_delay_s=0.0,
-                                                                inline_rows=0)
+            # HNSW/IVF answer a few queries in tens of microseconds: cheaper on the loop than a thread
+            # hand-off, unless a write holds the index (then the run declines and goes to a thread).
+            batcher = self.batchers[(name, k)] = DynamicBatcher(
+                run, self.executor, max_batch=self.max_batch, max_queue_rows=64 * self.max_batch, max_delay_s=0.0,
+                inline_rows=INLINE_QUERIES, run_declines=True)
         return list((await batcher.submit(queries))[0])
 
     def open_all(self) -> None:

@@ -345,9 +345,9 @@ class IndexServicerMixin:
             if where is None:
                 results = await self.indexes.search(request.index, q, int(request.k))
             else:
-                results = await asyncio.to_thread(index.search, q, int(request.k), where)
+                results = await asyncio.to_thread(index.search, q, int(request.k), where, as_json=True)
             return pb.SearchResponse(results=[pb.HitList(hits=[
-                pb.Hit(key=k, distance=d, payload_json=json.dumps(p)) for k, d, p in hits]) for hits in results])
+                pb.Hit(key=k, distance=d, payload_json=p) for k, d, p in hits]) for hits in results])
 
         return await self._call("Search", request, context, body)
 

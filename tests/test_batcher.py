@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from service.batcher import PROBE_EVERY, DynamicBatcher, QueueFull
+from service.batcher import PROBE_EVERY, DynamicBatcher, QueueFull, WouldBlock
 
 
 class Graph:
@@ -175,6 +175,25 @@ def test_a_full_queue_refuses_at_once_and_cancelled_requests_are_skipped(pool):
 
     asyncio.run(main())
     assert graph.batches == [3]
+
+
+def test_an_inline_run_that_would_block_goes_to_a_thread(pool):
+    calls = []
+
+    def run(x, inline=False):
+        calls.append((inline, threading.current_thread() is threading.main_thread()))
+        if inline:
+            raise WouldBlock
+        return [x * 2]
+
+    async def main():
+        b = DynamicBatcher(run, pool, max_batch=8, max_delay_s=0.0, inline_rows=8, run_declines=True)
+        (doubled,) = await b.submit(rows(2))
+        np.testing.assert_array_equal(doubled, rows(2) * 2)
+        b.close()
+
+    asyncio.run(main())
+    assert calls == [(True, True), (False, False)]
 
 
 def test_instances_must_be_positive(pool):

@@ -8,13 +8,14 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from index.latent_index import IndexError_, LatentIndex
+from index.latent_index import IndexBusy, IndexError_, LatentIndex
 
 ROOT = Path(__file__).resolve().parents[1]
 FACTORIES = ["Flat", "HNSW32", "IVF4,Flat", "IVF4,PQ4x4"]
@@ -53,6 +54,39 @@ def test_upsert_replace_delete_search(tmp_path, factory):
     with pytest.raises(KeyError):
         idx.delete(["nope"])
     assert idx.stats()["count"] == 298 and idx.index.ntotal - idx.stats()["tombstones"] == 298
+    idx.close()
+
+
+def test_single_query_paths_agree_and_a_write_makes_a_non_blocking_search_decline(tmp_path):
+    idx = LatentIndex.create(tmp_path / "ix", "m", 1, 8, factory="HNSW32")
+    x = vectors(500)
+    idx.upsert([f"k{i}" for i in range(500)], x, [{"i": i} for i in range(500)])
+    batched = idx.search(x[:20], 5)
+    single = [idx.search(x[i : i + 1], 5)[0] for i in range(20)]  # one query: FAISS on this thread alone
+    assert batched == single == idx.search(x[:20], 5, one_thread=True)
+    assert [hits[0][0] for hits in single] == [f"k{i}" for i in range(20)]
+
+    entered, release, result = threading.Event(), threading.Event(), []
+
+    def writer():
+        with idx.lock.write():
+            entered.set()
+            release.wait(10)
+
+    w = threading.Thread(target=writer)
+    w.start()
+    assert entered.wait(10)
+    with pytest.raises(IndexBusy):
+        idx.search(x[:1], 5, blocking=False)
+    reader = threading.Thread(target=lambda: result.append(idx.search(x[:1], 5)))
+    reader.start()
+    time.sleep(0.2)
+    assert not result, "a blocking search waits for the write"
+    release.set()
+    w.join(10)
+    reader.join(10)
+    assert result == [single[:1]]
+    assert idx.search(x[:1], 5, blocking=False) == single[:1]
     idx.close()
 
 
