@@ -10,8 +10,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from concurrent.futures import Executor
-
 import numpy as np
 
 from index.latent_index import IndexBusy, LatentIndex
@@ -23,10 +21,9 @@ INLINE_QUERIES = 8  # batches of cheap (HNSW/IVF) queries up to this size run on
 
 
 class IndexRegistry:
-    def __init__(self, root: Path | None, repo: ModelRepository, threads: int = 0, executor: Executor | None = None,
-                 max_batch: int = 256):
+    def __init__(self, root: Path | None, repo: ModelRepository, threads: int = 0, max_batch: int = 256):
         self.root, self.repo, self.threads = (Path(root) if root else None), repo, threads
-        self.executor, self.max_batch = executor, max_batch
+        self.max_batch = max_batch
         self.indexes: dict[str, LatentIndex] = {}
         self.broken: dict[str, str] = {}
         self.batchers: dict[tuple[str, int], DynamicBatcher] = {}
@@ -59,8 +56,8 @@ class IndexRegistry:
             # HNSW/IVF answer a few queries in tens of microseconds: cheaper on the loop than a thread
             # hand-off, unless a write holds the index (then the run declines and goes to a thread).
             batcher = self.batchers[(name, k)] = DynamicBatcher(
-                run, self.executor, max_batch=self.max_batch, max_queue_rows=64 * self.max_batch, max_delay_s=0.0,
-                inline_rows=INLINE_QUERIES, run_declines=True)
+                run, max_batch=self.max_batch, max_queue_rows=64 * self.max_batch, max_delay_s=0.0,
+                inline_rows=INLINE_QUERIES, run_declines=True, name=f"search-{name}")
         return list((await batcher.submit(queries))[0])
 
     def open_all(self) -> None:

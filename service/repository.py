@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +37,7 @@ class BatchConfig:
 class ModelRuntime:
     """One loaded bundle version: two ONNX Runtime sessions, their batchers, the transform."""
 
-    def __init__(self, bundle: Bundle, device: str, threads: int, executor: Executor, batching: BatchConfig,
+    def __init__(self, bundle: Bundle, device: str, threads: int, batching: BatchConfig,
                  on_batch=None):
         self.bundle, self.manifest = bundle, bundle.manifest
         self.name, self.version = bundle.name, bundle.version
@@ -54,8 +53,9 @@ class ModelRuntime:
         self._warm_up()
         hook = on_batch or (lambda *a: None)
         self.encode_batcher, self.decode_batcher = (
-            DynamicBatcher(run, executor, batching.max_batch, batching.max_delay_s, batching.max_queue_rows,
-                           lambda r, q, g=graph: hook(self.name, g, r, q), batching.inline_rows, batching.instances)
+            DynamicBatcher(run, batching.max_batch, batching.max_delay_s, batching.max_queue_rows,
+                           lambda r, q, g=graph: hook(self.name, g, r, q), batching.inline_rows, batching.instances,
+                           name=f"ort-{self.name}-{graph}")
             for run, graph in ((self._run_encoder, "encoder"), (self._run_decoder, "decoder")))
 
     @property
@@ -102,10 +102,10 @@ def fingerprint(version_dir: Path) -> str:
 
 
 class ModelRepository:
-    def __init__(self, root: Path, device: str, threads: int, executor: Executor, batching: BatchConfig,
+    def __init__(self, root: Path, device: str, threads: int, batching: BatchConfig,
                  on_batch=None):
         self.root, self.device, self.threads = Path(root), device, threads
-        self.executor, self.batching, self.on_batch = executor, batching, on_batch
+        self.batching, self.on_batch = batching, on_batch
         self.models: dict[str, dict[int, ModelRuntime]] = {}
         self.broken: dict[str, str] = {}  # path -> error
         self._prints: dict[str, str] = {}
@@ -138,7 +138,7 @@ class ModelRepository:
                 bundle = load_bundle(vdir)
                 if bundle.name != name or bundle.version != version:
                     raise UserError(f"{vdir}: manifest says {bundle.name}/{bundle.version}, folder says {name}/{version}")
-                runtime = ModelRuntime(bundle, self.device, self.threads, self.executor, self.batching, self.on_batch)
+                runtime = ModelRuntime(bundle, self.device, self.threads, self.batching, self.on_batch)
             except Exception as exc:  # any failure marks this bundle broken; the rest serve
                 self.broken[key] = str(exc)
                 old = models.get(name, {}).pop(version, None)

@@ -13,7 +13,6 @@ import hmac
 import logging
 import os
 import signal
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,11 +103,10 @@ class Server:
             raise UserError("--tls-cert and --tls-key go together")
         self.metrics = Metrics()
         threads = cfg.threads or max(1, (os.cpu_count() or 1) // cfg.instances)
-        self.executor = ThreadPoolExecutor(max_workers=max(4, 2 * (os.cpu_count() or 1)), thread_name_prefix="ort")
         batching = BatchConfig(max_batch=cfg.max_batch, max_delay_s=cfg.max_delay_ms / 1000, max_queue_rows=cfg.max_queue_rows,
                                instances=cfg.instances)
-        self.repo = ModelRepository(cfg.models, cfg.device, threads, self.executor, batching, self.metrics.on_batch)
-        self.indexes = IndexRegistry(cfg.indexes, self.repo, threads, self.executor)
+        self.repo = ModelRepository(cfg.models, cfg.device, threads, batching, self.metrics.on_batch)
+        self.indexes = IndexRegistry(cfg.indexes, self.repo, threads)
         self.health = health.aio.HealthServicer()
         self.stopping = asyncio.Event()
         self.server: grpc.aio.Server | None = None
@@ -185,7 +183,6 @@ class Server:
             rt.close()
         await asyncio.to_thread(self.indexes.close)
         self.metrics.close()
-        self.executor.shutdown(wait=False, cancel_futures=True)
         log.info("stopped")
 
     async def run(self) -> int:

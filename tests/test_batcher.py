@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -42,21 +41,15 @@ class Graph:
                 self.active -= 1
 
 
-@pytest.fixture(scope="module")
-def pool():
-    with ThreadPoolExecutor(8) as p:
-        yield p
-
-
 def rows(n: int, start: int = 0) -> np.ndarray:
     return np.arange(start, start + n * 3, dtype=np.float32).reshape(n, 3)
 
 
-def test_concurrent_requests_merge_and_split_back(pool):
+def test_concurrent_requests_merge_and_split_back():
     graph = Graph()
 
     async def main():
-        b = DynamicBatcher(graph, pool, max_batch=64, max_delay_s=0.05)
+        b = DynamicBatcher(graph, max_batch=64, max_delay_s=0.05)
         xs = [rows(i % 3 + 1, 100 * i) for i in range(10)]
         outs = await asyncio.gather(*(b.submit(x) for x in xs))
         for x, (doubled, sums) in zip(xs, outs):
@@ -68,11 +61,11 @@ def test_concurrent_requests_merge_and_split_back(pool):
     assert graph.batches == [sum(i % 3 + 1 for i in range(10))]  # one run for all ten
 
 
-def test_max_batch_bounds_a_run_but_never_splits_a_request(pool):
+def test_max_batch_bounds_a_run_but_never_splits_a_request():
     graph = Graph()
 
     async def main():
-        b = DynamicBatcher(graph, pool, max_batch=4, max_delay_s=0.05, inline_rows=0)
+        b = DynamicBatcher(graph, max_batch=4, max_delay_s=0.05, inline_rows=0)
         outs = await asyncio.gather(b.submit(rows(3)), b.submit(rows(3, 9)), b.submit(rows(10, 99)))
         np.testing.assert_array_equal(outs[2][0], rows(10, 99) * 2)
         b.close()
@@ -81,12 +74,12 @@ def test_max_batch_bounds_a_run_but_never_splits_a_request(pool):
     assert graph.batches == [3, 3, 10]
 
 
-def test_the_wait_stops_when_it_merges_nothing_and_probes_again(pool):
+def test_the_wait_stops_when_it_merges_nothing_and_probes_again():
     """One client at a time: after a few waits that merged nothing, requests run at once."""
     graph = Graph()
 
     async def main():
-        b = DynamicBatcher(graph, pool, max_batch=64, max_delay_s=0.02)
+        b = DynamicBatcher(graph, max_batch=64, max_delay_s=0.02)
         times = []
         for i in range(PROBE_EVERY + 12):
             t = time.perf_counter()
@@ -106,11 +99,11 @@ def test_the_wait_stops_when_it_merges_nothing_and_probes_again(pool):
     assert b.merge_share < 0.25
 
 
-def test_the_wait_resumes_when_clients_send_concurrently(pool):
+def test_the_wait_resumes_when_clients_send_concurrently():
     graph = Graph(seconds=0.01)
 
     async def main():
-        b = DynamicBatcher(graph, pool, max_batch=64, max_delay_s=0.005, inline_rows=0)
+        b = DynamicBatcher(graph, max_batch=64, max_delay_s=0.005, inline_rows=0)
         for i in range(15):  # a lone client teaches it not to wait
             await b.submit(rows(1, i))
         assert b.merge_share < 0.25
@@ -126,12 +119,12 @@ def test_the_wait_resumes_when_clients_send_concurrently(pool):
     assert len(graph.batches) <= 10
 
 
-def test_instances_bound_parallel_runs(pool):
+def test_instances_bound_parallel_runs():
     for instances in (1, 3):
         graph = Graph(seconds=0.03)
 
         async def main():
-            b = DynamicBatcher(graph, pool, max_batch=1, max_delay_s=0.0, inline_rows=0, instances=instances)
+            b = DynamicBatcher(graph, max_batch=1, max_delay_s=0.0, inline_rows=0, instances=instances)
             outs = await asyncio.gather(*(b.submit(rows(1, i)) for i in range(9)))
             for i, (doubled, _) in enumerate(outs):
                 np.testing.assert_array_equal(doubled, rows(1, i) * 2)
@@ -142,12 +135,12 @@ def test_instances_bound_parallel_runs(pool):
         assert len(graph.batches) == 9
 
 
-def test_a_failing_graph_fails_every_request_of_its_batch_and_the_next_batch_still_runs(pool):
+def test_a_failing_graph_fails_every_request_of_its_batch_and_the_next_batch_still_runs():
     for inline in (0, 64):
         graph = Graph(fail=True)
 
         async def main():
-            b = DynamicBatcher(graph, pool, max_batch=64, max_delay_s=0.02, inline_rows=inline)
+            b = DynamicBatcher(graph, max_batch=64, max_delay_s=0.02, inline_rows=inline)
             results = await asyncio.gather(*(b.submit(rows(1, i)) for i in range(4)), return_exceptions=True)
             assert all(isinstance(r, RuntimeError) for r in results)
             graph.fail = False
@@ -158,11 +151,11 @@ def test_a_failing_graph_fails_every_request_of_its_batch_and_the_next_batch_sti
         asyncio.run(main())
 
 
-def test_a_full_queue_refuses_at_once_and_cancelled_requests_are_skipped(pool):
+def test_a_full_queue_refuses_at_once_and_cancelled_requests_are_skipped():
     graph = Graph()
 
     async def main():
-        b = DynamicBatcher(graph, pool, max_batch=64, max_delay_s=0.2, max_queue_rows=4)
+        b = DynamicBatcher(graph, max_batch=64, max_delay_s=0.2, max_queue_rows=4)
         first = asyncio.ensure_future(b.submit(rows(3)))
         gone = asyncio.ensure_future(b.submit(rows(1, 50)))
         await asyncio.sleep(0.01)
@@ -177,7 +170,7 @@ def test_a_full_queue_refuses_at_once_and_cancelled_requests_are_skipped(pool):
     assert graph.batches == [3]
 
 
-def test_an_inline_run_that_would_block_goes_to_a_thread(pool):
+def test_an_inline_run_that_would_block_goes_to_a_thread():
     calls = []
 
     def run(x, inline=False):
@@ -187,7 +180,7 @@ def test_an_inline_run_that_would_block_goes_to_a_thread(pool):
         return [x * 2]
 
     async def main():
-        b = DynamicBatcher(run, pool, max_batch=8, max_delay_s=0.0, inline_rows=8, run_declines=True)
+        b = DynamicBatcher(run, max_batch=8, max_delay_s=0.0, inline_rows=8, run_declines=True)
         (doubled,) = await b.submit(rows(2))
         np.testing.assert_array_equal(doubled, rows(2) * 2)
         b.close()
@@ -196,6 +189,6 @@ def test_an_inline_run_that_would_block_goes_to_a_thread(pool):
     assert calls == [(True, True), (False, False)]
 
 
-def test_instances_must_be_positive(pool):
+def test_instances_must_be_positive():
     with pytest.raises(ValueError, match="instances"):
-        DynamicBatcher(Graph(), pool, instances=0)
+        DynamicBatcher(Graph(), instances=0)
