@@ -58,6 +58,7 @@ class _Item:
     x: np.ndarray
     future: asyncio.Future
     enqueued: float = field(default_factory=time.monotonic)
+    inline_ok: bool = True  # False once a run on the loop declined it
 
 
 class DynamicBatcher:
@@ -86,9 +87,20 @@ class DynamicBatcher:
         n = len(x)
         if self.queued_rows and self.queued_rows + n > self.max_queue_rows:
             raise QueueFull(f"{self.queued_rows} rows are waiting for this model (limit {self.max_queue_rows})")
+        inline_ok = True
+        if not self.queue and not self.running and n <= self.inline_rows and not self._should_wait():
+            # Idle, and no reason to wait for company: run right here, without the hop through the worker.
+            self._learn(False, 1)
+            try:
+                out = self.run(x, inline=True) if self.run_declines else self.run(x)
+            except WouldBlock:
+                inline_ok = False  # queue it: the worker hands it to a thread
+            else:
+                self.on_batch(n, 0.0)
+                return out
         if self.worker is None or self.worker.done():
             self.worker = loop.create_task(self._work())
-        item = _Item(x, loop.create_future())
+        item = _Item(x, loop.create_future(), inline_ok=inline_ok)
         self.queue.append(item)
         self.queued_rows += n
         # The worker needs waking only for a first request or a full batch; the delay has its own timer.
@@ -108,7 +120,7 @@ class DynamicBatcher:
             now = time.monotonic()
             self.on_batch(sum(len(i.x) for i in batch), max(now - i.enqueued for i in batch))
             xs = np.concatenate([i.x for i in batch]) if len(batch) > 1 else batch[0].x
-            if len(xs) <= self.inline_rows and not self.running:
+            if len(xs) <= self.inline_rows and not self.running and all(i.inline_ok for i in batch):
                 try:
                     outs = self.run(xs, inline=True) if self.run_declines else self.run(xs)
                 except WouldBlock:
