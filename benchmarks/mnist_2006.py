@@ -7,10 +7,13 @@ test images of the squared error summed over the 784 pixels (the paper's 3.00
 for the deep AE, 13.87 for PCA).
 
     python benchmarks/mnist_2006.py --data ../shared/datasets/mnist
+    python benchmarks/mnist_2006.py --ae-epochs 200 --skip-vae   # a fixed schedule instead of a budget
+    python benchmarks/mnist_2006.py --reuse-runs                # evaluate the run folders already there
 """
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import time
@@ -46,13 +49,28 @@ def epochs_for_budget(cfg: TrainConfig, n_fit: int, input_dim: int, budget_s: fl
     return max(1, int(budget_s / epoch_s))
 
 
-def run_model(cfg: TrainConfig, out: Path, budget_s: float, n_fit: int, dim: int) -> tuple[Path, float]:
+def run_model(cfg: TrainConfig, out: Path, budget_s: float, n_fit: int, dim: int, epochs: int | None = None,
+              reuse: bool = False) -> tuple[Path, float]:
+    """Train (a fixed number of epochs, or as many as fit the budget), or reuse the run already in `out`."""
+    if reuse and (out / "best.pt").is_file():
+        seconds = sum(row.get("seconds", 0.0) for row in read_metrics(out))
+        print(f"{cfg.model}: reusing {out} ({len(read_metrics(out))} epochs, {seconds / 60:.1f} min of training)", flush=True)
+        return out, seconds
     shutil.rmtree(out, ignore_errors=True)
-    cfg.epochs = epochs_for_budget(cfg, n_fit, dim, budget_s)
-    print(f"{cfg.model}: planned {cfg.epochs} epochs for a {budget_s / 60:.1f}-minute budget", flush=True)
+    if epochs:
+        cfg.epochs = epochs
+        print(f"{cfg.model}: {cfg.epochs} epochs", flush=True)
+    else:
+        cfg.epochs = epochs_for_budget(cfg, n_fit, dim, budget_s)
+        print(f"{cfg.model}: planned {cfg.epochs} epochs for a {budget_s / 60:.1f}-minute budget", flush=True)
     t0 = time.monotonic()
-    train(cfg, out, time_limit_s=budget_s)
+    train(cfg, out, time_limit_s=None if epochs else budget_s)
     return out, time.monotonic() - t0
+
+
+def run_config(run: Path) -> dict:
+    """The configuration a run was trained with (its own record, also when reused)."""
+    return json.loads((run / "run.json").read_text())["config"]
 
 
 @click.command()
@@ -66,11 +84,13 @@ def run_model(cfg: TrainConfig, out: Path, budget_s: float, n_fit: int, dim: int
 @click.option("--k", default=1000, help="Importance samples per test image for the VAE NLL.")
 @click.option("--nll-examples", default=2000, help="Test images for the IS-NLL (the first N).")
 @click.option("--skip-vae", is_flag=True, help="Only PCA and the deep AE.")
+@click.option("--ae-epochs", type=int, default=None, help="Train the AE for exactly this many epochs (no budget).")
+@click.option("--reuse-runs", is_flag=True, help="Evaluate the AE/VAE runs already in --workdir instead of training.")
 @click.option("--workdir", default="benchmarks/results/mnist_runs", help="Run folders (replaced).")
 @click.option("--json", "json_path", default="benchmarks/results/mnist_2006.json", help="Where the figures go.")
 @click.option("--threads", default=2, help="torch CPU threads.")
 def main(data, minutes, vae_minutes, augment_shift, activation, lr, batch_size, k, nll_examples, skip_vae,
-         workdir, json_path, threads):
+         ae_epochs, reuse_runs, workdir, json_path, threads):
     torch.set_num_threads(threads)
     spec, work = f"mnist:{data}", Path(workdir)
     ds = load_dataset(spec)
@@ -89,22 +109,22 @@ def main(data, minutes, vae_minutes, augment_shift, activation, lr, batch_size, 
     rows.append({"model": "raw pixels", **{m: pca["raw"][m] for m in ("precision@10", "mAP", "5nn_accuracy")}})
 
     ae_cfg = TrainConfig(model="ae", augment_shift=augment_shift, **common)
-    ae_run, ae_s = run_model(ae_cfg, work / "ae", minutes * 60, n_fit, ds.dim)
+    ae_run, ae_s = run_model(ae_cfg, work / "ae", minutes * 60, n_fit, ds.dim, ae_epochs, reuse_runs)
     ae = evaluate_coder(coder_from_run(ae_run), ds, k=0, at=(10,), raw_baseline=False, progress=False)
     rows.insert(1, {"model": "deep AE 784-1000-500-250-30", "test_sq_error": ae["model"]["sq_error"],
                     "paper": PAPER["deep_ae_30"], "train_minutes": ae_s / 60,
                     **{m: ae["model"][m] for m in ("precision@10", "mAP", "5nn_accuracy")}})
-    record["ae"] = {"config": vars(ae_cfg), "epochs_run": len(read_metrics(ae_run)), "train_s": ae_s, "report": ae}
+    record["ae"] = {"config": run_config(ae_run), "epochs_run": len(read_metrics(ae_run)), "train_s": ae_s, "report": ae}
 
     if not skip_vae:
         vae_cfg = TrainConfig(model="vae", binarize=True, **common)
-        vae_run, vae_s = run_model(vae_cfg, work / "vae", vae_minutes * 60, n_fit, ds.dim)
+        vae_run, vae_s = run_model(vae_cfg, work / "vae", vae_minutes * 60, n_fit, ds.dim, reuse=reuse_runs)
         vae = evaluate_coder(coder_from_run(vae_run), ds, k=k, nll_examples=nll_examples, at=(10,), raw_baseline=False)
         rows.append({"model": "VAE 784-1000-500-250-30 (binarised)", "nll_is": vae["model"]["nll_is"],
                      "neg_elbo": vae["model"]["neg_elbo"], "train_minutes": vae_s / 60,
                      "test_sq_error": vae["model"]["sq_error"],
                      **{m: vae["model"][m] for m in ("precision@10", "mAP", "5nn_accuracy")}})
-        record["vae"] = {"config": vars(vae_cfg), "epochs_run": len(read_metrics(vae_run)), "train_s": vae_s,
+        record["vae"] = {"config": run_config(vae_run), "epochs_run": len(read_metrics(vae_run)), "train_s": vae_s,
                          "report": vae, "nll_reference_nats": [86.8, 89.9]}
 
     record["rows"] = rows
