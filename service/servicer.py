@@ -56,10 +56,11 @@ def tensor_to_array(t: pb.Tensor, field: str, ndim: int = 2, cols: int | None = 
     want = 4
     for d in shape:
         want *= d
-    if len(t.data) != want:
-        raise InvalidArgument(f"{field}.data: {len(t.data)} bytes do not match shape {shape} "
+    data = t.data  # each access copies the bytes out of the message: once is enough
+    if len(data) != want:
+        raise InvalidArgument(f"{field}.data: {len(data)} bytes do not match shape {shape} "
                               f"(expected {want} bytes of little-endian float32)")
-    arr = np.frombuffer(t.data, dtype="<f4").reshape(shape).astype(np.float32, copy=False)
+    arr = np.frombuffer(data, dtype="<f4").reshape(shape).astype(np.float32, copy=False)
     if not np.isfinite(arr).all():
         raise InvalidArgument(f"{field}.data: contains NaN or infinity")
     return arr
