@@ -60,10 +60,24 @@ class IndexRegistry:
                 inline_rows=INLINE_QUERIES, run_declines=True, name=f"search-{name}")
         return list((await batcher.submit(queries))[0])
 
-    def open_all(self) -> None:
+    def open_all(self, retry_broken: bool = True) -> None:
+        """Open every index folder not served yet; the ones that cannot be served are reported.
+
+        Called at start and on every repository rescan, so a new index folder is picked
+        up without a restart, and one that could not be served is tried again when the
+        models changed (retry_broken). The maps are replaced, never changed in place:
+        the event loop reads them meanwhile.
+        """
         if self.root is None or not self.root.is_dir():
             return
+        broken: dict[str, str] = {}
         for folder in sorted(p for p in self.root.iterdir() if (p / "index.json").is_file()):
+            if folder.name in self.indexes:
+                continue
+            if not retry_broken and str(folder) in self.broken:
+                broken[str(folder)] = self.broken[str(folder)]
+                continue
+            index = None
             try:
                 index = LatentIndex.open(folder, threads=self.threads)
                 model = index.manifest["model"]
@@ -71,13 +85,17 @@ class IndexRegistry:
                 if rt.latent_dim != index.dim:
                     raise ValueError(f"model {rt.name}/{rt.version} has {rt.latent_dim}-d codes, the index {index.dim}")
             except Exception as exc:
+                if index is not None:
+                    index.store.close()  # not served: let go of its SQLite file
                 reason = exc.args[0] if isinstance(exc, KeyError) else str(exc)
-                self.broken[str(folder)] = f"not served: {reason}"
-                log.error("index %s skipped: %s", folder.name, reason)
+                broken[str(folder)] = f"not served: {reason}"
+                if self.broken.get(str(folder)) != broken[str(folder)]:  # say it once, not at every rescan
+                    log.error("index %s skipped: %s", folder.name, reason)
                 continue
-            self.indexes[folder.name] = index
+            self.indexes = {**self.indexes, folder.name: index}
             log.info("index %s opened (%s/%s, %s, %s, %d items)", folder.name, model["name"], model["version"],
                      index.factory, index.metric, index.stats()["count"])
+        self.broken = broken
 
     def get(self, name: str) -> LatentIndex:
         if name not in self.indexes:

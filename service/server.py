@@ -113,11 +113,13 @@ class Server:
         self.port = cfg.port
         self.metrics_port = 0
         self._poller: asyncio.Task | None = None
+        self.started = False
 
     async def start(self) -> None:
         cfg = self.cfg
         await self.rescan()
         await asyncio.to_thread(self.indexes.open_all)
+        self.started = True
         limit = cfg.max_message_mb * 1024 * 1024
         options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
                    ("grpc.so_reuseport", 0)]
@@ -152,6 +154,8 @@ class Server:
             runtime.close()  # finishes its queued requests, then its workers end
         for change in changes:
             log.info("repository: %s", change)
+        if self.started:  # at start the indexes open after the models (see start)
+            await asyncio.to_thread(self.indexes.open_all, bool(changes))
         self.metrics.set_models(len(self.repo.loaded()), len(self.repo.broken))
         if not self.stopping.is_set():
             status = health_pb2.HealthCheckResponse.SERVING if self.repo.loaded() else health_pb2.HealthCheckResponse.NOT_SERVING

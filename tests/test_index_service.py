@@ -151,3 +151,23 @@ def test_client_cli_search_upsert_delete(server, tmp_path):
     assert code == 0 and json.loads(out)["count"] == 1438
     code, out = cli("client", "--target", server.target, "delete", "--index", "digits", "--key", "cli/q")
     assert code == 1 and out.startswith("NOT_FOUND")
+
+
+def test_indexes_are_picked_up_by_a_rescan_once_their_model_is_there(layout, tmp_path):
+    models, indexes = tmp_path / "models", tmp_path / "indexes"
+    models.mkdir()
+    indexes.mkdir()
+    with start_thread(models, indexes=indexes) as s, ZSpaceClient(s.target) as c:
+        assert not c.list_indexes().indexes
+        shutil.copytree(layout / "indexes" / "digits-hnsw", indexes / "late")
+        s.rescan()
+        listing = c.list_indexes()
+        assert not listing.indexes
+        assert [b.path for b in listing.broken] == [str(indexes / "late")]
+        assert "digits" in listing.broken[0].error and "not served" in listing.broken[0].error
+        shutil.copytree(layout / "models" / "digits", models / "digits")
+        s.rescan()  # the model arrives: the index is tried again and served
+        listing = c.list_indexes()
+        assert [i.name for i in listing.indexes] == ["late"] and not listing.broken
+        hits = c.search("late", key="digits/test/3", k=3)
+        assert hits[0][0][0] == "digits/test/3"
