@@ -336,7 +336,7 @@ class LatentIndex:
                 return [[] for _ in queries]
             params = self._search_params(where, nprobe, max(ef_search, k))
             if one_thread is None:
-                one_thread = len(queries) == 1 and bool(self.trained_kind) and "HNSW" in self.factory
+                one_thread = len(queries) == 1 and self.trained_family == "HNSW"
             if one_thread:
                 dist, ids = self._search_one_thread(queries, min(k, ntotal), params)
             else:
@@ -366,7 +366,7 @@ class LatentIndex:
             selectors.append(faiss.IDSelectorNot(keep[-1]))
         sel = selectors[0] if len(selectors) == 1 else (faiss.IDSelectorAnd(*selectors) if selectors else None)
         keep += [*selectors, sel]
-        kind = "" if not self.trained_kind else ("IVF" if "IVF" in self.factory else ("HNSW" if "HNSW" in self.factory else ""))
+        kind = self.trained_family
         if sel is None and not kind:
             return None
         key = (kind, nprobe, ef_search)
@@ -386,9 +386,16 @@ class LatentIndex:
         return params
 
     @property
+    def trained_family(self) -> str:
+        """"IVF" or "HNSW" once the real factory serves (not its flat stand-in), else ""."""
+        if not self.trained_kind:
+            return ""
+        return "IVF" if "IVF" in self.factory else ("HNSW" if "HNSW" in self.factory else "")
+
+    @property
     def cheap_queries(self) -> bool:
         """A few queries take tens of microseconds (trained HNSW/IVF): worth answering on the caller's thread."""
-        return bool(self.trained_kind) and ("HNSW" in self.factory or "IVF" in self.factory)
+        return bool(self.trained_family)
 
     def stats(self) -> dict:
         need = min_train_points(self.factory)
