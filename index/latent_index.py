@@ -22,10 +22,12 @@ import logging
 import os
 import re
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
+from index.hits import HitTable
 from index.store import ItemStore, payload_json
 from zspace.errors import UserError
 
@@ -67,60 +69,66 @@ def write_atomic(path: Path, data: bytes) -> None:
 class RWLock:
     """Many readers or one writer: searches run together, writes alone.
 
-    Readers wake a waiting writer only when one waits: a search pays two
-    uncontended lock round trips, nothing more.
+    Readers wake a waiting writer only when one waits, and take the plain
+    mutex, not the Condition's Python-level context manager: a search pays two
+    uncontended C-level lock round trips, nothing more.
     """
 
     def __init__(self):
-        self._cond = threading.Condition()
+        self._mutex = threading.Lock()
+        self._cond = threading.Condition(self._mutex)
         self._readers = 0
         self._writer = False
         self._writers_waiting = 0
 
-    def read(self, blocking: bool = True):
-        """A read hold; with blocking=False, IndexBusy at once instead of waiting for a writer."""
-        return _Held(self, False, blocking)
+    def acquire_read(self, blocking: bool = True) -> None:
+        """With blocking=False, IndexBusy at once instead of waiting for a writer."""
+        with self._mutex:
+            if self._writer or self._writers_waiting:
+                if not blocking:
+                    raise IndexBusy("a write to this index is in progress")
+                while self._writer:
+                    self._cond.wait()
+            self._readers += 1
 
+    def release_read(self) -> None:
+        with self._mutex:
+            self._readers -= 1
+            if self._writers_waiting and not self._readers:
+                self._cond.notify_all()
+
+    def acquire_write(self) -> None:
+        with self._mutex:
+            self._writers_waiting += 1
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._writers_waiting -= 1
+            self._writer = True
+
+    def release_write(self) -> None:
+        with self._mutex:
+            self._writer = False
+            self._cond.notify_all()
+
+    @contextmanager
+    def read(self, blocking: bool = True):
+        self.acquire_read(blocking)
+        try:
+            yield
+        finally:
+            self.release_read()
+
+    @contextmanager
     def write(self):
-        return _Held(self, True)
+        self.acquire_write()
+        try:
+            yield
+        finally:
+            self.release_write()
 
 
 class IndexBusy(Exception):
     """A non-blocking search met a write in progress (or waiting)."""
-
-
-class _Held:
-    __slots__ = ("lock", "write", "blocking")
-
-    def __init__(self, lock: RWLock, write: bool, blocking: bool = True):
-        self.lock, self.write, self.blocking = lock, write, blocking
-
-    def __enter__(self):
-        lock = self.lock
-        with lock._cond:
-            if self.write:
-                lock._writers_waiting += 1
-                while lock._writer or lock._readers:
-                    lock._cond.wait()
-                lock._writers_waiting -= 1
-                lock._writer = True
-            else:
-                if not self.blocking and (lock._writer or lock._writers_waiting):
-                    raise IndexBusy("a write to this index is in progress")
-                while lock._writer:
-                    lock._cond.wait()
-                lock._readers += 1
-
-    def __exit__(self, *exc):
-        lock = self.lock
-        with lock._cond:
-            if self.write:
-                lock._writer = False
-                lock._cond.notify_all()
-            else:
-                lock._readers -= 1
-                if lock._writers_waiting and not lock._readers:
-                    lock._cond.notify_all()
 
 
 class LatentIndex:
@@ -138,13 +146,14 @@ class LatentIndex:
         self.store = ItemStore(self.path / "items.sqlite", self.dim)
         self.lock = RWLock()
         self.removable = "HNSW" not in self.factory
+        self._family = "IVF" if "IVF" in self.factory else ("HNSW" if "HNSW" in self.factory else "")
         self.tombstones: set[int] = set()
         self._plain_params: dict[tuple, object] = {}  # search parameters without a selector, made once
         self.index = None
         self.trained_kind = False  # False while an untrained factory is stood in for by a flat index
         self.seq = 0
-        # id -> (key, payload) of every item: a search answers from memory, not from SQLite.
-        self.entries = self.store.all_entries()
+        # id -> key and payload of every item: a search answers from memory, not from SQLite.
+        self.hits = HitTable(self.store.all_entries())
         self._load()
 
     # ------------------------------------------------------------ create / open
@@ -293,8 +302,9 @@ class LatentIndex:
         with self.lock.write():
             pairs = self.store.upsert(keys, vectors, payloads)
             for (old, new), key, payload in zip(pairs, keys, payloads):
-                self.entries.pop(old, None)
-                self.entries[new] = (key, payload, payload_json(payload))
+                if old is not None:
+                    self.hits.pop(old)
+                self.hits.put(new, key, payload, payload_json(payload))
             self._remove([old for old, _ in pairs if old is not None])
             self._add(np.array([new for _, new in pairs], dtype=np.int64), vectors)
             self.seq = self.store.last_seq()
@@ -305,7 +315,7 @@ class LatentIndex:
         with self.lock.write():
             ids = self.store.delete(keys)
             for i in ids:
-                self.entries.pop(i, None)
+                self.hits.pop(i)
             self._remove(ids)
             self.seq = self.store.last_seq()
             self._maybe_train()
@@ -330,7 +340,9 @@ class LatentIndex:
             raise IndexError_(f"queries: expected shape [n, {self.dim}], got {list(queries.shape)}")
         if k < 1:
             raise IndexError_(f"k: must be at least 1, got {k}")
-        with self.lock.read(blocking):
+        lock = self.lock
+        lock.acquire_read(blocking)  # not `with lock.read()`: the generator costs a microsecond here
+        try:
             ntotal = self.index.ntotal
             if ntotal == 0:
                 return [[] for _ in queries]
@@ -341,10 +353,9 @@ class LatentIndex:
                 dist, ids = self._search_one_thread(queries, min(k, ntotal), params)
             else:
                 dist, ids = self.index.search(self._prep(queries), min(k, ntotal), params=params)
-            entries, cosine, p = self.entries, self.metric == "cosine", 2 if as_json else 1
-            return [[(e[0], 1.0 - d if cosine else d, e[p])
-                     for d, i in zip(drow.tolist(), irow.tolist()) if (e := entries.get(i)) is not None]
-                    for drow, irow in zip(dist, ids)]
+            return self.hits.hits(dist, ids, self.metric == "cosine", as_json)
+        finally:
+            lock.release_read()
 
     def _search_one_thread(self, queries: np.ndarray, k: int, params):
         faiss = self.faiss
@@ -357,6 +368,11 @@ class LatentIndex:
 
     def _search_params(self, where: tuple[str, object] | None, nprobe: int, ef_search: int):
         """FAISS search parameters: nprobe/efSearch for trained IVF/HNSW, a selector for filters and tombstones."""
+        kind = self.trained_family
+        if where is None and not self.tombstones:  # the common case: no selector, parameters made once
+            key = (kind, nprobe, ef_search)
+            if (params := self._plain_params.get(key)) is not None or not kind:
+                return params
         faiss = self.faiss
         selectors, keep = [], []  # FAISS holds selectors by raw pointer: `keep` keeps every Python object alive
         if where is not None:
@@ -366,7 +382,6 @@ class LatentIndex:
             selectors.append(faiss.IDSelectorNot(keep[-1]))
         sel = selectors[0] if len(selectors) == 1 else (faiss.IDSelectorAnd(*selectors) if selectors else None)
         keep += [*selectors, sel]
-        kind = self.trained_family
         if sel is None and not kind:
             return None
         key = (kind, nprobe, ef_search)
@@ -388,9 +403,7 @@ class LatentIndex:
     @property
     def trained_family(self) -> str:
         """"IVF" or "HNSW" once the real factory serves (not its flat stand-in), else ""."""
-        if not self.trained_kind:
-            return ""
-        return "IVF" if "IVF" in self.factory else ("HNSW" if "HNSW" in self.factory else "")
+        return self._family if self.trained_kind else ""
 
     @property
     def cheap_queries(self) -> bool:
