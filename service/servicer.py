@@ -9,6 +9,7 @@ raise out of here: an unexpected error becomes INTERNAL and is logged.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
@@ -81,6 +82,22 @@ def slerp(a: np.ndarray, b: np.ndarray, t: np.ndarray) -> np.ndarray:
     return (np.sin((1 - t) * omega)[:, None] * a + np.sin(t * omega)[:, None] * b) / np.sin(omega)
 
 
+@functools.cache
+def _has_model(message_type) -> bool:
+    """Whether a request type has a `model` field (hasattr costs an exception on those without)."""
+    return "model" in message_type.DESCRIPTOR.fields_by_name
+
+
+def search_response(results: list[list[tuple[str, float, str]]]) -> pb.SearchResponse:
+    """Hits -> SearchResponse, filled in place: half the time of building each Hit and copying it in."""
+    response = pb.SearchResponse()
+    for hits in results:
+        add = response.results.add().hits.add
+        for key, distance, payload in hits:
+            add(key=key, distance=distance, payload_json=payload)
+    return response
+
+
 class ModelServicer(pb_grpc.ZSpaceServicer):
     def __init__(self, repo: ModelRepository, limits: Limits, metrics=None, indexes=None):
         self.repo, self.limits, self.metrics, self.indexes = repo, limits, metrics, indexes
@@ -88,7 +105,7 @@ class ModelServicer(pb_grpc.ZSpaceServicer):
     # ------------------------------------------------------------ plumbing
 
     async def _call(self, method: str, request, context, body):
-        model = request.model.name if hasattr(request, "model") else ""
+        model = request.model.name if _has_model(type(request)) else ""
         t0 = time.monotonic()
         code = grpc.StatusCode.OK
         try:
@@ -347,8 +364,7 @@ class IndexServicerMixin:
                 results = await self.indexes.search(request.index, q, int(request.k))
             else:
                 results = await asyncio.to_thread(index.search, q, int(request.k), where, as_json=True)
-            return pb.SearchResponse(results=[pb.HitList(hits=[
-                pb.Hit(key=k, distance=d, payload_json=p) for k, d, p in hits]) for hits in results])
+            return search_response(results)
 
         return await self._call("Search", request, context, body)
 
