@@ -12,7 +12,10 @@ The server is configured for throughput on this machine: `--instances` runs
 in flight per graph (default: one per core, one ONNX Runtime thread each);
 batching on is `--max-batch 64 --max-delay-ms 1`, off is `--max-batch 1`.
 The in-process reference is the fastest of one run on all cores (spinning
-or not) and the server's own layout of parallel runs.
+or not) and the server's own layout of parallel runs. The 256-row target is
+taken side by side: `--rounds` rounds of the server, then in-process ORT,
+seconds apart; the median round's ratio is the figure (this machine's speed
+drifts over a minute by more than the margins being measured).
 
 Targets (issue 3): 64 clients x 1 row, batching on >= 70% of echo's requests/s;
 256-row requests >= 70% of in-process ONNX Runtime rows/s; p99 at 8 clients <= 10 ms.
@@ -188,11 +191,12 @@ def bundle_for(run: Path | None, workdir: Path) -> Path:
 @click.option("--run", type=click.Path(exists=True, file_okay=False), default=None, help="MNIST AE run to export (default: train 1 epoch).")
 @click.option("--seconds", default=4.0, help="Load duration per configuration.")
 @click.option("--max-requests", default=200_000, help="Request cap per configuration.")
+@click.option("--rounds", default=3, help="Side-by-side rounds of 256-row requests: server, then in-process ORT.")
 @click.option("--instances", default=os.cpu_count() or 1, help="Server: ONNX Runtime runs in flight per graph.")
 @click.option("--threads", default=0, help="Server: ONNX Runtime threads per run (0: cores / instances).")
 @click.option("--json", "json_path", default="benchmarks/results/serve.json", help="Where the figures go.")
 @click.option("--echo-port", type=int, default=None, hidden=True)
-def main(run, seconds, max_requests, instances, threads, json_path, echo_port):
+def main(run, seconds, max_requests, rounds, instances, threads, json_path, echo_port):
     if echo_port:
         return run_echo(echo_port)
     from zspace.memory import keep_freed_memory
@@ -205,11 +209,31 @@ def main(run, seconds, max_requests, instances, threads, json_path, echo_port):
     one, big = rng.random((1, 784), dtype=np.float32), rng.random((256, 784), dtype=np.float32)
     rows = []
 
-    def measure(label: str, target: str, x: np.ndarray, clients: int) -> None:
+    def measure(label: str, target: str, x: np.ndarray, clients: int) -> dict:
         r = asyncio.run(load(target, x, clients, seconds, max_requests))
-        rows.append({"setup": label, "clients": clients, "rows_per_request": len(x), **r})
+        row = {"setup": label, "clients": clients, "rows_per_request": len(x), **r}
         print(f"{label:<22} clients={clients:<3} rows={len(x):<4} {r['req_s']:9.0f} req/s {r['rows_s']:10.0f} rows/s "
               f"p50 {r['p50_ms']:6.2f} p99 {r['p99_ms']:6.2f} ms errors {r['errors']}", flush=True)
+        return row
+
+    def side_by_side(target: str) -> dict:
+        """256-row requests through the server, then in-process ORT at its best, `rounds` times over.
+
+        The machine is shared and its speed drifts by tens of percent over a minute; a
+        ratio of two figures taken a minute apart measures the drift as much as the server.
+        Each round's ratio compares figures taken seconds apart; the median round is reported."""
+        done = []
+        for r in range(rounds):
+            server = measure("server, batching on", target, big, 8)
+            ort = in_process(bundle, len(big), seconds, instances, threads)
+            done.append({"round": r + 1, "server_rows_s": server["rows_s"], "in_process_rows_s": ort["rows_s"],
+                         "in_process_layout": ort["layout"], "ratio": server["rows_s"] / ort["rows_s"], "server": server})
+            print(f"  round {r + 1}: in-process ORT {ort['rows_s']:.0f} rows/s ({ort['layout']}), "
+                  f"ratio {done[-1]['ratio']:.3f}", flush=True)
+        median = sorted(done, key=lambda d: d["ratio"])[len(done) // 2]
+        rows.append(median["server"])
+        return {"rounds": [{k: v for k, v in d.items() if k != "server"} for d in done], "median_round": median["round"],
+                "ratio": median["ratio"]}
 
     threads = threads or max(1, (os.cpu_count() or 1) // instances)
     before = {batch: in_process(bundle, batch, seconds, instances, threads) for batch in (1, 8, 64, 256)}
@@ -221,9 +245,9 @@ def main(run, seconds, max_requests, instances, threads, json_path, echo_port):
         child = Child([*serve, "--port", str(port), *extra], port)
         try:
             for clients in (1, 8, 64):
-                measure(label, f"127.0.0.1:{port}", one, clients)
+                rows.append(measure(label, f"127.0.0.1:{port}", one, clients))
             if "on" in label:
-                measure(label, f"127.0.0.1:{port}", big, 8)
+                rows256 = side_by_side(f"127.0.0.1:{port}")
         finally:
             child.stop()
 
@@ -231,7 +255,7 @@ def main(run, seconds, max_requests, instances, threads, json_path, echo_port):
     echo = Child([sys.executable, str(Path(__file__).resolve()), "--echo-port", str(port)], port)
     try:
         for clients in (1, 8, 64):
-            measure("echo (gRPC ceiling)", f"127.0.0.1:{port}", one, clients)
+            rows.append(measure("echo (gRPC ceiling)", f"127.0.0.1:{port}", one, clients))
     finally:
         echo.stop()
 
@@ -248,24 +272,32 @@ def main(run, seconds, max_requests, instances, threads, json_path, echo_port):
         return next(r for r in rows if r["setup"] == setup and r["clients"] == clients and r["rows_per_request"] == n)
 
     ratio_echo = pick("server, batching on", 64, 1)["req_s"] / pick("echo (gRPC ceiling)", 64, 1)["req_s"]
-    ratio_ort = pick("server, batching on", 8, 256)["rows_s"] / pick("in-process ORT", 1, 256)["rows_s"]
+    ratio_ort = rows256["ratio"]
+    strict = pick("server, batching on", 8, 256)["rows_s"] / max(
+        [pick("in-process ORT", 1, 256)["rows_s"]] + [d["in_process_rows_s"] for d in rows256["rounds"]])
     p99_8 = pick("server, batching on", 8, 1)["p99_ms"]
     cores = os.cpu_count() or 1
     single = max(v for k, v in pick("in-process ORT", 1, 256)["layouts"].items() if k.startswith(f"1 run(s) x {cores} "))
     one_run_ratio = pick("server, batching on", 8, 256)["rows_s"] / single
     targets = {
         "batching_on_64x1_vs_echo": {"value": ratio_echo, "target": ">= 0.70", "met": ratio_echo >= 0.70},
-        "rows256_vs_in_process_ort": {"value": ratio_ort, "target": ">= 0.70", "met": ratio_ort >= 0.70},
+        "rows256_vs_in_process_ort": {"value": ratio_ort, "target": ">= 0.70", "met": ratio_ort >= 0.70,
+                                      "how": f"median of {rounds} side-by-side rounds"},
+        # For reading the figure: the median round against the fastest in-process figure taken at any time.
+        "rows256_vs_fastest_in_process_any_time": {"value": strict, "target": "(information)", "met": None},
         # For reading the figure: the same server against the plain in-process loop (one run on all cores).
         "rows256_vs_one_in_process_run": {"value": one_run_ratio, "target": "(information)", "met": None},
         "p99_ms_8_clients": {"value": p99_8, "target": "<= 10", "met": p99_8 <= 10},
     }
     cols = ["setup", "clients", "rows_per_request", "req_s", "rows_s", "p50_ms", "p90_ms", "p99_ms", "errors"]
     print(table(rows, cols, "Encode on the MNIST AE (784-1000-500-250-30), loopback"))
+    print(table(rows256["rounds"], ["round", "server_rows_s", "in_process_rows_s", "ratio", "in_process_layout"],
+                "256-row requests, server and in-process ORT side by side"))
     for name, t in targets.items():
         verdict = "" if t["met"] is None else (": met" if t["met"] else ": NOT met")
         print(f"{name}: {t['value']:.3f} (target {t['target']}){verdict}")
-    write_json(Path(json_path), {"benchmark": "serve", "rows": rows, "targets": targets, "machine": machine(),
+    write_json(Path(json_path), {"benchmark": "serve", "rows": rows, "rows256_rounds": rows256, "targets": targets,
+                                 "machine": machine(),
                                  "seconds_per_setup": seconds, "server": {"instances": instances, "threads": threads,
                                  "batching_on": "--max-batch 64 --max-delay-ms 1", "batching_off": "--max-batch 1"}})
 
