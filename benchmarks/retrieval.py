@@ -130,7 +130,11 @@ async def search_load(target: str, codes: np.ndarray, clients: int, seconds: flo
             "p99_ms": float(np.percentile(ms, 99))}
 
 
-def service_search(ae_run: Path, work: Path, test_codes: np.ndarray, seconds: float) -> dict:
+def service_search(ae_run: Path, work: Path, test_codes: np.ndarray, seconds: float, rounds: int = 3) -> dict:
+    """Search through `zspace serve` at 8 clients, in `rounds` rounds; the median round's p99 is the figure.
+
+    One round's p99 swings by ±20% with the shared machine's mood; the median of a
+    few rounds is steadier, and every round is reported beside it."""
     from index.build import build_index
     from training.export import export_run
 
@@ -140,9 +144,15 @@ def service_search(ae_run: Path, work: Path, test_codes: np.ndarray, seconds: fl
     child = Child([sys.executable, "-m", "zspace.cli", "serve", "--models", str(work / "models"), "--indexes",
                    str(work / "indexes"), "--metrics-port", "0", "--poll-s", "0", "--port", str(port)], port)
     try:
-        return asyncio.run(search_load(f"127.0.0.1:{port}", test_codes, 8, seconds))
+        done = []
+        for r in range(rounds):
+            done.append(asyncio.run(search_load(f"127.0.0.1:{port}", test_codes, 8, seconds / rounds)))
+            print(f"  round {r + 1}: {done[-1]['req_s']:.0f} req/s, p50 {done[-1]['p50_ms']:.2f} ms, "
+                  f"p99 {done[-1]['p99_ms']:.2f} ms", flush=True)
     finally:
         child.stop()
+    median = sorted(done, key=lambda d: d["p99_ms"])[len(done) // 2]
+    return {**median, "rounds": done}
 
 
 @click.command()
@@ -186,8 +196,8 @@ def main(mnist_runs, news_run, seconds, json_path, threads):
         "cosine", (1, 10, 100))
 
     print("Search through the service: 60k HNSW32 index, 8 clients, 1 query each", flush=True)
-    record["service"] = service_search(runs / "ae", work, ae_te, seconds * 2)
-    print(f"  {record['service']}", flush=True)
+    record["service"] = service_search(runs / "ae", work, ae_te, seconds * 3)
+    print(f"  median round: {record['service']['p99_ms']:.2f} ms p99", flush=True)
     shutil.rmtree(work, ignore_errors=True)
 
     print(table(record["mnist"], ["codes", "precision@10", "mAP", "5nn_accuracy"], "MNIST retrieval (exact L2)"))
@@ -207,7 +217,8 @@ def main(mnist_runs, news_run, seconds, json_path, threads):
         "hnsw_vs_flat_single_query": {"value": hnsw["qps_1"] / flat["qps_1"], "target": ">= 10",
                                       "met": hnsw["qps_1"] / flat["qps_1"] >= 10},
         "service_search_p99_ms_8_clients": {"value": record["service"]["p99_ms"], "target": "<= 5",
-                                            "met": record["service"]["p99_ms"] <= 5},
+                                            "met": record["service"]["p99_ms"] <= 5,
+                                            "how": f"median of {len(record['service']['rounds'])} rounds"},
     }
     for name, t in record["targets"].items():
         print(f"{name}: {t['value']} (target {t['target']}): {'met' if t['met'] else 'NOT met'}")
