@@ -97,6 +97,21 @@ class IndexRegistry:
                      index.factory, index.metric, index.stats()["count"])
         self.broken = broken
 
+    def retire_removed(self) -> None:
+        """Stop serving indexes whose folder (or its index.json) is gone; on the event loop (it closes batchers).
+
+        Called on every repository rescan. Searches already running hold the index object and finish; new ones get
+        NOT_FOUND. The SQLite file is let go when the last holder drops it, not
+        closed here, so a write in flight still completes (into the unlinked file)."""
+        gone = [name for name, index in self.indexes.items() if not (index.path / "index.json").is_file()]
+        if not gone:
+            return
+        self.indexes = {name: index for name, index in self.indexes.items() if name not in gone}
+        for key in [key for key in self.batchers if key[0] in gone]:
+            self.batchers.pop(key).close()
+        for name in gone:
+            log.warning("index %s: its folder is gone; no longer served", name)
+
     def get(self, name: str) -> LatentIndex:
         if name not in self.indexes:
             raise KeyError(f"index {name!r} is not served (served: {', '.join(sorted(self.indexes)) or 'none'})")

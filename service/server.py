@@ -155,6 +155,7 @@ class Server:
         for change in changes:
             log.info("repository: %s", change)
         if self.started:  # at start the indexes open after the models (see start)
+            self.indexes.retire_removed()
             await asyncio.to_thread(self.indexes.open_all, bool(changes))
         self.metrics.set_models(len(self.repo.loaded()), len(self.repo.broken))
         if not self.stopping.is_set():

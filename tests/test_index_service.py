@@ -171,3 +171,20 @@ def test_indexes_are_picked_up_by_a_rescan_once_their_model_is_there(layout, tmp
         assert [i.name for i in listing.indexes] == ["late"] and not listing.broken
         hits = c.search("late", key="digits/test/3", k=3)
         assert hits[0][0][0] == "digits/test/3"
+
+
+def test_an_index_whose_folder_is_deleted_stops_being_served(layout, tmp_path):
+    models, indexes = tmp_path / "models", tmp_path / "indexes"
+    shutil.copytree(layout / "models", models)
+    shutil.copytree(layout / "indexes" / "digits-hnsw", indexes / "gone")
+    with start_thread(models, indexes=indexes) as s, ZSpaceClient(s.target) as c:
+        assert c.search("gone", key="digits/test/3", k=1)[0][0][0] == "digits/test/3"
+        shutil.rmtree(indexes / "gone")
+        s.rescan()
+        assert not c.list_indexes().indexes
+        with pytest.raises(grpc.RpcError) as err:
+            c.search("gone", key="digits/test/3", k=1)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND and "gone" in err.value.details()
+        shutil.copytree(layout / "indexes" / "digits-hnsw", indexes / "gone")
+        s.rescan()  # and comes back when the folder does
+        assert [i.name for i in c.list_indexes().indexes] == ["gone"]
