@@ -39,12 +39,14 @@ class HitTable:
         if item_id + 1 >= len(self.slot_of):
             grown = np.full(max(2 * len(self.slot_of), item_id + 2), ABSENT, dtype=np.int32)
             grown[: len(self.slot_of)] = self.slot_of
-            self.slot_of = grown  # a search holding the old array still reads consistent slots
+            self.slot_of = grown
         slot = self.slot_of[item_id]
         if slot == ABSENT:
             slot = self._free.pop() if self._free else len(self.keys)
             if slot == len(self.keys):
-                self.keys.append(None), self.payloads.append(None), self.jsons.append(None)
+                self.keys.append(None)
+                self.payloads.append(None)
+                self.jsons.append(None)
             self.slot_of[item_id] = slot
         self.keys[slot], self.payloads[slot], self.jsons[slot] = key, payload, text
 

@@ -98,9 +98,10 @@ class IndexRegistry:
         self.broken = broken
 
     def retire_removed(self) -> None:
-        """Stop serving indexes whose folder (or its index.json) is gone; on the event loop (it closes batchers).
+        """Stop serving indexes whose folder (or its index.json) is gone.
 
-        Called on every repository rescan. Searches already running hold the index object and finish; new ones get
+        Called on every repository rescan, on the event loop (it closes batchers).
+        Searches already running hold the index object and finish; new ones get
         NOT_FOUND. The SQLite file is let go when the last holder drops it, not
         closed here, so a write in flight still completes (into the unlinked file)."""
         gone = [name for name, index in self.indexes.items() if not (index.path / "index.json").is_file()]
