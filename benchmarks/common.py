@@ -35,3 +35,8 @@ def write_json(path: Path, record: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=1) + "\n")
     print(f"wrote {path}", flush=True)
+
+
+def median_round(rounds: list[dict], key: str) -> dict:
+    """The round whose `key` is the median (the upper one of an even count): a real round, not a blend of two."""
+    return sorted(rounds, key=lambda r: r[key])[len(rounds) // 2]

@@ -24,7 +24,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from common import SHARED, machine, table, write_json
+from common import SHARED, machine, median_round, table, write_json
 from newsgroups_2006 import lsa_codes
 from serve import Child, free_port
 
@@ -151,7 +151,7 @@ def service_search(ae_run: Path, work: Path, test_codes: np.ndarray, seconds: fl
                   f"p99 {done[-1]['p99_ms']:.2f} ms", flush=True)
     finally:
         child.stop()
-    median = sorted(done, key=lambda d: d["p99_ms"])[len(done) // 2]
+    median = median_round(done, "p99_ms")
     return {**median, "rounds": done}
 
 

@@ -37,7 +37,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from common import ROOT, SHARED, machine, table, write_json
+from common import ROOT, SHARED, machine, median_round, table, write_json
 
 OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
 
@@ -230,7 +230,7 @@ def main(run, seconds, max_requests, rounds, instances, threads, json_path, echo
                          "in_process_layout": ort["layout"], "ratio": server["rows_s"] / ort["rows_s"], "server": server})
             print(f"  round {r + 1}: in-process ORT {ort['rows_s']:.0f} rows/s ({ort['layout']}), "
                   f"ratio {done[-1]['ratio']:.3f}", flush=True)
-        median = sorted(done, key=lambda d: d["ratio"])[len(done) // 2]
+        median = median_round(done, "ratio")
         rows.append(median["server"])
         return {"rounds": [{k: v for k, v in d.items() if k != "server"} for d in done], "median_round": median["round"],
                 "ratio": median["ratio"]}
