@@ -39,6 +39,7 @@ from typing import Callable
 
 import numpy as np
 
+# The rows in, a list of outputs out: each one row per input row (an array, or a list: both slice alike).
 RunFn = Callable[[np.ndarray], list[np.ndarray]]
 PROBE_EVERY = 64      # batches between tries at waiting while waiting does not merge
 MERGE_SHARE_MIN = 0.25  # keep waiting while at least this share of recent waits merged requests
@@ -80,6 +81,11 @@ class DynamicBatcher:
         self.wakeup = asyncio.Event()
         self.worker: asyncio.Task | None = None
         self.closed = False
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued and nothing running: a request now would run at once."""
+        return not self.queue and not self.running
 
     async def submit(self, x: np.ndarray) -> list[np.ndarray]:
         """Run the graph on x's rows, merged with whatever else is waiting."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import shutil
@@ -358,10 +359,11 @@ def test_tls_and_bearer_token(repo, digits_x, tmp_path):
         s.stop()
 
 
-def test_sigterm_drains_in_flight_requests(repo, digits_x):
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_sigterm_drains_in_flight_requests(repo, digits_x, loop):
     port = free_port()
     proc = ServerProcess(["--models", str(repo), "--metrics-port", "0", "--max-delay-ms", "1500", "--grace-s", "10",
-                          "--poll-s", "0"], port)
+                          "--poll-s", "0", "--loop", loop], port)
     try:
         proc.wait_serving()
         with ZSpaceClient(proc.target, timeout=20, retries=1) as c:
@@ -375,8 +377,19 @@ def test_sigterm_drains_in_flight_requests(repo, digits_x):
         code, out = proc.wait()
         assert code == 0, out
         assert "draining" in out and "stopped" in out
+        assert f"({loop} loop)" in out
     finally:
         proc.kill()
+
+
+def test_loop_choice_is_checked():
+    from service.server import event_loop_factory
+    from zspace.errors import UserError
+
+    assert event_loop_factory("asyncio") is asyncio.new_event_loop
+    assert event_loop_factory("auto") is event_loop_factory("uvloop")  # uvloop comes with the serve extra
+    with pytest.raises(UserError, match="--loop: expected auto, uvloop or asyncio"):
+        event_loop_factory("trio")
 
 
 def test_generated_code_matches_the_proto(tmp_path):

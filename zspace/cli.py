@@ -147,6 +147,8 @@ def quickstart(workdir, epochs) -> None:
 @click.option("--max-concurrent-rpcs", type=click.IntRange(min=1), default=None, help="Shed load beyond this many RPCs.")
 @click.option("--poll-s", type=click.FloatRange(min=0), default=5.0, help="Rescan --models this often (0: on SIGHUP only).")
 @click.option("--grace-s", type=click.FloatRange(min=0), default=10.0, help="SIGTERM: time for in-flight requests to finish.")
+@click.option("--loop", type=click.Choice(["auto", "uvloop", "asyncio"]), default="auto",
+              help="Event loop: auto takes uvloop when it is installed (more requests per core), else asyncio's own.")
 @click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), default=None, help="PEM certificate (with --tls-key).")
 @click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), default=None, help="PEM private key.")
 @click.option("--token-file", type=click.Path(dir_okay=False), default=None, help="Require this bearer token (first line of the file).")
