@@ -130,29 +130,75 @@ async def search_load(target: str, codes: np.ndarray, clients: int, seconds: flo
             "p99_ms": float(np.percentile(ms, 99))}
 
 
+def search_requests(codes: np.ndarray) -> list:
+    from service.client import to_tensor
+    from zspace.v1 import zspace_pb2 as pb
+
+    return [pb.SearchRequest(index="mnist", vectors=to_tensor(codes[i : i + 1]), k=10) for i in range(len(codes))]
+
+
+def searches_answered(metrics_port: int) -> np.ndarray:
+    """The server's own count of Search RPCs answered [OK, not OK] (what h2load cannot see)."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    counts = np.zeros(2, dtype=np.int64)
+    for line in text.splitlines():
+        if line.startswith("zspace_requests_total{") and 'method="Search"' in line:
+            counts[int('code="OK"' not in line)] += int(float(line.split()[-1]))
+    return counts
+
+
 def service_search(ae_run: Path, work: Path, test_codes: np.ndarray, seconds: float, rounds: int = 3) -> dict:
     """Search through `zspace serve` at 8 clients, in `rounds` rounds; the median round's p99 is the figure.
 
-    One round's p99 swings by ±20% with the shared machine's mood; the median of a
-    few rounds is steadier, and every round is reported beside it."""
+    The clients are h2load's (benchmarks/h2load.py: eight connections, each its own
+    test digit, one request at a time), and, in the same rounds side by side, our
+    Python grpc.aio client (eight concurrent calls cycling through 256 digits),
+    whose own CPU takes a third of this machine. Every h2load request is checked
+    against the server's count of Searches answered OK. One round's p99 swings by
+    ±20% with the shared machine's mood; the median of a few rounds is steadier,
+    and every round is reported beside it."""
+    import h2load
     from index.build import build_index
     from training.export import export_run
 
     bundle = export_run(ae_run, work / "models", "mnist")
     build_index(bundle, f"mnist:{SHARED / 'mnist'}", work / "indexes" / "mnist", factory="HNSW32", quiet=True).close()
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     child = Child([sys.executable, "-m", "zspace.cli", "serve", "--models", str(work / "models"), "--indexes",
-                   str(work / "indexes"), "--metrics-port", "0", "--poll-s", "0", "--port", str(port)], port)
+                   str(work / "indexes"), "--metrics-port", str(metrics_port), "--poll-s", "0", "--port", str(port)], port)
+    target, per_round = f"127.0.0.1:{port}", seconds / rounds
+    if not h2load.available():
+        print("  h2load not found (apt-get install nghttp2-client): only the Python client is measured", flush=True)
     try:
-        done = []
+        # A first second at full load, not counted: the first round after start has run ≈20% slower
+        # (caches and allocator still cold), which is not what a running server answers.
+        warmup = asyncio.run(search_load(target, test_codes, 8, 1.0))
+        native, python = [], []
         for r in range(rounds):
-            done.append(asyncio.run(search_load(f"127.0.0.1:{port}", test_codes, 8, seconds / rounds)))
-            print(f"  round {r + 1}: {done[-1]['req_s']:.0f} req/s, p50 {done[-1]['p50_ms']:.2f} ms, "
-                  f"p99 {done[-1]['p99_ms']:.2f} ms", flush=True)
+            if h2load.available():
+                before = searches_answered(metrics_port)
+                got = h2load.closed_loop(target, "/zspace.v1.ZSpace/Search", search_requests(test_codes[8 * r : 8 * r + 8]),
+                                         per_round, work / "h2load")
+                (answered, failed) = searches_answered(metrics_port) - before
+                # h2load logs what was answered within the round; a last request per client may come after
+                if got["not_200"] or failed or not 0 <= answered - got["requests"] <= got["clients"]:
+                    raise RuntimeError(f"h2load logged {got['requests']} Searches ({got['not_200']} not HTTP 200); "
+                                       f"the server answered {answered} OK and {failed} with an error")
+                native.append(got)
+                print(f"  round {r + 1} h2load: {got['req_s']:.0f} req/s, p50 {got['p50_ms']:.2f} ms, "
+                      f"p99 {got['p99_ms']:.2f} ms ({answered} answered OK)", flush=True)
+            python.append(asyncio.run(search_load(target, test_codes, 8, per_round)))
+            print(f"  round {r + 1} Python client: {python[-1]['req_s']:.0f} req/s, p50 {python[-1]['p50_ms']:.2f} ms, "
+                  f"p99 {python[-1]['p99_ms']:.2f} ms", flush=True)
     finally:
         child.stop()
-    median = median_round(done, "p99_ms")
-    return {**median, "rounds": done}
+    out = {"warmup": warmup, "python_client": {**median_round(python, "p99_ms"), "rounds": python}}
+    if native:
+        out["h2load"] = {**median_round(native, "p99_ms"), "rounds": native, "version": h2load.version()}
+    return out
 
 
 @click.command()
@@ -196,8 +242,9 @@ def main(mnist_runs, news_run, seconds, json_path, threads):
         "cosine", (1, 10, 100))
 
     print("Search through the service: 60k HNSW32 index, 8 clients, 1 query each", flush=True)
-    record["service"] = service_search(runs / "ae", work, ae_te, seconds * 3)
-    print(f"  median round: {record['service']['p99_ms']:.2f} ms p99", flush=True)
+    record["service"] = service = service_search(runs / "ae", work, ae_te, seconds * 3)
+    clients = "h2load" if "h2load" in service else "python_client"
+    print(f"  median round: {service[clients]['p99_ms']:.2f} ms p99 ({clients})", flush=True)
     shutil.rmtree(work, ignore_errors=True)
 
     print(table(record["mnist"], ["codes", "precision@10", "mAP", "5nn_accuracy"], "MNIST retrieval (exact L2)"))
@@ -216,9 +263,10 @@ def main(mnist_runs, news_run, seconds, json_path, threads):
         "hnsw_recall@10": {"value": hnsw["recall@10"], "target": ">= 0.98", "met": hnsw["recall@10"] >= 0.98},
         "hnsw_vs_flat_single_query": {"value": hnsw["qps_1"] / flat["qps_1"], "target": ">= 10",
                                       "met": hnsw["qps_1"] / flat["qps_1"] >= 10},
-        "service_search_p99_ms_8_clients": {"value": record["service"]["p99_ms"], "target": "<= 5",
-                                            "met": record["service"]["p99_ms"] <= 5,
-                                            "how": f"median of {len(record['service']['rounds'])} rounds"},
+        "service_search_p99_ms_8_clients": {"value": service[clients]["p99_ms"], "target": "<= 5",
+                                            "met": service[clients]["p99_ms"] <= 5,
+                                            "how": f"median of {len(service[clients]['rounds'])} rounds, {clients} clients",
+                                            "python_client_p99_ms": service["python_client"]["p99_ms"]},
     }
     for name, t in record["targets"].items():
         print(f"{name}: {t['value']} (target {t['target']}): {'met' if t['met'] else 'NOT met'}")
