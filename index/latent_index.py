@@ -352,7 +352,7 @@ class LatentIndex:
             if one_thread:
                 dist, ids = self._search_one_thread(queries, min(k, ntotal), params)
             else:
-                dist, ids = self.index.search(self._prep(queries), min(k, ntotal), params=params)
+                dist, ids = self._faiss_search(self._prep(queries), min(k, ntotal), params)
             return self.hits.hits(dist, ids, self.metric == "cosine", as_json)
         finally:
             lock.release_read()
@@ -362,9 +362,18 @@ class LatentIndex:
         threads = faiss.omp_get_max_threads()
         faiss.omp_set_num_threads(1)
         try:
-            return self.index.search(self._prep(queries), k, params=params)
+            return self._faiss_search(self._prep(queries), k, params)
         finally:
             faiss.omp_set_num_threads(threads)
+
+    def _faiss_search(self, x: np.ndarray, k: int, params) -> tuple[np.ndarray, np.ndarray]:
+        """FAISS's search without its Python wrapper, whose checks we have made already (x from _prep:
+        contiguous float32 rows of self.dim): ≈1.5 µs of a ≈35 µs HNSW query."""
+        swig_ptr = self.faiss.swig_ptr
+        dist = np.empty((len(x), k), dtype=np.float32)
+        ids = np.empty((len(x), k), dtype=np.int64)
+        self.index.search_c(len(x), swig_ptr(x), k, swig_ptr(dist), swig_ptr(ids), params)
+        return dist, ids
 
     def _search_params(self, where: tuple[str, object] | None, nprobe: int, ef_search: int):
         """FAISS search parameters: nprobe/efSearch for trained IVF/HNSW, a selector for filters and tombstones."""
