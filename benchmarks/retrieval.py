@@ -51,12 +51,15 @@ def quality_rows(ds, spaces: dict[str, tuple[np.ndarray, np.ndarray]], metric: s
 
 
 def factory_rows(train_codes: np.ndarray, test_codes: np.ndarray, work: Path, seconds: float,
-                 rounds: int = 5) -> list[dict]:
+                 rounds: int = 15) -> list[dict]:
     """Build time, recall@10 against exact search, and queries/s at 1 and 256 queries per call.
 
     The rates are timed side by side: each round times every factory in turn for
     seconds/rounds, and each rate is the median over rounds, so a slow spell on a
-    shared machine lands on all factories alike instead of on whichever ran then."""
+    shared machine lands on all factories alike instead of on whichever ran then.
+    Many short rounds rather than a few long ones: this machine's speed drifts
+    within seconds (the HNSW/Flat ratio of one run came out 9.8 with 5 rounds of
+    a second, and 11.2 and 13.4 in two runs of 15 rounds of a third)."""
     from index.latent_index import LatentIndex
 
     keys = [f"t/{i}" for i in range(len(train_codes))]
