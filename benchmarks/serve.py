@@ -12,10 +12,11 @@ The server is configured for throughput on this machine: `--instances` runs
 in flight per graph (default: one per core, one ONNX Runtime thread each);
 batching on is `--max-batch 64 --max-delay-ms 1`, off is `--max-batch 1`.
 The in-process reference is the fastest of one run on all cores (spinning
-or not) and the server's own layout of parallel runs. The 256-row target is
-taken side by side: `--rounds` rounds of the server, then in-process ORT,
-seconds apart; the median round's ratio is the figure (this machine's speed
-drifts over a minute by more than the margins being measured).
+or not) and the server's own layout of parallel runs. Both ratio targets are
+taken side by side: `--rounds` rounds of the server, then echo (64 x 1 row)
+or in-process ORT (256 rows), seconds apart; the median round's ratio is the
+figure (this machine's speed drifts over a minute by more than the margins
+being measured).
 
 Targets (issue 3): 64 clients x 1 row, batching on >= 70% of echo's requests/s;
 256-row requests >= 70% of in-process ONNX Runtime rows/s; p99 at 8 clients <= 10 ms.
@@ -191,7 +192,7 @@ def bundle_for(run: Path | None, workdir: Path) -> Path:
 @click.option("--run", type=click.Path(exists=True, file_okay=False), default=None, help="MNIST AE run to export (default: train 1 epoch).")
 @click.option("--seconds", default=4.0, help="Load duration per configuration.")
 @click.option("--max-requests", default=200_000, help="Request cap per configuration.")
-@click.option("--rounds", default=3, help="Side-by-side rounds of 256-row requests: server, then in-process ORT.")
+@click.option("--rounds", default=3, help="Side-by-side rounds of each ratio target: server, then echo or in-process ORT.")
 @click.option("--instances", default=os.cpu_count() or 1, help="Server: ONNX Runtime runs in flight per graph.")
 @click.option("--threads", default=0, help="Server: ONNX Runtime threads per run (0: cores / instances).")
 @click.option("--json", "json_path", default="benchmarks/results/serve.json", help="Where the figures go.")
@@ -216,46 +217,61 @@ def main(run, seconds, max_requests, rounds, instances, threads, json_path, echo
               f"p50 {r['p50_ms']:6.2f} p99 {r['p99_ms']:6.2f} ms errors {r['errors']}", flush=True)
         return row
 
-    def side_by_side(target: str) -> dict:
-        """256-row requests through the server, then in-process ORT at its best, `rounds` times over.
+    def side_by_side(name: str, first, second) -> dict:
+        """`first()` then `second()`, `rounds` times over: each a row with a "value"; the median round's ratio is the figure.
 
         The machine is shared and its speed drifts by tens of percent over a minute; a
         ratio of two figures taken a minute apart measures the drift as much as the server.
-        Each round's ratio compares figures taken seconds apart; the median round is reported."""
+        Each round's ratio compares figures taken seconds apart."""
         done = []
         for r in range(rounds):
-            server = measure("server, batching on", target, big, 8)
-            ort = in_process(bundle, len(big), seconds, instances, threads)
-            done.append({"round": r + 1, "server_rows_s": server["rows_s"], "in_process_rows_s": ort["rows_s"],
-                         "in_process_layout": ort["layout"], "ratio": server["rows_s"] / ort["rows_s"], "server": server})
-            print(f"  round {r + 1}: in-process ORT {ort['rows_s']:.0f} rows/s ({ort['layout']}), "
-                  f"ratio {done[-1]['ratio']:.3f}", flush=True)
+            a, b = first(), second()
+            done.append({"round": r + 1, "first": a, "second": b, "ratio": a["value"] / b["value"]})
+            print(f"  {name}, round {r + 1}: ratio {done[-1]['ratio']:.3f}", flush=True)
         median = median_round(done, "ratio")
-        rows.append(median["server"])
-        return {"rounds": [{k: v for k, v in d.items() if k != "server"} for d in done], "median_round": median["round"],
-                "ratio": median["ratio"]}
+        return {"rounds": done, "median_round": median["round"], "ratio": median["ratio"], "row": median["first"]}
+
+    def server_rows(target: str, x: np.ndarray, clients: int, label: str = "server, batching on"):
+        def one_round() -> dict:
+            row = measure(label, target, x, clients)
+            return {**row, "value": row["rows_s"]}
+
+        return one_round
+
+    def in_process_rows() -> dict:
+        ort = in_process(bundle, len(big), seconds, instances, threads)
+        print(f"  in-process ORT {ort['rows_s']:.0f} rows/s ({ort['layout']})", flush=True)
+        return {**ort, "value": ort["rows_s"]}
 
     threads = threads or max(1, (os.cpu_count() or 1) // instances)
     before = {batch: in_process(bundle, batch, seconds, instances, threads) for batch in (1, 8, 64, 256)}
     serve = [sys.executable, "-m", "zspace.cli", "serve", "--models", str(models), "--metrics-port", "0",
              "--instances", str(instances), "--threads", str(threads), "--poll-s", "0"]
-    for label, extra in (("server, batching on", ["--max-batch", "64", "--max-delay-ms", "1"]),
-                         ("server, batching off", ["--max-batch", "1", "--max-delay-ms", "0"])):
-        port = free_port()
-        child = Child([*serve, "--port", str(port), *extra], port)
-        try:
-            for clients in (1, 8, 64):
-                rows.append(measure(label, f"127.0.0.1:{port}", one, clients))
-            if "on" in label:
-                rows256 = side_by_side(f"127.0.0.1:{port}")
-        finally:
-            child.stop()
-
-    port = free_port()
-    echo = Child([sys.executable, str(Path(__file__).resolve()), "--echo-port", str(port)], port)
+    echo_port = free_port()
+    echo = Child([sys.executable, str(Path(__file__).resolve()), "--echo-port", str(echo_port)], echo_port)
+    echo_target = f"127.0.0.1:{echo_port}"
     try:
-        for clients in (1, 8, 64):
-            rows.append(measure("echo (gRPC ceiling)", f"127.0.0.1:{port}", one, clients))
+        for label, extra in (("server, batching on", ["--max-batch", "64", "--max-delay-ms", "1"]),
+                             ("server, batching off", ["--max-batch", "1", "--max-delay-ms", "0"])):
+            port = free_port()
+            child = Child([*serve, "--port", str(port), *extra], port)
+            try:
+                for clients in (1, 8):
+                    rows.append(measure(label, f"127.0.0.1:{port}", one, clients))
+                if "off" in label:
+                    rows.append(measure(label, f"127.0.0.1:{port}", one, 64))
+                    continue
+                # The two ratio targets, each taken side by side (the echo server waits idle meanwhile).
+                rows64 = side_by_side("64 x 1 row, server / echo", server_rows(f"127.0.0.1:{port}", one, 64),
+                                      server_rows(echo_target, one, 64, "echo (gRPC ceiling)"))
+                rows256 = side_by_side("256 rows, server / in-process ORT", server_rows(f"127.0.0.1:{port}", big, 8),
+                                       in_process_rows)
+                rows.extend([rows64["row"], rows256["row"]])
+            finally:
+                child.stop()
+        for clients in (1, 8):
+            rows.append(measure("echo (gRPC ceiling)", echo_target, one, clients))
+        rows.append(rows64["rounds"][rows64["median_round"] - 1]["second"])
     finally:
         echo.stop()
 
@@ -271,16 +287,16 @@ def main(run, seconds, max_requests, rounds, instances, threads, json_path, echo
     def pick(setup, clients, n):
         return next(r for r in rows if r["setup"] == setup and r["clients"] == clients and r["rows_per_request"] == n)
 
-    ratio_echo = pick("server, batching on", 64, 1)["req_s"] / pick("echo (gRPC ceiling)", 64, 1)["req_s"]
-    ratio_ort = rows256["ratio"]
+    ratio_echo, ratio_ort = rows64["ratio"], rows256["ratio"]
     strict = pick("server, batching on", 8, 256)["rows_s"] / max(
-        [pick("in-process ORT", 1, 256)["rows_s"]] + [d["in_process_rows_s"] for d in rows256["rounds"]])
+        [pick("in-process ORT", 1, 256)["rows_s"]] + [d["second"]["rows_s"] for d in rows256["rounds"]])
     p99_8 = pick("server, batching on", 8, 1)["p99_ms"]
     cores = os.cpu_count() or 1
     single = max(v for k, v in pick("in-process ORT", 1, 256)["layouts"].items() if k.startswith(f"1 run(s) x {cores} "))
     one_run_ratio = pick("server, batching on", 8, 256)["rows_s"] / single
     targets = {
-        "batching_on_64x1_vs_echo": {"value": ratio_echo, "target": ">= 0.70", "met": ratio_echo >= 0.70},
+        "batching_on_64x1_vs_echo": {"value": ratio_echo, "target": ">= 0.70", "met": ratio_echo >= 0.70,
+                                     "how": f"median of {rounds} side-by-side rounds"},
         "rows256_vs_in_process_ort": {"value": ratio_ort, "target": ">= 0.70", "met": ratio_ort >= 0.70,
                                       "how": f"median of {rounds} side-by-side rounds"},
         # For reading the figure: the median round against the fastest in-process figure taken at any time.
@@ -291,12 +307,21 @@ def main(run, seconds, max_requests, rounds, instances, threads, json_path, echo
     }
     cols = ["setup", "clients", "rows_per_request", "req_s", "rows_s", "p50_ms", "p90_ms", "p99_ms", "errors"]
     print(table(rows, cols, "Encode on the MNIST AE (784-1000-500-250-30), loopback"))
-    print(table(rows256["rounds"], ["round", "server_rows_s", "in_process_rows_s", "ratio", "in_process_layout"],
-                "256-row requests, server and in-process ORT side by side"))
+    for name, sides, both in (("64 x 1-row requests, server (batching on) and echo side by side", ("server_req_s", "echo_req_s"),
+                               (rows64, "req_s")),
+                              ("256-row requests, server and in-process ORT side by side", ("server_rows_s", "in_process_rows_s"),
+                               (rows256, "rows_s"))):
+        got, key = both
+        flat = [{"round": d["round"], sides[0]: d["first"][key], sides[1]: d["second"][key], "ratio": d["ratio"]}
+                for d in got["rounds"]]
+        print(table(flat, ["round", *sides, "ratio"], name))
+        got["table"] = flat
     for name, t in targets.items():
         verdict = "" if t["met"] is None else (": met" if t["met"] else ": NOT met")
         print(f"{name}: {t['value']:.3f} (target {t['target']}){verdict}")
-    write_json(Path(json_path), {"benchmark": "serve", "rows": rows, "rows256_rounds": rows256, "targets": targets,
+    side = {name: {"rounds": got["table"], "median_round": got["median_round"], "ratio": got["ratio"]}
+            for name, got in (("rows64x1_vs_echo", rows64), ("rows256_vs_in_process", rows256))}
+    write_json(Path(json_path), {"benchmark": "serve", "rows": rows, "side_by_side": side, "targets": targets,
                                  "machine": machine(),
                                  "seconds_per_setup": seconds, "server": {"instances": instances, "threads": threads,
                                  "batching_on": "--max-batch 64 --max-delay-ms 1", "batching_off": "--max-batch 1"}})
