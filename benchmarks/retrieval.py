@@ -176,7 +176,7 @@ def service_search(ae_run: Path, work: Path, test_codes: np.ndarray, seconds: fl
     if not h2load.available():
         print("  h2load not found (apt-get install nghttp2-client): only the Python client is measured", flush=True)
     try:
-        # A first second at full load, not counted: the first round after start has run ≈20% slower
+        # A first second at full load, not counted: a first round right after start once ran ≈20% slower
         # (caches and allocator still cold), which is not what a running server answers.
         warmup = asyncio.run(search_load(target, test_codes, 8, 1.0))
         native, python = [], []
@@ -185,7 +185,7 @@ def service_search(ae_run: Path, work: Path, test_codes: np.ndarray, seconds: fl
                 before = searches_answered(metrics_port)
                 got = h2load.closed_loop(target, "/zspace.v1.ZSpace/Search", search_requests(test_codes[8 * r : 8 * r + 8]),
                                          per_round, work / "h2load")
-                (answered, failed) = searches_answered(metrics_port) - before
+                answered, failed = searches_answered(metrics_port) - before
                 # h2load logs what was answered within the round; a last request per client may come after
                 if got["not_200"] or failed or not 0 <= answered - got["requests"] <= got["clients"]:
                     raise RuntimeError(f"h2load logged {got['requests']} Searches ({got['not_200']} not HTTP 200); "
