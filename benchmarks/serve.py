@@ -231,7 +231,7 @@ def main(run, seconds, max_requests, rounds, instances, threads, json_path, echo
         median = median_round(done, "ratio")
         return {"rounds": done, "median_round": median["round"], "ratio": median["ratio"], "row": median["first"]}
 
-    def server_rows(target: str, x: np.ndarray, clients: int, label: str = "server, batching on"):
+    def grpc_rows(target: str, x: np.ndarray, clients: int, label: str = "server, batching on"):
         def one_round() -> dict:
             row = measure(label, target, x, clients)
             return {**row, "value": row["rows_s"]}
@@ -262,9 +262,9 @@ def main(run, seconds, max_requests, rounds, instances, threads, json_path, echo
                     rows.append(measure(label, f"127.0.0.1:{port}", one, 64))
                     continue
                 # The two ratio targets, each taken side by side (the echo server waits idle meanwhile).
-                rows64 = side_by_side("64 x 1 row, server / echo", server_rows(f"127.0.0.1:{port}", one, 64),
-                                      server_rows(echo_target, one, 64, "echo (gRPC ceiling)"))
-                rows256 = side_by_side("256 rows, server / in-process ORT", server_rows(f"127.0.0.1:{port}", big, 8),
+                rows64 = side_by_side("64 x 1 row, server / echo", grpc_rows(f"127.0.0.1:{port}", one, 64),
+                                      grpc_rows(echo_target, one, 64, "echo (gRPC ceiling)"))
+                rows256 = side_by_side("256 rows, server / in-process ORT", grpc_rows(f"127.0.0.1:{port}", big, 8),
                                        in_process_rows)
                 rows.extend([rows64["row"], rows256["row"]])
             finally:
@@ -307,15 +307,12 @@ def main(run, seconds, max_requests, rounds, instances, threads, json_path, echo
     }
     cols = ["setup", "clients", "rows_per_request", "req_s", "rows_s", "p50_ms", "p90_ms", "p99_ms", "errors"]
     print(table(rows, cols, "Encode on the MNIST AE (784-1000-500-250-30), loopback"))
-    for name, sides, both in (("64 x 1-row requests, server (batching on) and echo side by side", ("server_req_s", "echo_req_s"),
-                               (rows64, "req_s")),
-                              ("256-row requests, server and in-process ORT side by side", ("server_rows_s", "in_process_rows_s"),
-                               (rows256, "rows_s"))):
-        got, key = both
-        flat = [{"round": d["round"], sides[0]: d["first"][key], sides[1]: d["second"][key], "ratio": d["ratio"]}
-                for d in got["rounds"]]
-        print(table(flat, ["round", *sides, "ratio"], name))
-        got["table"] = flat
+    for title, got, key, sides in (
+            ("64 x 1-row requests, server (batching on) and echo side by side", rows64, "req_s", ("server_req_s", "echo_req_s")),
+            ("256-row requests, server and in-process ORT side by side", rows256, "rows_s", ("server_rows_s", "in_process_rows_s"))):
+        got["table"] = [{"round": d["round"], sides[0]: d["first"][key], sides[1]: d["second"][key], "ratio": d["ratio"]}
+                        for d in got["rounds"]]
+        print(table(got["table"], ["round", *sides, "ratio"], title))
     for name, t in targets.items():
         verdict = "" if t["met"] is None else (": met" if t["met"] else ": NOT met")
         print(f"{name}: {t['value']:.3f} (target {t['target']}){verdict}")
