@@ -28,6 +28,6 @@ ENV PATH=/opt/zspace/bin:$PATH \
     ZSPACE_SERVE_PORT=50051 ZSPACE_SERVE_METRICS_PORT=9100
 EXPOSE 50051 9100
 HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
-  CMD ["python", "-m", "service.healthcheck"]
+  CMD ["python", "-m", "zspace.service.healthcheck"]
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["zspace", "serve"]

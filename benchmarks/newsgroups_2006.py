@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from common import SHARED, machine, table, write_json
-from training.evaluate import retrieval
-from training.train import TrainConfig, codes_of, load_model, train
+from zspace.training.evaluate import retrieval
+from zspace.training.train import TrainConfig, codes_of, load_model, train
 from zspace.data import load_dataset
 
 CUTS = (1, 10, 100)

@@ -32,14 +32,14 @@ RESULTS = Path("benchmarks/results")
 
 
 def codes_of_run(run: Path, x: np.ndarray) -> np.ndarray:
-    from training.train import codes_of, load_model
+    from zspace.training.train import codes_of, load_model
 
     model, _ = load_model(run)
     return codes_of(model, x)
 
 
 def quality_rows(ds, spaces: dict[str, tuple[np.ndarray, np.ndarray]], metric: str, at: tuple[int, ...]) -> list[dict]:
-    from training.evaluate import retrieval
+    from zspace.training.evaluate import retrieval
 
     rows = []
     for name, (tr, te) in spaces.items():
@@ -60,7 +60,7 @@ def factory_rows(train_codes: np.ndarray, test_codes: np.ndarray, work: Path, se
     Many short rounds rather than a few long ones: this machine's speed drifts
     within seconds (the HNSW/Flat ratio of one run came out 9.8 with 5 rounds of
     a second, and 11.2 and 13.4 in two runs of 15 rounds of a third)."""
-    from index.latent_index import LatentIndex
+    from zspace.index.latent_index import LatentIndex
 
     keys = [f"t/{i}" for i in range(len(train_codes))]
     payloads = [{} for _ in keys]
@@ -105,7 +105,7 @@ def factory_rows(train_codes: np.ndarray, test_codes: np.ndarray, work: Path, se
 async def search_load(target: str, codes: np.ndarray, clients: int, seconds: float) -> dict:
     import grpc
 
-    from service.client import to_tensor
+    from zspace.service.client import to_tensor
     from zspace.v1 import zspace_pb2 as pb
     from zspace.v1 import zspace_pb2_grpc as pb_grpc
 
@@ -134,7 +134,7 @@ async def search_load(target: str, codes: np.ndarray, clients: int, seconds: flo
 
 
 def search_requests(codes: np.ndarray) -> list:
-    from service.client import to_tensor
+    from zspace.service.client import to_tensor
     from zspace.v1 import zspace_pb2 as pb
 
     return [pb.SearchRequest(index="mnist", vectors=to_tensor(codes[i : i + 1]), k=10) for i in range(len(codes))]
@@ -164,13 +164,13 @@ def service_search(ae_run: Path, work: Path, test_codes: np.ndarray, seconds: fl
     ±20% with the shared machine's mood; the median of a few rounds is steadier,
     and every round is reported beside it."""
     import h2load
-    from index.build import build_index
-    from training.export import export_run
+    from zspace.index.build import build_index
+    from zspace.training.export import export_run
 
     bundle = export_run(ae_run, work / "models", "mnist")
     build_index(bundle, f"mnist:{SHARED / 'mnist'}", work / "indexes" / "mnist", factory="HNSW32", quiet=True).close()
     port, metrics_port = free_port(), free_port()
-    child = Child([sys.executable, "-m", "zspace.cli", "serve", "--models", str(work / "models"), "--indexes",
+    child = Child([sys.executable, "-m", "zspace.app.cli", "serve", "--models", str(work / "models"), "--indexes",
                    str(work / "indexes"), "--metrics-port", str(metrics_port), "--poll-s", "0", "--port", str(port)], port)
     target, per_round = f"127.0.0.1:{port}", seconds / rounds
     if not h2load.available():
@@ -235,7 +235,7 @@ def main(mnist_runs, news_run, seconds, json_path, threads):
     record["factories"] = factory_rows(ae_tr, ae_te, work, seconds)
 
     print("20 Newsgroups: test -> train, cosine", flush=True)
-    from training.train import load_run_data
+    from zspace.training.train import load_run_data
 
     news = load_run_data(Path(news_run))  # the run's own 2000-word vocabulary
     lsa_tr, lsa_te = lsa_codes(news.x_train, news.x_test, 10)

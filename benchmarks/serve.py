@@ -83,7 +83,7 @@ def run_echo(port: int) -> None:
 async def load(target: str, rows: np.ndarray, concurrency: int, seconds: float, max_requests: int) -> dict:
     import grpc
 
-    from service.client import to_tensor
+    from zspace.service.client import to_tensor
     from zspace.v1 import zspace_pb2 as pb
     from zspace.v1 import zspace_pb2_grpc as pb_grpc
 
@@ -178,8 +178,8 @@ class Child:
 
 def bundle_for(run: Path | None, workdir: Path) -> Path:
     """Export the MNIST AE run if given, else train one epoch of it (speed does not depend on weights)."""
-    from training.export import export_run
-    from training.train import TrainConfig, train
+    from zspace.training.export import export_run
+    from zspace.training.train import TrainConfig, train
 
     if run is None:
         run = workdir / "run"
@@ -245,7 +245,7 @@ def main(run, seconds, max_requests, rounds, instances, threads, json_path, echo
 
     threads = threads or max(1, (os.cpu_count() or 1) // instances)
     before = {batch: in_process(bundle, batch, seconds, instances, threads) for batch in (1, 8, 64, 256)}
-    serve = [sys.executable, "-m", "zspace.cli", "serve", "--models", str(models), "--metrics-port", "0",
+    serve = [sys.executable, "-m", "zspace.app.cli", "serve", "--models", str(models), "--metrics-port", "0",
              "--instances", str(instances), "--threads", str(threads), "--poll-s", "0"]
     echo_port = free_port()
     echo = Child([sys.executable, str(Path(__file__).resolve()), "--echo-port", str(echo_port)], echo_port)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from index.latent_index import LatentIndex, min_train_points
+from zspace.index.latent_index import LatentIndex, min_train_points
 from zspace.bundle import load_bundle, resolve_bundle
 from zspace.data import load_dataset
 from zspace.progress import Progress

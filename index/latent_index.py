@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from index.hits import HitTable
-from index.store import ItemStore, payload_json
+from zspace.index.hits import HitTable
+from zspace.index.store import ItemStore, payload_json
 from zspace.errors import UserError
 
 log = logging.getLogger("zspace.index")

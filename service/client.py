@@ -1,6 +1,6 @@
 """A Python client for the zspace service: numpy arrays in and out.
 
-    from service.client import ZSpaceClient
+    from zspace.service.client import ZSpaceClient
     with ZSpaceClient("127.0.0.1:50051") as c:
         mean, logvar = c.encode("digits", x)                # x: float32 [batch, input_dim]
         images = c.generate("digits", count=16, seed=0).x   # [16, input_dim]

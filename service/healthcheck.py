@@ -1,4 +1,4 @@
-"""`python -m service.healthcheck [HOST:PORT]`: exit 0 when the server says SERVING, 1 otherwise.
+"""`python -m zspace.service.healthcheck [HOST:PORT]`: exit 0 when the server says SERVING, 1 otherwise.
 
 For container HEALTHCHECKs: asks the standard grpc.health.v1 service, so it
 works with TLS off and needs no token (health is exempt from auth).

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from index.latent_index import IndexBusy, LatentIndex
-from service.batcher import DynamicBatcher, WouldBlock
-from service.repository import ModelRepository
+from zspace.index.latent_index import IndexBusy, LatentIndex
+from zspace.service.batcher import DynamicBatcher, WouldBlock
+from zspace.service.repository import ModelRepository
 
 log = logging.getLogger("zspace.serve")
 INLINE_QUERIES = 8  # batches of cheap (HNSW/IVF) queries up to this size run on the event loop

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.batcher import DynamicBatcher
+from zspace.service.batcher import DynamicBatcher
 from zspace.bundle import VAE_KINDS, Bundle, load_bundle
 from zspace.errors import UserError
 from zspace.runtime import onnx_session

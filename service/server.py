@@ -20,10 +20,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from service.indexes import IndexRegistry
-from service.metrics import Metrics
-from service.repository import BatchConfig, ModelRepository
-from service.servicer import Limits, ZSpaceServicer
+from zspace.service.indexes import IndexRegistry
+from zspace.service.metrics import Metrics
+from zspace.service.repository import BatchConfig, ModelRepository
+from zspace.service.servicer import Limits, ZSpaceServicer
 from zspace.errors import UserError
 from zspace.memory import keep_freed_memory
 from zspace.v1 import zspace_pb2 as pb

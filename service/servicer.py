@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
-from service.batcher import QueueFull
-from service.repository import ModelRepository, ModelRuntime
+from zspace.service.batcher import QueueFull
+from zspace.service.repository import ModelRepository, ModelRuntime
 from zspace.errors import UserError
 from zspace.likelihood import kl_standard_normal, log_likelihood, target_of
 from zspace.v1 import zspace_pb2 as pb

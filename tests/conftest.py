@@ -89,7 +89,7 @@ def text_dir(tmp_path: Path) -> Path:
 
 
 def train_run(out: Path, stop_after: int | None = None, **overrides) -> Path:
-    from training.train import TrainConfig, train
+    from zspace.training.train import TrainConfig, train
 
     cfg = dict(data="digits", model="ae", latent_dim=4, hidden=(32, 16), epochs=2, batch_size=64, seed=0, threads=2)
     cfg.update(overrides)
@@ -103,7 +103,7 @@ def vae_run(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def vae_bundle(vae_run, tmp_path_factory) -> Path:
-    from training.export import export_run
+    from zspace.training.export import export_run
 
     return export_run(vae_run, tmp_path_factory.mktemp("repo"), "digits")
 
@@ -111,7 +111,7 @@ def vae_bundle(vae_run, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def client(server):
     """A client of the module's own `server` fixture (a real server on a loopback port)."""
-    from service.client import ZSpaceClient
+    from zspace.service.client import ZSpaceClient
 
     with ZSpaceClient(server.target, timeout=20) as c:
         yield c

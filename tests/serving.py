@@ -11,7 +11,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from service.server import BackgroundServer, ServeConfig
+from zspace.service.server import BackgroundServer, ServeConfig
 
 
 def free_port() -> int:
@@ -38,7 +38,7 @@ class ServerProcess:
 
     def __init__(self, args: list[str], port: int, env: dict | None = None):
         self.port = port
-        exe = [sys.executable, "-m", "zspace.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *args]
+        exe = [sys.executable, "-m", "zspace.app.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *args]
         self.proc = subprocess.Popen(exe, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      env={**os.environ, **(env or {})})
 
@@ -47,7 +47,7 @@ class ServerProcess:
         return f"127.0.0.1:{self.port}"
 
     def wait_serving(self, timeout: float = 60) -> None:
-        from service.client import ZSpaceClient
+        from zspace.service.client import ZSpaceClient
 
         deadline = time.monotonic() + timeout
         with ZSpaceClient(self.target, timeout=2, retries=1) as c:

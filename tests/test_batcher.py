@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from service.batcher import PROBE_EVERY, DynamicBatcher, QueueFull, WouldBlock
+from zspace.service.batcher import PROBE_EVERY, DynamicBatcher, QueueFull, WouldBlock
 
 
 class Graph:

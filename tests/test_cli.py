@@ -6,7 +6,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from zspace.cli import main
+from zspace.app.cli import main
 
 
 def run(*args):

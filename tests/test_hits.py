@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from index.hits import HitTable
+from zspace.index.hits import HitTable
 
 
 def test_put_pop_reuse_and_growth():

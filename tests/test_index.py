@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from index.latent_index import IndexBusy, IndexError_, LatentIndex
+from zspace.index.latent_index import IndexBusy, IndexError_, LatentIndex
 
 ROOT = Path(__file__).resolve().parents[1]
 FACTORIES = ["Flat", "HNSW32", "IVF4,Flat", "IVF4,PQ4x4"]
@@ -185,7 +185,7 @@ def test_bad_input(tmp_path):
 WRITER = textwrap.dedent("""
     import sys, numpy as np
     sys.path.insert(0, {root!r})
-    from index.latent_index import LatentIndex
+    from zspace.index.latent_index import LatentIndex
     idx = LatentIndex.open({path!r})
     rng = np.random.default_rng(0)
     for i in range(100000):

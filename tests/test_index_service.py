@@ -11,10 +11,10 @@ import pytest
 from click.testing import CliRunner
 
 from serving import start_thread
-from service.client import ZSpaceClient, to_tensor
-from index.latent_index import LatentIndex
-from training.export import export_run
-from zspace.cli import main
+from zspace.service.client import ZSpaceClient, to_tensor
+from zspace.index.latent_index import LatentIndex
+from zspace.training.export import export_run
+from zspace.app.cli import main
 from zspace.data import load_dataset
 from zspace.v1 import zspace_pb2 as pb
 

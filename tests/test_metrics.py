@@ -2,7 +2,7 @@
 
 from prometheus_client import generate_latest
 
-from service.metrics import Metrics
+from zspace.service.metrics import Metrics
 
 
 def _value(text: str, series: str) -> float:

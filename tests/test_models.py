@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from training.models import ModelConfig, build_model, gaussian_kl
+from zspace.training.models import ModelConfig, build_model, gaussian_kl
 
 
 @pytest.mark.parametrize("kind", ["pca", "ae", "vae", "beta_vae"])
@@ -75,7 +75,7 @@ def test_capacity_ramps_to_c_max():
 
 
 def test_random_shift_moves_pixels_within_bounds():
-    from training.train import random_shift
+    from zspace.training.train import random_shift
 
     x = torch.zeros(200, 1, 5, 5)
     x[:, 0, 2, 2] = 1.0  # one lit pixel in the centre

@@ -20,8 +20,8 @@ from PIL import Image
 
 from conftest import train_run
 from serving import ServerProcess, free_port, start_thread
-from service.client import ZSpaceClient, to_tensor
-from training.export import export_run
+from zspace.service.client import ZSpaceClient, to_tensor
+from zspace.training.export import export_run
 from zspace.bundle import load_bundle
 from zspace.data import load_dataset
 from zspace.runtime import onnx_session
@@ -383,7 +383,7 @@ def test_sigterm_drains_in_flight_requests(repo, digits_x, loop):
 
 
 def test_loop_choice_is_checked():
-    from service.server import event_loop_factory
+    from zspace.service.server import event_loop_factory
     from zspace.errors import UserError
 
     assert event_loop_factory("asyncio") is asyncio.new_event_loop
@@ -408,7 +408,7 @@ def test_generated_code_matches_the_proto(tmp_path):
 def cli(*args):
     from click.testing import CliRunner
 
-    from zspace.cli import main
+    from zspace.app.cli import main
 
     result = CliRunner().invoke(main, [str(a) for a in args])
     return result.exit_code, result.output
@@ -453,6 +453,6 @@ def test_client_cli_reports_status_and_message(server):
 
 
 def test_serving_side_never_imports_torch():
-    code = ("import sys, service.server, service.client, zspace.cli, zspace.bundle, zspace.data; "
+    code = ("import sys, service.server, service.client, zspace.app.cli, zspace.bundle, zspace.data; "
             "sys.exit(1 if 'torch' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0, "torch leaked into the serving side"

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from conftest import train_run
-from training.evaluate import coder_from_bundle, coder_from_run, evaluate, importance_sampled, retrieval
-from training.export import export_run
-from training.train import load_model, read_metrics
+from zspace.training.evaluate import coder_from_bundle, coder_from_run, evaluate, importance_sampled, retrieval
+from zspace.training.export import export_run
+from zspace.training.train import load_model, read_metrics
 from zspace.bundle import BundleError, load_bundle, resolve_bundle
 from zspace.data import load_dataset
 from zspace.errors import UserError
@@ -30,7 +30,7 @@ def test_resume_is_identical_to_one_go(tmp_path):
     whole = train_run(tmp_path / "whole", model="vae", epochs=3)
     part = train_run(tmp_path / "part", model="vae", epochs=3, stop_after=1)
     assert len(read_metrics(part)) == 1
-    from training.train import TrainConfig, train
+    from zspace.training.train import TrainConfig, train
 
     cfg = json.loads((part / "run.json").read_text())["config"]
     train(TrainConfig(**{**cfg, "hidden": tuple(cfg["hidden"])}), part, resume=True, quiet=True)

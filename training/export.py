@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from training.train import codes_of, load_model, load_run_data, read_metrics
+from zspace.training.train import codes_of, load_model, load_run_data, read_metrics
 from zspace import __version__
 from zspace.bundle import FORMAT_VERSION, VAE_KINDS, check_name, load_bundle, sha256_file, versions, write_manifest
 from zspace.errors import UserError

@@ -1,8 +1,11 @@
 """The model bundle: `models/<name>/<version>/` with two ONNX graphs and a manifest.
 
-Training writes it, the service and the index read it; this module is the one
-place that knows its layout. Loading verifies every graph's SHA-256 against the
-manifest, so a bundle that was edited or half-copied is refused, not served.
+The bundle is the contract between training (which writes it), the index and
+the service (which read it). This module is the one place that knows its
+layout: the manifest is parsed and checked into a typed `Bundle` here, written
+here, and the rule for version folders lives here. Loading verifies every
+graph's SHA-256 against the manifest, so a bundle that was edited or
+half-copied is refused, not served. docs/architecture.md describes the format.
 """
 
 from __future__ import annotations
@@ -11,16 +14,20 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from zspace.errors import UserError
+from zspace.files import write_atomic
 
 FORMAT_VERSION = 1
 KINDS = ("pca", "ae", "vae", "beta_vae")
 VAE_KINDS = ("vae", "beta_vae")
 MODALITIES = ("image", "text", "vector")
+LIKELIHOODS = ("bernoulli", "gaussian", "multinomial")
+PRIORS = ("standard_normal", "gaussian")
 GRAPHS = ("encoder", "decoder")
+GRAPH_INPUTS = {"encoder": "x", "decoder": "z"}
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 REQUIRED = (
     "format_version", "name", "version", "kind", "modality", "input_dim", "latent_dim",
@@ -33,34 +40,46 @@ class BundleError(UserError):
 
 
 @dataclass(frozen=True)
+class GraphFile:
+    """One ONNX graph of a bundle, as the manifest lists it."""
+
+    path: str                 # relative to the bundle folder
+    sha256: str
+    input: str                # the graph's one input: x (encoder) or z (decoder)
+    outputs: tuple[str, ...]  # encoder: mean (+ logvar for VAE kinds); decoder: x_hat
+
+
+@dataclass(frozen=True)
 class Bundle:
-    """A verified bundle on disk."""
+    """A bundle's manifest, checked and typed. `manifest` keeps the whole JSON for people and reports."""
 
     path: Path
-    manifest: dict
+    format_version: int
+    name: str
+    version: int
+    kind: str
+    modality: str
+    input_dim: int
+    input_shape: tuple[int, ...] | None  # (C, H, W) for images
+    latent_dim: int
+    transform: dict                      # zspace.transforms.transform_from_dict reads it
+    likelihood: str
+    output_range: tuple[float, float] | None
+    out_logvar: tuple[float, ...] | None  # learned per-feature log-variance of a Gaussian decoder
+    prior: dict                          # what Generate samples: {"type": standard_normal | gaussian, ...}
+    graphs: dict[str, GraphFile]
+    manifest: dict = field(repr=False, compare=False)
 
     @property
-    def name(self) -> str:
-        return self.manifest["name"]
+    def is_vae(self) -> bool:
+        return self.kind in VAE_KINDS
 
     @property
-    def version(self) -> int:
-        return int(self.manifest["version"])
-
-    @property
-    def kind(self) -> str:
-        return self.manifest["kind"]
-
-    @property
-    def latent_dim(self) -> int:
-        return int(self.manifest["latent_dim"])
-
-    @property
-    def input_dim(self) -> int:
-        return int(self.manifest["input_dim"])
+    def label(self) -> str:
+        return f"{self.name}/{self.version}"
 
     def graph(self, which: str) -> Path:
-        return self.path / self.manifest["files"][which]["path"]
+        return self.path / self.graphs[which].path
 
 
 def sha256_file(path: Path) -> str:
@@ -71,10 +90,18 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def check_name(name: str) -> str:
-    if not NAME_RE.match(name or ""):
-        raise UserError(f"--name: {name!r} is not a valid model name (letters, digits, '.', '_', '-'; at most 64)")
+def check_name(name: str, option: str = "--name") -> str:
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise UserError(f"{option}: {name!r} is not a valid model name (letters, digits, '.', '_', '-'; at most 64)")
     return name
+
+
+# ---------------------------------------------------------------- the version-folder rule
+
+
+def is_version_folder(path: Path) -> bool:
+    """A version is a folder named by a positive integer (Triton's rule); anything else is ignored."""
+    return path.is_dir() and path.name.isdigit() and int(path.name) > 0
 
 
 def versions(repo: Path, name: str) -> list[int]:
@@ -82,50 +109,16 @@ def versions(repo: Path, name: str) -> list[int]:
     root = Path(repo) / name
     if not root.is_dir():
         return []
-    return sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0)
+    return sorted(int(p.name) for p in root.iterdir() if is_version_folder(p))
 
 
-def validate_manifest(m: dict, where: str) -> None:
-    missing = [k for k in REQUIRED if k not in m]
-    if missing:
-        raise BundleError(f"{where}: manifest lacks {', '.join(missing)}")
-    if m["format_version"] != FORMAT_VERSION:
-        raise BundleError(f"{where}: manifest format_version {m['format_version']!r}, this zspace reads {FORMAT_VERSION}")
-    if m["kind"] not in KINDS:
-        raise BundleError(f"{where}: kind {m['kind']!r} is not one of {', '.join(KINDS)}")
-    if m["modality"] not in MODALITIES:
-        raise BundleError(f"{where}: modality {m['modality']!r} is not one of {', '.join(MODALITIES)}")
-    for g in GRAPHS:
-        entry = m["files"].get(g)
-        if not isinstance(entry, dict) or "path" not in entry or "sha256" not in entry:
-            raise BundleError(f"{where}: manifest has no path and sha256 for the {g} graph")
-
-
-def load_bundle(path: str | os.PathLike) -> Bundle:
-    """Read a bundle folder, check its manifest and verify each graph's hash."""
-    path = Path(path)
-    manifest_path = path / "manifest.json"
-    if not manifest_path.is_file():
-        raise BundleError(f"{path}: not a model bundle (no manifest.json)")
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{manifest_path}: unreadable manifest ({exc})") from None
-    if not isinstance(manifest, dict):
-        raise BundleError(f"{manifest_path}: manifest is not a JSON object")
-    validate_manifest(manifest, str(path))
-    for g in GRAPHS:
-        entry = manifest["files"][g]
-        graph = path / entry["path"]
-        if not graph.is_file():
-            raise BundleError(f"{path}: {g} graph {entry['path']} is missing")
-        digest = sha256_file(graph)
-        if digest != entry["sha256"]:
-            raise BundleError(
-                f"{path}: {entry['path']} has SHA-256 {digest[:16]}…, the manifest says "
-                f"{entry['sha256'][:16]}…; the file was changed or damaged"
-            )
-    return Bundle(path=path, manifest=manifest)
+def version_dirs(repo: Path) -> list[Path]:
+    """Every repo/NAME/VERSION folder, in order (hidden NAME folders, such as staging ones, skipped)."""
+    repo = Path(repo)
+    if not repo.is_dir():
+        return []
+    return sorted(v for n in repo.iterdir() if n.is_dir() and not n.name.startswith(".")
+                  for v in n.iterdir() if is_version_folder(v))
 
 
 def resolve_bundle(ref: str | os.PathLike) -> Path:
@@ -139,13 +132,104 @@ def resolve_bundle(ref: str | os.PathLike) -> Path:
     return ref / str(found[-1])
 
 
-def write_manifest(path: Path, manifest: dict) -> None:
-    """Write manifest.json atomically (temp file + rename), so a reader never sees half."""
-    validate_manifest(manifest, str(path))
-    tmp = path / "manifest.json.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path / "manifest.json")
+# ---------------------------------------------------------------- manifest -> Bundle
+
+
+def _field(m: dict, key: str, where: str, types: type | tuple, what: str):
+    value = m.get(key)
+    if isinstance(value, bool) or not isinstance(value, types):  # JSON true is no integer here
+        raise BundleError(f"{where}: manifest field {key!r} must be {what}, got {value!r}"[:400])
+    return value
+
+
+def _choice(m: dict, key: str, where: str, choices: tuple[str, ...]) -> str:
+    value = m.get(key)
+    if value not in choices:
+        raise BundleError(f"{where}: manifest field {key!r} is {value!r}, expected one of {', '.join(choices)}"[:400])
+    return value
+
+
+def _positive(m: dict, key: str, where: str) -> int:
+    value = _field(m, key, where, int, "a positive integer")
+    if value < 1:
+        raise BundleError(f"{where}: manifest field {key!r} must be a positive integer, got {value}")
+    return value
+
+
+def _graph_file(files: dict, which: str, where: str) -> GraphFile:
+    entry = files.get(which)
+    if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or not isinstance(entry.get("sha256"), str):
+        raise BundleError(f"{where}: manifest field 'files.{which}' needs a path and a sha256 for the {which} graph")
+    if Path(entry["path"]).is_absolute() or ".." in Path(entry["path"]).parts:
+        raise BundleError(f"{where}: manifest field 'files.{which}.path' must stay inside the bundle, got {entry['path']!r}")
+    outputs = entry.get("outputs") or (["mean"] if which == "encoder" else ["x_hat"])
+    return GraphFile(path=entry["path"], sha256=entry["sha256"], input=entry.get("input") or GRAPH_INPUTS[which],
+                     outputs=tuple(outputs))
+
+
+def parse_manifest(m: object, path: Path) -> Bundle:
+    """Check a manifest field by field and type it; a missing or wrong field is refused by name."""
+    where = str(path)
+    if not isinstance(m, dict):
+        raise BundleError(f"{where}: manifest is not a JSON object")
+    missing = [k for k in REQUIRED if k not in m]
+    if missing:
+        raise BundleError(f"{where}: manifest lacks {', '.join(missing)}")
+    if m["format_version"] != FORMAT_VERSION:
+        raise BundleError(f"{where}: manifest format_version {m['format_version']!r}, this zspace reads {FORMAT_VERSION}")
+    name = check_name(m["name"], f"{where}: manifest field 'name'")
+    version = _positive(m, "version", where)
+    kind = _choice(m, "kind", where, KINDS)
+    modality = _choice(m, "modality", where, MODALITIES)
+    input_dim, latent_dim = _positive(m, "input_dim", where), _positive(m, "latent_dim", where)
+    transform = _field(m, "transform", where, dict, "an object")
+    output = _field(m, "output", where, dict, "an object")
+    likelihood = _choice(output, "likelihood", f"{where}: output", LIKELIHOODS)
+    prior = _field(m, "prior", where, dict, "an object")
+    _choice(prior, "type", f"{where}: prior", PRIORS)
+    files = _field(m, "files", where, dict, "an object")
+    shape = m.get("input_shape")
+    if shape is not None and (not isinstance(shape, list) or not all(isinstance(d, int) and d > 0 for d in shape)):
+        raise BundleError(f"{where}: manifest field 'input_shape' must be a list of positive integers, got {shape!r}"[:400])
+    logvar = output.get("logvar")
+    if logvar is not None and (not isinstance(logvar, list) or len(logvar) != input_dim):
+        raise BundleError(f"{where}: manifest field 'output.logvar' must list {input_dim} numbers")
+    out_range = output.get("range")
+    return Bundle(
+        path=Path(path), format_version=FORMAT_VERSION, name=name, version=version, kind=kind, modality=modality,
+        input_dim=input_dim, input_shape=tuple(shape) if shape else None, latent_dim=latent_dim,
+        transform=transform, likelihood=likelihood, output_range=tuple(out_range) if out_range else None,
+        out_logvar=tuple(logvar) if logvar is not None else None, prior=prior,
+        graphs={g: _graph_file(files, g, where) for g in GRAPHS}, manifest=m,
+    )
+
+
+def load_bundle(path: str | os.PathLike) -> Bundle:
+    """Read a bundle folder, check its manifest and verify each graph's hash."""
+    path = Path(path)
+    manifest_path = path / "manifest.json"
+    if not manifest_path.is_file():
+        raise BundleError(f"{path}: not a model bundle (no manifest.json)")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{manifest_path}: unreadable manifest ({exc})") from None
+    bundle = parse_manifest(manifest, path)
+    for which, entry in bundle.graphs.items():
+        graph = path / entry.path
+        if not graph.is_file():
+            raise BundleError(f"{path}: {which} graph {entry.path} is missing")
+        digest = sha256_file(graph)
+        if digest != entry.sha256:
+            raise BundleError(
+                f"{path}: {entry.path} has SHA-256 {digest[:16]}…, the manifest says "
+                f"{entry.sha256[:16]}…; the file was changed or damaged"
+            )
+    return bundle
+
+
+def write_manifest(folder: Path, manifest: dict) -> Bundle:
+    """Check and write manifest.json atomically, so a reader never sees half; returns the typed bundle."""
+    bundle = parse_manifest(manifest, Path(folder))
+    write_atomic(Path(folder) / "manifest.json", json.dumps(manifest, indent=1) + "\n")
+    return bundle

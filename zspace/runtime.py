@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
+from zspace.bundle import Bundle
 from zspace.errors import UserError
+from zspace.transforms import Transform, transform_from_dict
 
 
 def gpu_visible() -> bool:
@@ -55,3 +60,42 @@ def onnx_session(path: str | os.PathLike, device: str = "cpu", threads: int = 0,
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
     return ort.InferenceSession(str(path), sess_options=opts, providers=providers_for(device))
+
+
+@dataclass
+class BundleRuntime:
+    """A bundle ready to run: its two ONNX Runtime sessions and its feature transform.
+
+    Every user of a bundle (the service, the index builder, evaluation, the CLI,
+    the benchmarks) opens it through `open_runtime`, so they all run the same
+    graphs with the same inputs and report the same provider.
+    """
+
+    bundle: Bundle
+    encoder: object  # onnxruntime.InferenceSession
+    decoder: object
+    transform: Transform
+    provider: str    # the execution provider the sessions actually use
+
+    def encode(self, x: np.ndarray) -> list[np.ndarray]:
+        """Features [batch, input_dim] -> [mean] or [mean, logvar] (VAE kinds)."""
+        return self.encoder.run(None, {self.bundle.graphs["encoder"].input: x})
+
+    def decode(self, z: np.ndarray) -> list[np.ndarray]:
+        """Codes [batch, latent_dim] -> [x_hat] in data space."""
+        return self.decoder.run(None, {self.bundle.graphs["decoder"].input: z})
+
+    def codes(self, x: np.ndarray, batch_size: int = 4096) -> np.ndarray:
+        """The codes of many rows (posterior means for VAE kinds), in batches."""
+        if not len(x):
+            return np.zeros((0, self.bundle.latent_dim), np.float32)
+        return np.concatenate([self.encode(np.ascontiguousarray(x[i : i + batch_size]))[0]
+                               for i in range(0, len(x), batch_size)])
+
+
+def open_runtime(bundle: Bundle, device: str = "cpu", threads: int = 0, spin: bool = True) -> BundleRuntime:
+    """Open a loaded bundle's graphs on `device` (auto | cpu | cuda) with its transform."""
+    encoder = onnx_session(bundle.graph("encoder"), device, threads, spin)
+    decoder = onnx_session(bundle.graph("decoder"), device, threads, spin)
+    return BundleRuntime(bundle=bundle, encoder=encoder, decoder=decoder,
+                         transform=transform_from_dict(bundle.transform), provider=encoder.get_providers()[0])

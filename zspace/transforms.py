@@ -209,7 +209,10 @@ class VectorTransform:
         return {"type": "vector", "dim": self.dim}
 
 
-def transform_from_dict(d: dict):
+Transform = ImageTransform | TextTransform | VectorTransform
+
+
+def transform_from_dict(d: dict) -> Transform:
     """Rebuild a transform from its stored parameters (manifest or run dir)."""
     t = d.get("type")
     if t == "image":

@@ -41,9 +41,9 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
-    from index.build import build_index
-    from training.export import export_run
-    from training.train import TrainConfig, train
+    from zspace.index.build import build_index
+    from zspace.training.export import export_run
+    from zspace.training.train import TrainConfig, train
 
     work = tmp_path_factory.mktemp("deploy")
     run = train(TrainConfig(data="digits", model="vae", latent_dim=4, hidden=(64, 32), epochs=3, seed=0),
@@ -67,7 +67,7 @@ def deployment(tmp_path_factory):
 
 
 def wait_healthy(target: str, timeout: float = 120) -> None:
-    from service.client import ZSpaceClient
+    from zspace.service.client import ZSpaceClient
 
     deadline = time.monotonic() + timeout
     with ZSpaceClient(target, timeout=3, retries=1) as c:
@@ -82,7 +82,7 @@ def wait_healthy(target: str, timeout: float = 120) -> None:
 
 
 def test_encode_generate_search_then_drain(deployment):
-    from service.client import ZSpaceClient
+    from zspace.service.client import ZSpaceClient
     from zspace.bundle import load_bundle
     from zspace.data import load_dataset
     from zspace.runtime import onnx_session

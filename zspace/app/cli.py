@@ -78,8 +78,8 @@ def main() -> None:
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Run folder to write.")
 def train(kind, out, resume, **opts) -> None:
     """Train a model and write checkpoints, metrics and plots into a run folder."""
-    from training.plots import run_plots
-    from training.train import TrainConfig, train as run_training
+    from zspace.training.plots import run_plots
+    from zspace.training.train import TrainConfig, train as run_training
 
     cfg = TrainConfig(model=kind.replace("-", "_"), **opts)
     run = run_training(cfg, Path(out), resume=resume)
@@ -95,7 +95,7 @@ def train(kind, out, resume, **opts) -> None:
 @click.option("--nll-examples", type=click.IntRange(min=1), default=None, help="VAE kinds: IS-NLL on the first N test rows only (default: all).")
 def evaluate(target, data, json_path, k, nll_examples) -> None:
     """Evaluate a run folder or a bundle on a data set's test split, beside PCA."""
-    from training.evaluate import evaluate as run_eval, format_table, write_json
+    from zspace.training.evaluate import evaluate as run_eval, format_table, write_json
 
     report = run_eval(Path(target), data, k=k, nll_examples=nll_examples)
     click.echo(format_table(report))
@@ -112,7 +112,7 @@ def evaluate(target, data, json_path, k, nll_examples) -> None:
 @click.option("--version", "version", type=click.IntRange(min=1), default=None, help="Bundle version (default: highest + 1).")
 def export(run, repo, name, version) -> None:
     """Export a run as models/<name>/<version>/ (ONNX encoder and decoder + manifest); prints its path."""
-    from training.export import export_run
+    from zspace.training.export import export_run
 
     click.echo(export_run(Path(run), Path(repo), name, version))
 
@@ -122,7 +122,7 @@ def export(run, repo, name, version) -> None:
 @click.option("--epochs", type=click.IntRange(min=1), default=300, help="Training epochs for the digits VAE.")
 def quickstart(workdir, epochs) -> None:
     """Train a VAE on the built-in digits, evaluate, export, serve it, call it, stop it; print where everything is."""
-    from zspace.quickstart import quickstart as run_quickstart
+    from zspace.app.quickstart import quickstart as run_quickstart
 
     summary = run_quickstart(Path(workdir), epochs=epochs)
     click.echo(json.dumps(summary, indent=1))
@@ -155,15 +155,15 @@ def quickstart(workdir, epochs) -> None:
 @click.option("--token-env", default="ZSPACE_TOKEN", help="Or require the token in this environment variable, when set.")
 def serve(models, indexes, max_delay_ms, max_queue, token_file, token_env, **opts) -> None:
     """Serve every bundle under --models over gRPC (health, reflection, metrics, hot reload)."""
-    from service.server import ServeConfig, read_token, serve as run_server
+    from zspace.service.server import ServeConfig, read_token, serve as run_server
 
     cfg = ServeConfig(models=Path(models), indexes=Path(indexes) if indexes else None, max_delay_ms=max_delay_ms,
                       max_queue_rows=max_queue, token=read_token(token_file, token_env), **opts)
     sys.exit(run_server(cfg))
 
 
-from zspace.client_cli import client  # noqa: E402  (the `zspace client ...` group)
-from zspace.index_cli import index_group  # noqa: E402  (the `zspace index ...` group)
+from zspace.app.client_cli import client  # noqa: E402  (the `zspace client ...` group)
+from zspace.app.index_cli import index_group  # noqa: E402  (the `zspace index ...` group)
 
 main.add_command(client)
 main.add_command(index_group)

@@ -34,7 +34,7 @@ class RpcGroup(click.Group):
 @click.pass_context
 def client(ctx, target, token_env, tls_ca, timeout) -> None:
     """Call a running zspace server."""
-    from service.client import ZSpaceClient
+    from zspace.service.client import ZSpaceClient
 
     ctx.obj = ZSpaceClient(target, token=os.environ.get(token_env) or None, tls_ca=tls_ca, timeout=timeout)
     ctx.call_on_close(ctx.obj.close)
@@ -174,7 +174,7 @@ def score(c, model, version, pngs, texts, npy) -> None:
 @click.pass_obj
 def search(c, index_name, key, pngs, texts, npy, k, where, vectors) -> None:
     """Nearest stored items to a key, inputs or codes; JSON out."""
-    from zspace.index_cli import parse_where
+    from zspace.app.index_cli import parse_where
 
     if key is not None:
         hits = c.search(index_name, key=key, k=k, where=parse_where(where))

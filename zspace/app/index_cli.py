@@ -50,7 +50,7 @@ def index_group() -> None:
 @click.option("--batch-size", type=click.IntRange(min=1), default=1024, help="Rows per encoder call.")
 def build(model_ref, data, out, factory, metric, split, batch_size) -> None:
     """Encode a data set's split with the exported encoder and store the codes."""
-    from index.build import build_index
+    from zspace.index.build import build_index
 
     index = build_index(Path(model_ref), data, Path(out), factory=factory, metric=None if metric == "auto" else metric,
                         split=split, batch_size=batch_size)
@@ -64,7 +64,7 @@ def build(model_ref, data, out, factory, metric, split, batch_size) -> None:
 @click.option("--models", type=click.Path(file_okay=False), default="models", help="Model repository, to encode --png/--text.")
 def search(index_dir, key, pngs, texts, npy, k, where, models) -> None:
     """Nearest stored items to a stored key, raw inputs, or codes; JSON out."""
-    from index.latent_index import LatentIndex
+    from zspace.index.latent_index import LatentIndex
 
     index = LatentIndex.open(Path(index_dir))
     if key is not None:
@@ -98,6 +98,6 @@ def _encode_local(index, models: Path, pngs, texts) -> np.ndarray:
 @click.argument("index_dir", type=click.Path(exists=True, file_okay=False))
 def stats(index_dir) -> None:
     """Model, metric, factory, count and training state of an index."""
-    from index.latent_index import LatentIndex
+    from zspace.index.latent_index import LatentIndex
 
     click.echo(json.dumps(LatentIndex.open(Path(index_dir)).stats(), indent=1))

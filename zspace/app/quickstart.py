@@ -14,10 +14,10 @@ MODEL_NAME = "digits"
 
 
 def quickstart(workdir: Path, epochs: int = 300) -> dict:
-    from training.evaluate import evaluate, format_table, write_json
-    from training.export import export_run
-    from training.plots import run_plots
-    from training.train import TrainConfig, train
+    from zspace.training.evaluate import evaluate, format_table, write_json
+    from zspace.training.export import export_run
+    from zspace.training.plots import run_plots
+    from zspace.training.train import TrainConfig, train
 
     workdir = Path(workdir)
     run = workdir / "runs" / "quickstart-digits-vae"
@@ -36,7 +36,7 @@ def quickstart(workdir: Path, epochs: int = 300) -> dict:
     index_dir = workdir / "indexes" / MODEL_NAME
     if index_dir.exists():
         shutil.rmtree(index_dir)  # the quickstart owns it; its codes belonged to the previous version
-    from index.build import build_index
+    from zspace.index.build import build_index
 
     build_index(bundle, "digits", index_dir).close()
     print(f"quickstart: index {index_dir}", flush=True)
@@ -58,9 +58,9 @@ def serve_and_call(models: Path, indexes: Path, out: Path) -> dict:
     """Start the real gRPC server on a free loopback port, call it as a client would, stop it."""
     import numpy as np
 
-    from service.client import ZSpaceClient
-    from service.server import BackgroundServer, ServeConfig
-    from training.plots import image_grid
+    from zspace.service.client import ZSpaceClient
+    from zspace.service.server import BackgroundServer, ServeConfig
+    from zspace.training.plots import image_grid
     from zspace.data import load_dataset
     from zspace.transforms import ImageTransform
 
