@@ -1,7 +1,10 @@
 """Build an index from a data set with an exported encoder (ONNX Runtime, no torch).
 
-Keys are `<dataset>/<split>/<row>` (e.g. `mnist/train/123`); payloads carry the
-label (class name when known), the split and the item's source.
+Keys are `<dataset>/<split>/<row>` (e.g. `mnist/train/123`, see `dataset_key`);
+payloads carry the label (class name when known), the split and the item's source.
+The index is built in a hidden folder and renamed into place when complete, so a
+server watching the indexes folder never serves half of it and a failed build
+leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -10,40 +13,68 @@ from pathlib import Path
 
 import numpy as np
 
-from zspace.index.latent_index import LatentIndex, min_train_points
 from zspace.bundle import load_bundle, resolve_bundle
 from zspace.data import load_dataset
+from zspace.files import staged_folder
+from zspace.index.latent_index import IndexError_, LatentIndex
 from zspace.progress import Progress
-from zspace.runtime import onnx_session
-from zspace.transforms import transform_from_dict
+from zspace.runtime import open_runtime
+
+
+def dataset_key(dataset: str, split: str, row: int) -> str:
+    """The key of a data set's item: `<dataset>/<split>/<row>`."""
+    return f"{dataset}/{split}/{row}"
+
+
+def parse_dataset_key(key: str) -> tuple[str, str, int]:
+    """(dataset, split, row) of a key made by `dataset_key`; ValueError for any other key."""
+    dataset, split, row = key.rsplit("/", 2)
+    return dataset, split, int(row)
 
 
 def build_index(model_ref: Path, data_spec: str, out: Path, factory: str = "Flat", metric: str | None = None,
                 split: str = "train", batch_size: int = 1024, device: str = "auto", quiet: bool = False) -> LatentIndex:
-    bundle = load_bundle(resolve_bundle(model_ref))
-    ds = load_dataset(data_spec, transform=transform_from_dict(bundle.manifest["transform"]))
+    out = Path(out)
+    if (out / "index.json").exists():
+        raise IndexError_(f"{out}: an index already exists here")
+    runtime = open_runtime(load_bundle(resolve_bundle(model_ref)), device)
+    bundle = runtime.bundle
+    ds = load_dataset(data_spec, transform=runtime.transform)
     metric = metric or ("cosine" if ds.modality == "text" else "l2")
     splits = {"train": [("train", ds.x_train, ds.y_train, ds.sources_train)],
               "test": [("test", ds.x_test, ds.y_test, ds.sources_test)]}
     splits["all"] = splits["train"] + splits["test"]
-    encoder = onnx_session(bundle.graph("encoder"), device)
-    index = LatentIndex.create(out, bundle.name, bundle.version, bundle.latent_dim, factory=factory, metric=metric)
-    for name, x, y, sources in splits[split]:
-        bar = None if quiet else Progress(-(-len(x) // batch_size), f"index {name}")
-        for start in range(0, len(x), batch_size):
-            rows = range(start, min(start + batch_size, len(x)))
-            codes = encoder.run(None, {"x": np.ascontiguousarray(x[start:rows.stop])})[0]  # VAE kinds: the means
-            keys = [f"{ds.name}/{name}/{i}" for i in rows]
-            payloads = [{"split": name, "source": sources[i] if sources else None,
-                         **({"label": ds.classes[int(y[i])] if ds.classes else int(y[i])} if y is not None else {})}
-                        for i in rows]
-            index.upsert(keys, codes, payloads, maintain=False)
-            if bar:
-                bar.update()
-        if bar:
-            bar.close(f"{index.stats()['count']} items")
-    if min_train_points(factory):
-        index.rebuild()  # trains on every code at once (FAISS warns below 39 per IVF list)
+    manifest = LatentIndex.new_manifest(bundle.name, bundle.version, bundle.latent_dim, factory, metric)
+    with staged_folder(out) as tmp:
+        index = LatentIndex.initialise(tmp, manifest)
+        try:
+            for name, x, y, sources in splits[split]:
+                bar = None if quiet else Progress(-(-len(x) // batch_size), f"index {name}")
+                for start in range(0, len(x), batch_size):
+                    rows = range(start, min(start + batch_size, len(x)))
+                    codes = runtime.encode(np.ascontiguousarray(x[start : rows.stop]))[0]  # VAE kinds: the means
+                    keys = [dataset_key(ds.name, name, i) for i in rows]
+                    payloads = [{"split": name, "source": sources[i] if sources else None,
+                                 **({"label": ds.classes[int(y[i])] if ds.classes else int(y[i])} if y is not None else {})}
+                                for i in rows]
+                    index.upsert(keys, codes, payloads, maintain=False)
+                    if bar:
+                        bar.update()
+                if bar:
+                    bar.close(f"{index.stats()['count']} items")
+            if index.traits.needs_training:
+                index.rebuild()  # trains on every code at once (FAISS warns below 39 per IVF list)
+        finally:
+            index.close()  # a snapshot of the finished index, so opening it replays nothing
+    return LatentIndex.open(out)
+
+
+def query_codes(index: LatentIndex, models: Path, pngs: list[str], texts: list[str], device: str = "auto") -> np.ndarray:
+    """Codes of image files or documents through the index's own model (its codes mean nothing to another)."""
+    model = index.manifest["model"]
+    runtime = open_runtime(load_bundle(Path(models) / model["name"] / str(model["version"])), device)
+    if pngs:
+        x = np.stack([runtime.transform.from_bytes(Path(p).read_bytes(), p) for p in pngs])
     else:
-        index.snapshot()
-    return index
+        x = runtime.transform.apply(list(texts))
+    return runtime.encode(x)[0]

@@ -19,17 +19,18 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import re
 import threading
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
+from zspace.errors import NotFound
+from zspace.files import staged_folder, write_atomic
+from zspace.index.errors import IndexError_
+from zspace.index.factory import empty_index, search_parameters, traits
 from zspace.index.hits import HitTable
 from zspace.index.store import ItemStore, payload_json
-from zspace.errors import UserError
 
 log = logging.getLogger("zspace.index")
 FORMAT_VERSION = 1
@@ -37,33 +38,20 @@ METRICS = ("l2", "cosine")
 TOMBSTONE_FRACTION = 0.2
 
 
-class IndexError_(UserError):
-    """A problem with an index folder or a request against it."""
-
-
-def min_train_points(factory: str) -> int:
-    """How many codes a factory needs before it can be trained (0: none)."""
-    need = 0
-    if m := re.search(r"IVF(\d+)", factory):
-        need = max(need, int(m.group(1)))
-    if m := re.search(r"PQ\d+(?:x(\d+))?", factory):
-        need = max(need, 2 ** int(m.group(1) or 8))
-    return need
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Temp file in the same folder, fsync, rename, fsync the folder: all or nothing."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def check_manifest(m: object, path: Path) -> None:
+    """index.json's fields, each checked by name: a hand-edited or foreign file is refused, not half-used."""
+    where = f"{path}/index.json"
+    if not isinstance(m, dict):
+        raise IndexError_(f"{where}: expected a JSON object")
+    model = m.get("model")
+    if not isinstance(model, dict) or not isinstance(model.get("name"), str) or not isinstance(model.get("version"), int):
+        raise IndexError_(f"{where}: field 'model' needs a name and an integer version")
+    if not isinstance(m.get("dim"), int) or isinstance(m.get("dim"), bool) or m["dim"] < 1:
+        raise IndexError_(f"{where}: field 'dim' must be a positive integer, got {m.get('dim')!r}")
+    if m.get("metric") not in METRICS:
+        raise IndexError_(f"{where}: field 'metric' must be l2 or cosine, got {m.get('metric')!r}")
+    if not isinstance(m.get("factory"), str):
+        raise IndexError_(f"{where}: field 'factory' must be a FAISS factory string, got {m.get('factory')!r}")
 
 
 class RWLock:
@@ -132,21 +120,18 @@ class IndexBusy(Exception):
 
 
 class LatentIndex:
-    def __init__(self, path: Path, manifest: dict, threads: int = 0):
+    def __init__(self, path: Path, manifest: dict):
         import faiss
 
         self.faiss = faiss
-        if threads:
-            faiss.omp_set_num_threads(threads)
-        # Batched searches of low-dimensional codes: use BLAS from 2 queries on, not 20
-        # (≈1.4x faster for 8 queries over 60k 30-d codes, measured here).
+        # Batched searches of low-dimensional codes: BLAS pays from 2 queries on, not FAISS's default 20.
         faiss.cvar.distance_compute_blas_threshold = 2
         self.path, self.manifest = Path(path), manifest
         self.dim, self.metric, self.factory = int(manifest["dim"]), manifest["metric"], manifest["factory"]
+        self.traits = traits(self.factory, self.dim)  # FactoryError for a string FAISS cannot build
         self.store = ItemStore(self.path / "items.sqlite", self.dim)
         self.lock = RWLock()
-        self.removable = "HNSW" not in self.factory
-        self._family = "IVF" if "IVF" in self.factory else ("HNSW" if "HNSW" in self.factory else "")
+        self.removable = self.traits.removable
         self.tombstones: set[int] = set()
         self._plain_params: dict[tuple, object] = {}  # search parameters without a selector, made once
         self.index = None
@@ -158,54 +143,52 @@ class LatentIndex:
 
     # ------------------------------------------------------------ create / open
 
+    @staticmethod
+    def new_manifest(model_name: str, model_version: int, dim: int, factory: str = "Flat", metric: str = "l2") -> dict:
+        """index.json for a new index, checked before anything is written (FactoryError names a bad factory)."""
+        if metric not in METRICS:
+            raise IndexError_(f"metric: expected l2 or cosine, got {metric!r}")
+        traits(factory, int(dim))
+        return {"format_version": FORMAT_VERSION, "model": {"name": model_name, "version": int(model_version)},
+                "dim": int(dim), "metric": metric, "factory": factory}
+
+    @classmethod
+    def initialise(cls, folder: Path, manifest: dict) -> "LatentIndex":
+        """Make an empty folder (a staging one: see `create`) an empty index, and open it."""
+        write_atomic(Path(folder) / "index.json", json.dumps(manifest, indent=1))
+        return cls(folder, manifest)
+
     @classmethod
     def create(cls, path: Path, model_name: str, model_version: int, dim: int, factory: str = "Flat",
-               metric: str = "l2", threads: int = 0) -> "LatentIndex":
-        import faiss
-
+               metric: str = "l2") -> "LatentIndex":
+        """A new empty index folder, made whole or not at all: it is assembled in a hidden
+        folder and renamed into place, so a failure leaves nothing that a retry would trip on."""
         path = Path(path)
         if (path / "index.json").exists():
             raise IndexError_(f"{path}: an index already exists here")
-        if metric not in METRICS:
-            raise IndexError_(f"metric: expected l2 or cosine, got {metric!r}")
-        try:
-            faiss.index_factory(dim, factory)
-        except RuntimeError as exc:
-            raise IndexError_(f"factory: FAISS cannot build {factory!r} for {dim}-d codes "
-                              f"({str(exc).splitlines()[-1][:200]})") from None
-        path.mkdir(parents=True, exist_ok=True)
-        manifest = {"format_version": FORMAT_VERSION, "model": {"name": model_name, "version": int(model_version)},
-                    "dim": int(dim), "metric": metric, "factory": factory}
-        write_atomic(path / "index.json", json.dumps(manifest, indent=1).encode())
-        return cls(path, manifest, threads)
+        manifest = cls.new_manifest(model_name, model_version, dim, factory, metric)
+        with staged_folder(path) as tmp:
+            cls.initialise(tmp, manifest).close()  # the item store and a first snapshot
+        return cls(path, manifest)
 
     @classmethod
-    def open(cls, path: Path, model_name: str | None = None, model_version: int | None = None,
-             threads: int = 0) -> "LatentIndex":
+    def open(cls, path: Path, model_name: str | None = None, model_version: int | None = None) -> "LatentIndex":
         path = Path(path)
         try:
             manifest = json.loads((path / "index.json").read_text())
         except FileNotFoundError:
             raise IndexError_(f"{path}: not an index (no index.json)") from None
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise IndexError_(f"{path}/index.json: unreadable ({exc})") from None
+        check_manifest(manifest, path)
         model = manifest["model"]
         if model_name is not None and (model["name"], model["version"]) != (model_name, model_version):
             raise IndexError_(f"{path}: this index holds codes of {model['name']}/{model['version']}, "
                               f"not {model_name}/{model_version}; codes mean nothing to another model")
-        return cls(path, manifest, threads)
+        return cls(path, manifest)
 
     def _empty(self, trainable_now: bool):
-        faiss = self.faiss
-        metric = faiss.METRIC_INNER_PRODUCT if self.metric == "cosine" else faiss.METRIC_L2
-        if min_train_points(self.factory) and not trainable_now:
-            return faiss.IndexIDMap2(faiss.IndexFlat(self.dim, metric)), False
-        base = faiss.index_factory(self.dim, self.factory, metric)
-        # IVF keeps ids itself and removes by id; an IDMap over it breaks on remove
-        # (IVF does not renumber), so only Flat and HNSW get the id map.
-        if isinstance(faiss.downcast_index(base), faiss.IndexIVF):
-            return base, True  # (the downcast wrapper does not own the object: keep `base`)
-        return faiss.IndexIDMap2(base), True
+        return empty_index(self.traits, self.dim, self.metric, trainable_now)
 
     def _load(self) -> None:
         meta = self.path / "snapshot.json"
@@ -244,7 +227,7 @@ class LatentIndex:
         """Build the FAISS index afresh from the store (also clears HNSW tombstones)."""
         seq = self.store.last_seq()
         ids, vecs = self.store.all_vectors()
-        self.index, self.trained_kind = self._empty(len(ids) >= min_train_points(self.factory))
+        self.index, self.trained_kind = self._empty(len(ids) >= self.traits.min_points)
         if self.trained_kind and not self.index.is_trained:
             self.index.train(self._prep(vecs))
         self.tombstones = set()
@@ -274,7 +257,8 @@ class LatentIndex:
 
     def _maybe_train(self) -> None:
         """Swap the flat stand-in for the real factory once enough codes exist."""
-        if not self.trained_kind and min_train_points(self.factory) and self.store.count() >= min_train_points(self.factory):
+        need = self.traits.min_points
+        if not self.trained_kind and need and self.store.count() >= need:
             self.rebuild()
         elif not self.removable and len(self.tombstones) > TOMBSTONE_FRACTION * max(self.index.ntotal, 1):
             self.rebuild()
@@ -323,7 +307,7 @@ class LatentIndex:
     def get(self, key: str):
         item = self.store.get(key)
         if item is None:
-            raise KeyError(f"key {key!r} is not in the index")
+            raise NotFound(f"key {key!r} is not in the index")
         return item
 
     def search(self, queries: np.ndarray, k: int, where: tuple[str, object] | None = None, nprobe: int = 16,
@@ -377,11 +361,12 @@ class LatentIndex:
 
     def _search_params(self, where: tuple[str, object] | None, nprobe: int, ef_search: int):
         """FAISS search parameters: nprobe/efSearch for trained IVF/HNSW, a selector for filters and tombstones."""
-        kind = self.trained_family
+        family = self.trained_family
         if where is None and not self.tombstones:  # the common case: no selector, parameters made once
-            key = (kind, nprobe, ef_search)
-            if (params := self._plain_params.get(key)) is not None or not kind:
-                return params
+            key = (family, nprobe, ef_search)
+            if key not in self._plain_params:
+                self._plain_params[key] = search_parameters(family, nprobe, ef_search)
+            return self._plain_params[key]
         faiss = self.faiss
         selectors, keep = [], []  # FAISS holds selectors by raw pointer: `keep` keeps every Python object alive
         if where is not None:
@@ -390,29 +375,15 @@ class LatentIndex:
             keep.append(faiss.IDSelectorBatch(np.fromiter(self.tombstones, np.int64)))
             selectors.append(faiss.IDSelectorNot(keep[-1]))
         sel = selectors[0] if len(selectors) == 1 else (faiss.IDSelectorAnd(*selectors) if selectors else None)
-        keep += [*selectors, sel]
-        if sel is None and not kind:
-            return None
-        key = (kind, nprobe, ef_search)
-        params = self._plain_params.get(key) if sel is None else None
-        if params is None:
-            params = getattr(faiss, f"SearchParameters{kind}")()
-            if kind == "IVF":
-                params.nprobe = nprobe
-            if kind == "HNSW":
-                # FAISS's default; on MNIST AE codes: recall@10 0.989 at 13.5x Flat (64: 0.999 at 5.9x)
-                params.efSearch = ef_search
-            if sel is None:
-                self._plain_params[key] = params
-            else:
-                params.sel = sel
-                params.referenced_objects = keep  # alive as long as params is
+        params = search_parameters(family, nprobe, ef_search, sel)
+        if params is not None and sel is not None:
+            params.referenced_objects = [*keep, *selectors, sel]  # alive as long as params is
         return params
 
     @property
     def trained_family(self) -> str:
         """"IVF" or "HNSW" once the real factory serves (not its flat stand-in), else ""."""
-        return self._family if self.trained_kind else ""
+        return self.traits.family if self.trained_kind else ""
 
     @property
     def cheap_queries(self) -> bool:
@@ -420,7 +391,7 @@ class LatentIndex:
         return bool(self.trained_family)
 
     def stats(self) -> dict:
-        need = min_train_points(self.factory)
+        need = self.traits.min_points
         count = self.store.count()
         return {"model": self.manifest["model"], "dim": self.dim, "metric": self.metric, "factory": self.factory,
                 "count": count, "faiss_ntotal": int(self.index.ntotal), "tombstones": len(self.tombstones),

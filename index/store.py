@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from zspace.errors import NotFound
+
 
 def payload_json(payload: dict) -> str:
     """The one JSON form of a payload, stored and served as is."""
@@ -76,13 +78,13 @@ class ItemStore:
         return out
 
     def delete(self, keys: list[str]) -> list[int]:
-        """Delete items by key in one transaction; returns the removed ids. Unknown keys raise KeyError first."""
+        """Delete items by key in one transaction; returns the removed ids. Unknown keys raise NotFound first."""
         with self._transaction():
             ids = []
             for key in keys:
                 row = self.db.execute("SELECT id FROM items WHERE key = ?", (key,)).fetchone()
                 if row is None:
-                    raise KeyError(f"key {key!r} is not in the index")
+                    raise NotFound(f"key {key!r} is not in the index")
                 ids.append(row[0])
             for i in ids:
                 self.db.execute("DELETE FROM items WHERE id = ?", (i,))

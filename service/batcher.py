@@ -5,8 +5,7 @@ rows until `max_batch` rows or `max_delay_s` after the oldest waiting
 request, runs the graph once and splits the outputs back.
 
 Why the wait adapts: gRPC hands a Python server its requests one at a time,
-so without waiting a busy server still runs batches of one row (measured
-here: 1.1 rows per run with 64 clients). Waiting pays only when other
+so without waiting a busy server still runs batches of about one row. Waiting pays only when other
 clients are sending, and costs a single client the whole delay. So the
 batcher keeps a running share of its waits that merged requests: while
 waits merge, it waits; when they stop merging, it stops waiting and only
@@ -18,7 +17,7 @@ that many runs at once, so the cores are shared out by ONNX Runtime threads
 within a run and by parallel runs, never oversubscribed. One more batch
 per instance waits in the threads' queue, so a finished run is followed at
 once by the next instead of after a round trip through the event loop
-(measured here: 150 -> 200 requests/s of 256 rows with two instances).
+(benchmarks/README.md has the figures).
 Small batches (up to `inline_rows`, when nothing else runs) run on the
 event loop's own thread: handing a sub-millisecond call to a
 thread costs more than it saves (a run function that may have to wait, like
@@ -38,6 +37,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
+
+from zspace.service.config import BatchConfig
 
 # The rows in, a list of outputs out: each one row per input row (an array, or a list: both slice alike).
 RunFn = Callable[[np.ndarray], list[np.ndarray]]
@@ -63,15 +64,14 @@ class _Item:
 
 
 class DynamicBatcher:
-    def __init__(self, run: RunFn, max_batch: int = 64, max_delay_s: float = 0.001,
-                 max_queue_rows: int = 4096, on_batch: Callable[[int, float], None] | None = None,
-                 inline_rows: int = 64, instances: int = 1, run_declines: bool = False, name: str = "batcher"):
-        if instances < 1:
-            raise ValueError(f"instances: expected at least 1, got {instances}")
-        self.run, self.inline_rows, self.instances = run, inline_rows, instances
-        self.executor = ThreadPoolExecutor(max_workers=instances, thread_name_prefix=name)  # threads start on first use
+    def __init__(self, run: RunFn, config: BatchConfig = BatchConfig(), *,
+                 on_batch: Callable[[int, float], None] | None = None, run_declines: bool = False,
+                 name: str = "batcher"):
+        self.run, self.config = run, config
+        self.max_batch, self.max_queue_rows = config.max_batch, config.max_queue_rows
+        self.max_delay_s, self.inline_rows, self.instances = config.max_delay_ms / 1000, config.inline_rows, config.instances
+        self.executor = ThreadPoolExecutor(max_workers=self.instances, thread_name_prefix=name)  # threads start on first use
         self.run_declines = run_declines  # run(x, inline=True) may raise WouldBlock
-        self.max_batch, self.max_delay_s, self.max_queue_rows = max_batch, max_delay_s, max_queue_rows
         self.on_batch = on_batch or (lambda rows, queued_s: None)
         self.queue: deque[_Item] = deque()
         self.queued_rows = 0

@@ -20,6 +20,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from zspace.index.hits import Hit
 from zspace.v1 import zspace_pb2 as pb
 from zspace.v1 import zspace_pb2_grpc as pb_grpc
 
@@ -157,8 +158,8 @@ class ZSpaceClient:
         return self._call("IndexStats", pb.IndexStatsRequest(index=index))
 
     def search(self, index: str, x=None, *, images=None, texts=None, vectors=None, key: str | None = None,
-               k: int = 10, where: tuple[str, object] | None = None) -> list[list[tuple[str, float, dict]]]:
-        """Nearest stored items per query: [(key, distance, payload), ...], nearest first."""
+               k: int = 10, where: tuple[str, object] | None = None) -> list[list[Hit]]:
+        """Nearest stored items per query: [Hit(key, distance, payload), ...], nearest first."""
         req = pb.SearchRequest(index=index, k=k)
         if key is not None:
             req.key = key
@@ -169,7 +170,7 @@ class ZSpaceClient:
         if where is not None:
             req.filter_field, req.filter_value_json = where[0], json.dumps(where[1])
         resp = self._call("Search", req)
-        return [[(h.key, h.distance, json.loads(h.payload_json)) for h in hits.hits] for hits in resp.results]
+        return [[Hit(h.key, h.distance, json.loads(h.payload_json)) for h in hits.hits] for hits in resp.results]
 
     def upsert(self, index: str, keys: list[str], x=None, *, images=None, texts=None, vectors=None,
                payloads: list[dict] | None = None) -> int:

@@ -12,18 +12,18 @@ from pathlib import Path
 
 import numpy as np
 
+from zspace.errors import NotFound
 from zspace.index.latent_index import IndexBusy, LatentIndex
 from zspace.service.batcher import DynamicBatcher, WouldBlock
+from zspace.service.config import SearchConfig
 from zspace.service.repository import ModelRepository
 
 log = logging.getLogger("zspace.serve")
-INLINE_QUERIES = 8  # batches of cheap (HNSW/IVF) queries up to this size run on the event loop
 
 
 class IndexRegistry:
-    def __init__(self, root: Path | None, repo: ModelRepository, threads: int = 0, max_batch: int = 256):
-        self.root, self.repo, self.threads = (Path(root) if root else None), repo, threads
-        self.max_batch = max_batch
+    def __init__(self, root: Path | None, repo: ModelRepository, search: SearchConfig = SearchConfig()):
+        self.root, self.repo, self.search_config = (Path(root) if root else None), repo, search
         self.indexes: dict[str, LatentIndex] = {}
         self.broken: dict[str, str] = {}
         self.batchers: dict[tuple[str, int], DynamicBatcher] = {}
@@ -35,11 +35,11 @@ class IndexRegistry:
         loop with one thread, anything else in a worker thread (FAISS's OpenMP pool is per
         calling thread, so many small concurrent calls would oversubscribe the cores).
         A few queries that find nothing waiting go straight to the batcher's run function:
-        its queue bookkeeping would cost ≈3–5 µs of a ≈45 µs search.
+        its queue bookkeeping would be a tenth of the search.
         """
         index = self.get(name)
         batcher = self.batchers.get((name, k)) or self._batcher(name, index, k)
-        if len(queries) <= INLINE_QUERIES and batcher.idle:
+        if len(queries) <= self.search_config.inline_queries and batcher.idle:
             try:
                 return batcher.run(queries, inline=True)[0]
             except WouldBlock:
@@ -61,8 +61,7 @@ class IndexRegistry:
         # hand-off, unless a write holds the index (then the run declines and goes to a thread).
         # The hits are a list per query: the batcher slices it per request like an array.
         batcher = self.batchers[(name, k)] = DynamicBatcher(
-            run, max_batch=self.max_batch, max_queue_rows=64 * self.max_batch, max_delay_s=0.0,
-            inline_rows=INLINE_QUERIES, run_declines=True, name=f"search-{name}")
+            run, self.search_config.batch_config(), run_declines=True, name=f"search-{name}")
         return batcher
 
     def open_all(self, retry_broken: bool = True) -> None:
@@ -76,7 +75,8 @@ class IndexRegistry:
         if self.root is None or not self.root.is_dir():
             return
         broken: dict[str, str] = {}
-        for folder in sorted(p for p in self.root.iterdir() if (p / "index.json").is_file()):
+        # Hidden folders are skipped: index builds stage there before renaming into place.
+        for folder in sorted(p for p in self.root.iterdir() if not p.name.startswith(".") and (p / "index.json").is_file()):
             if folder.name in self.indexes:
                 continue
             if not retry_broken and str(folder) in self.broken:
@@ -84,15 +84,15 @@ class IndexRegistry:
                 continue
             index = None
             try:
-                index = LatentIndex.open(folder, threads=self.threads)
+                index = LatentIndex.open(folder)
                 model = index.manifest["model"]
-                rt = self.repo.get(model["name"], int(model["version"]))  # KeyError if not loaded
+                rt = self.repo.get(model["name"], int(model["version"]))  # NotFound if not loaded
                 if rt.latent_dim != index.dim:
                     raise ValueError(f"model {rt.name}/{rt.version} has {rt.latent_dim}-d codes, the index {index.dim}")
             except Exception as exc:
                 if index is not None:
                     index.store.close()  # not served: let go of its SQLite file
-                reason = exc.args[0] if isinstance(exc, KeyError) else str(exc)
+                reason = str(exc)
                 broken[str(folder)] = f"not served: {reason}"
                 if self.broken.get(str(folder)) != broken[str(folder)]:  # say it once, not at every rescan
                     log.error("index %s skipped: %s", folder.name, reason)
@@ -120,7 +120,7 @@ class IndexRegistry:
 
     def get(self, name: str) -> LatentIndex:
         if name not in self.indexes:
-            raise KeyError(f"index {name!r} is not served (served: {', '.join(sorted(self.indexes)) or 'none'})")
+            raise NotFound(f"index {name!r} is not served (served: {', '.join(sorted(self.indexes)) or 'none'})")
         return self.indexes[name]
 
     def close(self) -> None:

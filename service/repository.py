@@ -11,66 +11,45 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from zspace.bundle import Bundle, load_bundle, version_dirs
+from zspace.errors import NotFound, UserError
+from zspace.runtime import open_runtime
 from zspace.service.batcher import DynamicBatcher
-from zspace.bundle import VAE_KINDS, Bundle, load_bundle
-from zspace.errors import UserError
-from zspace.runtime import onnx_session
-from zspace.transforms import transform_from_dict
+from zspace.service.config import MODEL_CONFIG_FILE, BatchConfig, model_batch_config
 
 log = logging.getLogger("zspace.serve")
 
 
-@dataclass
-class BatchConfig:
-    max_batch: int = 64
-    max_delay_s: float = 0.001
-    max_queue_rows: int = 4096
-    inline_rows: int = 64  # batches up to this many rows run on the event loop's thread (see batcher)
-    instances: int = 1     # runs in flight per graph
-
-
 class ModelRuntime:
-    """One loaded bundle version: two ONNX Runtime sessions, their batchers, the transform."""
+    """One loaded bundle version: its runtime (two ONNX Runtime sessions and the transform) and two batchers."""
 
-    def __init__(self, bundle: Bundle, device: str, threads: int, batching: BatchConfig,
-                 on_batch=None):
-        self.bundle, self.manifest = bundle, bundle.manifest
-        self.name, self.version = bundle.name, bundle.version
-        self.kind, self.modality = bundle.kind, self.manifest["modality"]
-        self.input_dim, self.latent_dim = bundle.input_dim, bundle.latent_dim
-        self.transform = transform_from_dict(self.manifest["transform"])
-        self.likelihood = self.manifest["output"]["likelihood"]
-        logvar = self.manifest["output"].get("logvar")
-        self.out_logvar = None if logvar is None else np.asarray(logvar, np.float64)
-        self.encoder = onnx_session(bundle.graph("encoder"), device, threads, spin=False)
-        self.decoder = onnx_session(bundle.graph("decoder"), device, threads, spin=False)
-        self.provider = self.encoder.get_providers()[0]
+    def __init__(self, bundle: Bundle, device: str, threads: int, batching: BatchConfig, on_batch=None):
+        self.bundle = bundle
+        self.name, self.version, self.kind, self.modality = bundle.name, bundle.version, bundle.kind, bundle.modality
+        self.input_dim, self.latent_dim, self.likelihood = bundle.input_dim, bundle.latent_dim, bundle.likelihood
+        self.out_logvar = None if bundle.out_logvar is None else np.asarray(bundle.out_logvar, np.float64)
+        # spin=False: idle ORT threads must not busy-wait; the server needs those cycles for requests.
+        self.runtime = open_runtime(bundle, device, threads, spin=False)
+        self.transform, self.provider = self.runtime.transform, self.runtime.provider
+        self.batching = batching
         self._warm_up()
         hook = on_batch or (lambda *a: None)
         self.encode_batcher, self.decode_batcher = (
-            DynamicBatcher(run, batching.max_batch, batching.max_delay_s, batching.max_queue_rows,
-                           lambda r, q, g=graph: hook(self.name, g, r, q), batching.inline_rows, batching.instances,
+            DynamicBatcher(run, batching, on_batch=lambda r, q, g=graph: hook(self.name, g, r, q),
                            name=f"ort-{self.name}-{graph}")
-            for run, graph in ((self._run_encoder, "encoder"), (self._run_decoder, "decoder")))
+            for run, graph in ((self.runtime.encode, "encoder"), (self.runtime.decode, "decoder")))
 
     @property
     def is_vae(self) -> bool:
-        return self.kind in VAE_KINDS
-
-    def _run_encoder(self, x: np.ndarray) -> list[np.ndarray]:
-        return self.encoder.run(None, {"x": x})
-
-    def _run_decoder(self, z: np.ndarray) -> list[np.ndarray]:
-        return self.decoder.run(None, {"z": z})
+        return self.bundle.is_vae
 
     def _warm_up(self) -> None:
         """One real call per graph, so the first client does not pay for initialisation."""
-        self._run_decoder(self._run_encoder(np.zeros((1, self.input_dim), np.float32))[0])
+        self.runtime.decode(self.runtime.encode(np.zeros((1, self.input_dim), np.float32))[0])
 
     async def encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         outs = await self.encode_batcher.submit(x)
@@ -83,7 +62,7 @@ class ModelRuntime:
         """Latents from the manifest's prior: N(0, I), or the Gaussian fitted to training codes."""
         rng = np.random.default_rng(seed)
         eps = rng.standard_normal((count, self.latent_dim)) * temperature
-        prior = self.manifest["prior"]
+        prior = self.bundle.prior
         if prior["type"] == "gaussian":
             eps = np.asarray(prior["mean"]) + eps @ np.asarray(prior["cholesky"]).T
         return eps.astype(np.float32)
@@ -94,27 +73,25 @@ class ModelRuntime:
 
 
 def fingerprint(version_dir: Path) -> str:
-    """Changes when the manifest (and therefore any graph hash) changes."""
-    try:
-        return hashlib.sha256((version_dir / "manifest.json").read_bytes()).hexdigest()
-    except OSError:
-        return "unreadable"
+    """Changes when the manifest (and therefore any graph hash) or the model's serving.json changes."""
+    h = hashlib.sha256()
+    for path in (version_dir / "manifest.json", version_dir.parent / MODEL_CONFIG_FILE):
+        try:
+            h.update(path.read_bytes())
+        except FileNotFoundError:
+            h.update(b"-")
+        except OSError:
+            return "unreadable"
+    return h.hexdigest()
 
 
 class ModelRepository:
-    def __init__(self, root: Path, device: str, threads: int, batching: BatchConfig,
-                 on_batch=None):
+    def __init__(self, root: Path, device: str, threads: int, batching: BatchConfig, on_batch=None):
         self.root, self.device, self.threads = Path(root), device, threads
         self.batching, self.on_batch = batching, on_batch
         self.models: dict[str, dict[int, ModelRuntime]] = {}
         self.broken: dict[str, str] = {}  # path -> error
         self._prints: dict[str, str] = {}
-
-    def version_dirs(self) -> list[Path]:
-        if not self.root.is_dir():
-            return []
-        return sorted(v for n in self.root.iterdir() if n.is_dir() and not n.name.startswith(".")
-                      for v in n.iterdir() if v.is_dir() and v.name.isdigit() and int(v.name) > 0)
 
     def scan(self) -> tuple[list[str], list[ModelRuntime]]:
         """Load new or changed bundles, drop removed ones.
@@ -126,7 +103,7 @@ class ModelRepository:
         retired: list[ModelRuntime] = []
         models = {n: dict(vs) for n, vs in self.models.items()}
         seen = set()
-        for vdir in self.version_dirs():
+        for vdir in version_dirs(self.root):
             key = str(vdir)
             seen.add(key)
             fp = fingerprint(vdir)
@@ -138,7 +115,8 @@ class ModelRepository:
                 bundle = load_bundle(vdir)
                 if bundle.name != name or bundle.version != version:
                     raise UserError(f"{vdir}: manifest says {bundle.name}/{bundle.version}, folder says {name}/{version}")
-                runtime = ModelRuntime(bundle, self.device, self.threads, self.batching, self.on_batch)
+                batching = model_batch_config(vdir.parent, self.batching)
+                runtime = ModelRuntime(bundle, self.device, self.threads, batching, self.on_batch)
             except Exception as exc:  # any failure marks this bundle broken; the rest serve
                 self.broken[key] = str(exc)
                 old = models.get(name, {}).pop(version, None)
@@ -168,11 +146,11 @@ class ModelRepository:
     def get(self, name: str, version: int = 0) -> ModelRuntime:
         versions = self.models.get(name)
         if not versions:
-            raise KeyError(f"model {name!r} is not loaded (loaded: {', '.join(sorted(self.models)) or 'none'})")
+            raise NotFound(f"model {name!r} is not loaded (loaded: {', '.join(sorted(self.models)) or 'none'})")
         if version == 0:
             return versions[max(versions)]
         if version not in versions:
-            raise KeyError(f"model {name!r} has no version {version} (loaded: {sorted(versions)})")
+            raise NotFound(f"model {name!r} has no version {version} (loaded: {sorted(versions)})")
         return versions[version]
 
     def loaded(self) -> list[ModelRuntime]:

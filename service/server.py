@@ -13,19 +13,21 @@ import hmac
 import logging
 import os
 import signal
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from zspace.errors import UserError
+from zspace.index.factory import set_threads as set_faiss_threads
+from zspace.memory import keep_freed_memory
+from zspace.service.config import ServeConfig
+from zspace.service.index_rpcs import IndexRpcs
 from zspace.service.indexes import IndexRegistry
 from zspace.service.metrics import Metrics
-from zspace.service.repository import BatchConfig, ModelRepository
-from zspace.service.servicer import Limits, ZSpaceServicer
-from zspace.errors import UserError
-from zspace.memory import keep_freed_memory
+from zspace.service.repository import ModelRepository
+from zspace.service.servicer import ModelRpcs, zspace_servicer
 from zspace.v1 import zspace_pb2 as pb
 from zspace.v1 import zspace_pb2_grpc as pb_grpc
 
@@ -34,36 +36,11 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ZSpace"].full_name
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 
 
-@dataclass
-class ServeConfig:
-    models: Path
-    indexes: Path | None = None
-    host: str = "127.0.0.1"
-    port: int = 50051
-    metrics_port: int = 9100  # 0: no metrics endpoint
-    device: str = "auto"
-    threads: int = 0  # ONNX Runtime intra-op threads per run; 0: the cores shared out among the instances
-    instances: int = 1  # ONNX Runtime runs in flight per model graph
-    max_batch: int = 64
-    max_delay_ms: float = 1.0  # an upper bound: the batcher waits only while waiting merges requests
-    max_queue_rows: int = 4096
-    max_rows: int = 4096
-    max_generate: int = 4096
-    max_message_mb: int = 64
-    max_concurrent_rpcs: int | None = None
-    poll_s: float = 5.0  # 0: reload on SIGHUP only
-    grace_s: float = 10.0
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    token: str | None = None
-    loop: str = "auto"  # auto | uvloop | asyncio
-
-
 def event_loop_factory(choice: str):
     """The event loop the server runs on: uvloop's when asked for or (auto) installed, else asyncio's.
 
-    uvloop answered ≈5% more Searches per second here, side by side on one
-    machine: the loop's own bookkeeping is a fair share of a small RPC."""
+    The loop's own bookkeeping is a fair share of a small RPC, and uvloop's is
+    cheaper (benchmarks/README.md has the side-by-side figures)."""
     if choice not in ("auto", "uvloop", "asyncio"):
         raise UserError(f"--loop: expected auto, uvloop or asyncio, got {choice!r}")
     if choice != "asyncio":
@@ -121,11 +98,10 @@ class Server:
         if bool(cfg.tls_cert) != bool(cfg.tls_key):
             raise UserError("--tls-cert and --tls-key go together")
         self.metrics = Metrics()
-        threads = cfg.threads or max(1, (os.cpu_count() or 1) // cfg.instances)
-        batching = BatchConfig(max_batch=cfg.max_batch, max_delay_s=cfg.max_delay_ms / 1000, max_queue_rows=cfg.max_queue_rows,
-                               instances=cfg.instances)
-        self.repo = ModelRepository(cfg.models, cfg.device, threads, batching, self.metrics.on_batch)
-        self.indexes = IndexRegistry(cfg.indexes, self.repo, threads)
+        onnx_threads = cfg.onnx_threads or max(1, (os.cpu_count() or 1) // cfg.batch.instances)
+        set_faiss_threads(cfg.faiss_threads)
+        self.repo = ModelRepository(cfg.models, cfg.device, onnx_threads, cfg.batch, self.metrics.on_batch)
+        self.indexes = IndexRegistry(cfg.indexes, self.repo, cfg.search)
         self.health = health.aio.HealthServicer()
         self.stopping = asyncio.Event()
         self.server: grpc.aio.Server | None = None
@@ -145,8 +121,9 @@ class Server:
         interceptors = [BearerAuth(cfg.token)] if cfg.token else []
         self.server = grpc.aio.server(migration_thread_pool=None, options=options, interceptors=interceptors,
                                       maximum_concurrent_rpcs=cfg.max_concurrent_rpcs)
-        limits = Limits(max_rows=cfg.max_rows, max_generate=cfg.max_generate)
-        pb_grpc.add_ZSpaceServicer_to_server(ZSpaceServicer(self.repo, limits, self.metrics, self.indexes), self.server)
+        servicer = zspace_servicer(ModelRpcs(self.repo, cfg.limits, self.metrics),
+                                   IndexRpcs(self.indexes, self.repo, cfg.limits, self.metrics))
+        pb_grpc.add_ZSpaceServicer_to_server(servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), self.server)

@@ -11,7 +11,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from zspace.service.server import BackgroundServer, ServeConfig
+from zspace.service.config import ServeConfig
+from zspace.service.server import BackgroundServer
 
 
 def free_port() -> int:
@@ -29,7 +30,7 @@ class ServerThread(BackgroundServer):
 
 
 def start_thread(models: Path, **overrides) -> ServerThread:
-    cfg = ServeConfig(models=models, port=0, metrics_port=free_port(), threads=1, poll_s=0, grace_s=5, **overrides)
+    cfg = ServeConfig(models=models, port=0, metrics_port=free_port(), onnx_threads=1, poll_s=0, grace_s=5, **overrides)
     return ServerThread(cfg)
 
 

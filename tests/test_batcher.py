@@ -13,7 +13,9 @@ import time
 import numpy as np
 import pytest
 
+from zspace.errors import UserError
 from zspace.service.batcher import PROBE_EVERY, DynamicBatcher, QueueFull, WouldBlock
+from zspace.service.config import BatchConfig
 
 
 class Graph:
@@ -49,7 +51,7 @@ def test_concurrent_requests_merge_and_split_back():
     graph = Graph()
 
     async def main():
-        b = DynamicBatcher(graph, max_batch=64, max_delay_s=0.05)
+        b = DynamicBatcher(graph, BatchConfig(max_batch=64, max_delay_ms=50))
         xs = [rows(i % 3 + 1, 100 * i) for i in range(10)]
         outs = await asyncio.gather(*(b.submit(x) for x in xs))
         for x, (doubled, sums) in zip(xs, outs):
@@ -65,7 +67,7 @@ def test_max_batch_bounds_a_run_but_never_splits_a_request():
     graph = Graph()
 
     async def main():
-        b = DynamicBatcher(graph, max_batch=4, max_delay_s=0.05, inline_rows=0)
+        b = DynamicBatcher(graph, BatchConfig(max_batch=4, max_delay_ms=50, inline_rows=0))
         outs = await asyncio.gather(b.submit(rows(3)), b.submit(rows(3, 9)), b.submit(rows(10, 99)))
         np.testing.assert_array_equal(outs[2][0], rows(10, 99) * 2)
         b.close()
@@ -79,17 +81,20 @@ def test_the_wait_stops_when_it_merges_nothing_and_probes_again():
     graph = Graph()
 
     async def main():
-        b = DynamicBatcher(graph, max_batch=64, max_delay_s=0.02)
-        times = []
+        b = DynamicBatcher(graph, BatchConfig(max_batch=64, max_delay_ms=20))
+        times, decisions = [], []
         for i in range(PROBE_EVERY + 12):
+            decisions.append(b._should_wait())  # what the idle batcher decides for the next request
             t = time.perf_counter()
             await b.submit(rows(1, i))
             times.append(time.perf_counter() - t)
         b.close()
-        return b, times
+        return b, times, decisions
 
-    b, times = asyncio.run(main())
-    waited = [t >= 0.015 for t in times]
+    # The decisions, not the clock, say which calls waited: a loaded machine can make any call slow.
+    # Only the lower bound is timed: a call that waited took at least the delay.
+    b, times, waited = asyncio.run(main())
+    assert all(t >= 0.015 for t, w in zip(times, waited) if w)
     assert all(waited[:3])  # it starts out waiting
     first_fast = waited.index(False)
     assert first_fast <= 10
@@ -103,7 +108,7 @@ def test_the_wait_resumes_when_clients_send_concurrently():
     graph = Graph(seconds=0.01)
 
     async def main():
-        b = DynamicBatcher(graph, max_batch=64, max_delay_s=0.005, inline_rows=0)
+        b = DynamicBatcher(graph, BatchConfig(max_batch=64, max_delay_ms=5, inline_rows=0))
         for i in range(15):  # a lone client teaches it not to wait
             await b.submit(rows(1, i))
         assert b.merge_share < 0.25
@@ -124,7 +129,7 @@ def test_instances_bound_parallel_runs():
         graph = Graph(seconds=0.03)
 
         async def main():
-            b = DynamicBatcher(graph, max_batch=1, max_delay_s=0.0, inline_rows=0, instances=instances)
+            b = DynamicBatcher(graph, BatchConfig(max_batch=1, max_delay_ms=0, inline_rows=0, instances=instances))
             outs = await asyncio.gather(*(b.submit(rows(1, i)) for i in range(9)))
             for i, (doubled, _) in enumerate(outs):
                 np.testing.assert_array_equal(doubled, rows(1, i) * 2)
@@ -140,7 +145,7 @@ def test_a_failing_graph_fails_every_request_of_its_batch_and_the_next_batch_sti
         graph = Graph(fail=True)
 
         async def main():
-            b = DynamicBatcher(graph, max_batch=64, max_delay_s=0.02, inline_rows=inline)
+            b = DynamicBatcher(graph, BatchConfig(max_batch=64, max_delay_ms=20, inline_rows=inline))
             results = await asyncio.gather(*(b.submit(rows(1, i)) for i in range(4)), return_exceptions=True)
             assert all(isinstance(r, RuntimeError) for r in results)
             graph.fail = False
@@ -155,7 +160,7 @@ def test_a_full_queue_refuses_at_once_and_cancelled_requests_are_skipped():
     graph = Graph()
 
     async def main():
-        b = DynamicBatcher(graph, max_batch=64, max_delay_s=0.2, max_queue_rows=4)
+        b = DynamicBatcher(graph, BatchConfig(max_batch=64, max_delay_ms=200, max_queue_rows=4))
         first = asyncio.ensure_future(b.submit(rows(3)))
         gone = asyncio.ensure_future(b.submit(rows(1, 50)))
         await asyncio.sleep(0.01)
@@ -180,7 +185,7 @@ def test_an_inline_run_that_would_block_goes_to_a_thread():
         return [x * 2]
 
     async def main():
-        b = DynamicBatcher(run, max_batch=8, max_delay_s=0.0, inline_rows=8, run_declines=True)
+        b = DynamicBatcher(run, BatchConfig(max_batch=8, max_delay_ms=0, inline_rows=8), run_declines=True)
         (doubled,) = await b.submit(rows(2))
         np.testing.assert_array_equal(doubled, rows(2) * 2)
         b.close()
@@ -190,5 +195,5 @@ def test_an_inline_run_that_would_block_goes_to_a_thread():
 
 
 def test_instances_must_be_positive():
-    with pytest.raises(ValueError, match="instances"):
-        DynamicBatcher(Graph(), instances=0)
+    with pytest.raises(UserError, match="instances"):
+        DynamicBatcher(Graph(), BatchConfig(instances=0))

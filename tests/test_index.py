@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from zspace.errors import NotFound
 from zspace.index.latent_index import IndexBusy, IndexError_, LatentIndex
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,9 +50,9 @@ def test_upsert_replace_delete_search(tmp_path, factory):
     idx.delete(["k1", "k2"])
     found = {h[0] for h in idx.search(x[1:3], 5)[0] + idx.search(x[1:3], 5)[1]}
     assert not found & {"k1", "k2"}
-    with pytest.raises(KeyError):
+    with pytest.raises(NotFound):
         idx.get("k1")
-    with pytest.raises(KeyError):
+    with pytest.raises(NotFound):
         idx.delete(["nope"])
     assert idx.stats()["count"] == 298 and idx.index.ntotal - idx.stats()["tombstones"] == 298
     idx.close()

@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import train_run
+from helpers import train_run
 from serving import ServerProcess, free_port, start_thread
 from zspace.service.client import ZSpaceClient, to_tensor
+from zspace.service.config import BatchConfig
 from zspace.training.export import export_run
 from zspace.bundle import load_bundle
 from zspace.data import load_dataset
@@ -47,7 +48,7 @@ def repo(vae_run, tmp_path_factory, jsonl_corpus) -> Path:
 
 @pytest.fixture(scope="module")
 def jsonl_corpus(tmp_path_factory) -> Path:
-    from conftest import make_docs
+    from helpers import make_docs
 
     path = tmp_path_factory.mktemp("docs") / "docs.jsonl"
     path.write_text("\n".join(json.dumps(d) for d in make_docs()) + "\n")
@@ -56,7 +57,7 @@ def jsonl_corpus(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(repo):
-    with start_thread(repo, max_delay_ms=5.0, max_batch=64) as s:
+    with start_thread(repo, batch=BatchConfig(max_delay_ms=5.0, max_batch=64)) as s:
         yield s
 
 
@@ -233,7 +234,7 @@ def test_bad_input_matrix_while_others_are_served(server, client, digits_x):
 
 
 def test_queue_limit_and_deadline(repo, digits_x):
-    s = start_thread(repo, max_delay_ms=300.0, max_batch=64, max_queue_rows=4)
+    s = start_thread(repo, batch=BatchConfig(max_delay_ms=300.0, max_batch=64, max_queue_rows=4))
     try:
         with ZSpaceClient(s.target, timeout=20, retries=1) as c:
             with ThreadPoolExecutor(8) as pool:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import train_run
+from helpers import train_run
 from zspace.training.evaluate import coder_from_bundle, coder_from_run, evaluate, importance_sampled, retrieval
 from zspace.training.export import export_run
 from zspace.training.train import load_model, read_metrics

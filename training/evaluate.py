@@ -29,7 +29,7 @@ from zspace.data import Dataset, load_dataset
 from zspace.errors import UserError
 from zspace.likelihood import log_likelihood, target_of
 from zspace.progress import Progress
-from zspace.runtime import onnx_session
+from zspace.runtime import open_runtime
 from zspace.transforms import transform_from_dict
 
 
@@ -70,21 +70,19 @@ def coder_from_run(run: Path) -> Coder:
 
 
 def coder_from_bundle(path: Path) -> Coder:
-    bundle = load_bundle(path)
-    m = bundle.manifest
-    enc, dec = onnx_session(bundle.graph("encoder")), onnx_session(bundle.graph("decoder"))
+    runtime = open_runtime(load_bundle(path))
+    bundle, training = runtime.bundle, runtime.bundle.manifest["training"]
 
     def encode(x):
-        outs = enc.run(None, {"x": x})
+        outs = runtime.encode(x)
         return outs[0], outs[1] if len(outs) > 1 else None
 
-    logvar = m["output"].get("logvar")
     return Coder(
-        kind=m["kind"], likelihood=m["output"]["likelihood"], latent_dim=bundle.latent_dim,
-        encode=encode, decode=lambda z: dec.run(None, {"z": z})[0],
-        out_logvar=None if logvar is None else np.asarray(logvar, np.float32),
-        binarized=m["training"]["config"].get("binarize", False), transform=m["transform"],
-        data_spec=m["training"]["data"]["spec"],
+        kind=bundle.kind, likelihood=bundle.likelihood, latent_dim=bundle.latent_dim,
+        encode=encode, decode=lambda z: runtime.decode(z)[0],
+        out_logvar=None if bundle.out_logvar is None else np.asarray(bundle.out_logvar, np.float32),
+        binarized=training["config"].get("binarize", False), transform=bundle.transform,
+        data_spec=training["data"]["spec"],
     )
 
 

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -24,6 +22,7 @@ from zspace.training.train import codes_of, load_model, load_run_data, read_metr
 from zspace import __version__
 from zspace.bundle import FORMAT_VERSION, VAE_KINDS, check_name, load_bundle, sha256_file, versions, write_manifest
 from zspace.errors import UserError
+from zspace.files import staged_folder
 from zspace.likelihood import target_of
 from zspace.runtime import onnx_session
 
@@ -99,18 +98,10 @@ def export_run(run: Path, repo: Path, name: str, version: int | None = None) -> 
     final = repo / name / str(version)
     if final.exists():
         raise UserError(f"{final} already exists; bundles are immutable, export a new --version")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{version}.staging-", dir=final.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it 0700: a server running as another user could not read it
-    try:
+    with staged_folder(final) as staging:
         manifest = _build(model, info, ds, run, staging, name, version)
         write_manifest(staging, manifest)
         load_bundle(staging)  # the reader's own checks, before anyone can see it
-        os.replace(staging, final)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return final
 
 

@@ -7,3 +7,10 @@ else is a bug and keeps its traceback.
 
 class UserError(Exception):
     """A problem with the user's input: a path, a file, an option value."""
+
+
+class NotFound(UserError):
+    """A model, version, index or key that the caller named does not exist (gRPC NOT_FOUND).
+
+    A separate type, not KeyError: a KeyError raised by a bug must not reach a
+    client disguised as "not found"."""

@@ -9,7 +9,13 @@ bytes or the new ones, and once it returns the new ones survive a power cut.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
+
+from zspace.errors import UserError
 
 
 def fsync_dir(folder: Path) -> None:
@@ -38,3 +44,27 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
         raise
     fsync_dir(path.parent)
     return path
+
+
+@contextmanager
+def staged_folder(final: str | os.PathLike) -> Iterator[Path]:
+    """A hidden folder beside `final` to fill; renamed into place when the block succeeds, removed when it fails.
+
+    A watcher of the parent folder (the server's rescans) sees the finished folder
+    or nothing, never a half-written one, and a failure leaves nothing to clean up.
+    Watchers skip hidden names, which is why the staging folder's starts with a dot.
+    """
+    final = Path(final)
+    if final.exists() and (not final.is_dir() or any(final.iterdir())):
+        raise UserError(f"{final}: already exists")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.staging-", dir=final.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700: a server running as another user could not read it
+    try:
+        yield tmp
+        os.rename(tmp, final)  # over an empty folder too (POSIX rename), never over a non-empty one
+        fsync_dir(final.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # still there only when the block or the rename failed

@@ -128,37 +128,60 @@ def quickstart(workdir, epochs) -> None:
     click.echo(json.dumps(summary, indent=1))
 
 
-@main.command()
-@click.option("--models", type=click.Path(file_okay=False), required=True, help="Model repository: NAME/VERSION/ bundles.")
-@click.option("--indexes", type=click.Path(file_okay=False), default=None, help="Folder of indexes (one per subfolder) to serve beside the models.")
-@click.option("--host", default="127.0.0.1", help="Address to bind; 0.0.0.0 in containers.")
-@click.option("--port", type=click.IntRange(0, 65535), default=50051, help="gRPC port (0: any free port).")
-@click.option("--metrics-port", type=click.IntRange(0, 65535), default=9100, help="Prometheus /metrics port (0: off).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", help="auto: CUDA only when onnxruntime-gpu can use a GPU here.")
-@click.option("--threads", type=click.IntRange(min=0), default=0, help="ONNX Runtime threads per run (0: the cores shared out among --instances).")
-@click.option("--instances", type=click.IntRange(min=1), default=1,
-              help="ONNX Runtime runs in flight per model graph; for many concurrent big requests try the core count with --threads 1.")
-@click.option("--max-batch", type=click.IntRange(min=1), default=64, help="Rows merged into one ONNX Runtime call (1: batching off).")
-@click.option("--max-delay-ms", type=click.FloatRange(min=0), default=1.0,
-              help="Longest wait for a batch to fill, taken only while waiting merges requests; 0: never wait.")
-@click.option("--max-queue", type=click.IntRange(min=1), default=4096, help="Rows waiting per graph before RESOURCE_EXHAUSTED.")
-@click.option("--max-rows", type=click.IntRange(min=1), default=4096, help="Largest batch one request may send.")
-@click.option("--max-message-mb", type=click.IntRange(min=1), default=64, help="gRPC message size limit (both ways).")
-@click.option("--max-concurrent-rpcs", type=click.IntRange(min=1), default=None, help="Shed load beyond this many RPCs.")
-@click.option("--poll-s", type=click.FloatRange(min=0), default=5.0, help="Rescan --models this often (0: on SIGHUP only).")
-@click.option("--grace-s", type=click.FloatRange(min=0), default=10.0, help="SIGTERM: time for in-flight requests to finish.")
-@click.option("--loop", type=click.Choice(["auto", "uvloop", "asyncio"]), default="auto",
-              help="Event loop: auto takes uvloop when it is installed (more requests per core), else asyncio's own.")
-@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), default=None, help="PEM certificate (with --tls-key).")
-@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), default=None, help="PEM private key.")
-@click.option("--token-file", type=click.Path(dir_okay=False), default=None, help="Require this bearer token (first line of the file).")
-@click.option("--token-env", default="ZSPACE_TOKEN", help="Or require the token in this environment variable, when set.")
-def serve(models, indexes, max_delay_ms, max_queue, token_file, token_env, **opts) -> None:
-    """Serve every bundle under --models over gRPC (health, reflection, metrics, hot reload)."""
-    from zspace.service.server import ServeConfig, read_token, serve as run_server
+def serve_options(f):
+    """`zspace serve`'s options; their defaults are the config classes' own (zspace.service.config)."""
+    from zspace.service.config import BatchConfig, Limits, SearchConfig, ServeConfig
 
-    cfg = ServeConfig(models=Path(models), indexes=Path(indexes) if indexes else None, max_delay_ms=max_delay_ms,
-                      max_queue_rows=max_queue, token=read_token(token_file, token_env), **opts)
+    d, b, lim, srch = ServeConfig, BatchConfig, Limits, SearchConfig
+    options = [
+        click.option("--models", type=click.Path(file_okay=False), required=True, help="Model repository: NAME/VERSION/ bundles."),
+        click.option("--indexes", type=click.Path(file_okay=False), default=None, help="Folder of indexes (one per subfolder) to serve beside the models."),
+        click.option("--host", default=d.host, help="Address to bind; 0.0.0.0 in containers."),
+        click.option("--port", type=click.IntRange(0, 65535), default=d.port, help="gRPC port (0: any free port)."),
+        click.option("--metrics-port", type=click.IntRange(0, 65535), default=d.metrics_port, help="Prometheus /metrics port (0: off)."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=d.device, help="auto: CUDA only when onnxruntime-gpu can use a GPU here."),
+        click.option("--threads", "onnx_threads", type=click.IntRange(min=0), default=d.onnx_threads,
+                     help="ONNX Runtime threads per run (0: the cores shared out among --instances)."),
+        click.option("--faiss-threads", type=click.IntRange(min=0), default=d.faiss_threads,
+                     help="FAISS OpenMP threads for index searches, process-wide (0: FAISS's default, the core count)."),
+        click.option("--instances", type=click.IntRange(min=1), default=b.instances,
+                     help="ONNX Runtime runs in flight per model graph; for many concurrent big requests try the core count with --threads 1."),
+        click.option("--max-batch", type=click.IntRange(min=1), default=b.max_batch, help="Rows merged into one ONNX Runtime call (1: batching off)."),
+        click.option("--max-delay-ms", type=click.FloatRange(0, 10_000), default=b.max_delay_ms,
+                     help="Longest wait for a batch to fill, taken only while waiting merges requests; 0: never wait."),
+        click.option("--max-queue", "max_queue_rows", type=click.IntRange(min=1), default=b.max_queue_rows, help="Rows waiting per graph before RESOURCE_EXHAUSTED."),
+        click.option("--search-max-batch", type=click.IntRange(min=1), default=srch.max_batch,
+                     help="Concurrent Search queries of one index merged into one FAISS call."),
+        click.option("--max-rows", type=click.IntRange(min=1), default=lim.max_rows, help="Largest batch one request may send."),
+        click.option("--max-message-mb", type=click.IntRange(min=1), default=d.max_message_mb, help="gRPC message size limit (both ways)."),
+        click.option("--max-concurrent-rpcs", type=click.IntRange(min=1), default=d.max_concurrent_rpcs, help="Shed load beyond this many RPCs."),
+        click.option("--poll-s", type=click.FloatRange(min=0), default=d.poll_s, help="Rescan --models this often (0: on SIGHUP only)."),
+        click.option("--grace-s", type=click.FloatRange(min=0), default=d.grace_s, help="SIGTERM: time for in-flight requests to finish."),
+        click.option("--loop", type=click.Choice(["auto", "uvloop", "asyncio"]), default=d.loop,
+                     help="Event loop: auto takes uvloop when it is installed (more requests per core), else asyncio's own."),
+        click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), default=None, help="PEM certificate (with --tls-key)."),
+        click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), default=None, help="PEM private key."),
+        click.option("--token-file", type=click.Path(dir_okay=False), default=None, help="Require this bearer token (first line of the file)."),
+        click.option("--token-env", default="ZSPACE_TOKEN", help="Or require the token in this environment variable, when set."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+@main.command()
+@serve_options
+def serve(models, indexes, instances, max_batch, max_delay_ms, max_queue_rows, search_max_batch, max_rows,
+          token_file, token_env, **opts) -> None:
+    """Serve every bundle under --models over gRPC (health, reflection, metrics, hot reload)."""
+    from zspace.service.config import BatchConfig, Limits, SearchConfig, ServeConfig
+    from zspace.service.server import read_token, serve as run_server
+
+    cfg = ServeConfig(models=Path(models), indexes=Path(indexes) if indexes else None,
+                      batch=BatchConfig(max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue_rows=max_queue_rows,
+                                        instances=instances),
+                      search=SearchConfig(max_batch=search_max_batch), limits=Limits(max_rows=max_rows),
+                      token=read_token(token_file, token_env), **opts)
     sys.exit(run_server(cfg))
 
 

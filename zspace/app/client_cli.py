@@ -174,7 +174,7 @@ def score(c, model, version, pngs, texts, npy) -> None:
 @click.pass_obj
 def search(c, index_name, key, pngs, texts, npy, k, where, vectors) -> None:
     """Nearest stored items to a key, inputs or codes; JSON out."""
-    from zspace.app.index_cli import parse_where
+    from zspace.app.index_cli import hits_json, parse_where
 
     if key is not None:
         hits = c.search(index_name, key=key, k=k, where=parse_where(where))
@@ -184,7 +184,7 @@ def search(c, index_name, key, pngs, texts, npy, k, where, vectors) -> None:
         hits = c.search(index_name, vectors=np.load(npy).astype(np.float32), k=k, where=parse_where(where))
     else:
         hits = c.search(index_name, k=k, where=parse_where(where), **gather_inputs(pngs, texts, npy))
-    click.echo(json.dumps([[{"key": h[0], "distance": round(h[1], 6), "payload": h[2]} for h in row] for row in hits], indent=1))
+    click.echo(hits_json(hits))
 
 
 @client.command()

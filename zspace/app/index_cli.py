@@ -9,7 +9,7 @@ import click
 import numpy as np
 
 from zspace.data import SPEC_HELP
-from zspace.errors import UserError
+from zspace.errors import NotFound, UserError
 
 
 def parse_where(value: str | None):
@@ -23,6 +23,12 @@ def parse_where(value: str | None):
         return field, json.loads(raw)
     except json.JSONDecodeError:
         return field, raw
+
+
+def hits_json(hits) -> str:
+    """Search results as the CLI prints them (index search and client search alike)."""
+    return json.dumps([[{"key": h.key, "distance": round(h.distance, 6), "payload": h.payload} for h in row]
+                       for row in hits], indent=1)
 
 
 def query_options(f):
@@ -64,34 +70,23 @@ def build(model_ref, data, out, factory, metric, split, batch_size) -> None:
 @click.option("--models", type=click.Path(file_okay=False), default="models", help="Model repository, to encode --png/--text.")
 def search(index_dir, key, pngs, texts, npy, k, where, models) -> None:
     """Nearest stored items to a stored key, raw inputs, or codes; JSON out."""
+    from zspace.index.build import query_codes
     from zspace.index.latent_index import LatentIndex
 
     index = LatentIndex.open(Path(index_dir))
     if key is not None:
         try:
             queries = index.get(key).vector[None]
-        except KeyError as exc:
-            raise UserError(f"--key: {exc.args[0]}") from None
+        except NotFound as exc:
+            raise UserError(f"--key: {exc}") from None
     elif npy is not None:
         queries = np.load(npy).astype(np.float32)
     elif pngs or texts:
-        queries = _encode_local(index, Path(models), pngs, texts)
+        queries = query_codes(index, Path(models), pngs, texts)
     else:
         raise click.UsageError("give a query: --key, --png, --text or --npy")
     hits = index.search(queries, k, parse_where(where))
-    click.echo(json.dumps([[{"key": h[0], "distance": round(h[1], 6), "payload": h[2]} for h in row] for row in hits], indent=1))
-
-
-def _encode_local(index, models: Path, pngs, texts) -> np.ndarray:
-    from zspace.bundle import load_bundle
-    from zspace.runtime import onnx_session
-    from zspace.transforms import transform_from_dict
-
-    m = index.manifest["model"]
-    bundle = load_bundle(models / m["name"] / str(m["version"]))
-    transform = transform_from_dict(bundle.manifest["transform"])
-    x = np.stack([transform.from_bytes(Path(p).read_bytes(), p) for p in pngs]) if pngs else transform.apply(list(texts))
-    return onnx_session(bundle.graph("encoder")).run(None, {"x": x})[0]
+    click.echo(hits_json(hits))
 
 
 @index_group.command()

@@ -59,9 +59,11 @@ def serve_and_call(models: Path, indexes: Path, out: Path) -> dict:
     import numpy as np
 
     from zspace.service.client import ZSpaceClient
-    from zspace.service.server import BackgroundServer, ServeConfig
+    from zspace.service.config import ServeConfig
+    from zspace.service.server import BackgroundServer
     from zspace.training.plots import image_grid
     from zspace.data import load_dataset
+    from zspace.index.build import parse_dataset_key
     from zspace.transforms import ImageTransform
 
     digits = load_dataset("digits")
@@ -78,10 +80,10 @@ def serve_and_call(models: Path, indexes: Path, out: Path) -> dict:
     grid = image_grid([t.to_uint8(x), t.to_uint8(recon.x), t.to_uint8(samples.x[:8]), t.to_uint8(samples.x[8:])],
                       out / "served.png")
     # Each row: a test digit, then the 8 nearest training digits Search found (keys are digits/train/<row>).
-    rows = [t.to_uint8(np.stack([x[i]] + [digits.x_train[int(h[0].rsplit("/", 1)[1])] for h in row]))
+    rows = [t.to_uint8(np.stack([x[i]] + [digits.x_train[parse_dataset_key(h.key)[2]] for h in row]))
             for i, row in enumerate(hits)]
     near = image_grid(rows, out / "neighbours.png")
-    labels = [[h[2]["label"] for h in row] for row in hits]
+    labels = [[h.payload["label"] for h in row] for row in hits]
     print(f"quickstart: served {MODEL_NAME}/{info.version} on {server.target} ({info.execution_provider}); "
           f"Encode {list(mean.shape)}, Reconstruct, Generate 16 -> {grid}; Search -> {near}", flush=True)
     return {"target": server.target, "health": health, "version": info.version, "provider": info.execution_provider,

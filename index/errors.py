@@ -1,0 +1,13 @@
+"""The index's errors: mistakes a user can fix (the CLI prints one line, the service answers INVALID_ARGUMENT)."""
+
+from __future__ import annotations
+
+from zspace.errors import UserError
+
+
+class IndexError_(UserError):
+    """A problem with an index folder or a request against it."""
+
+
+class FactoryError(IndexError_):
+    """A FAISS factory string FAISS cannot build, or one zspace cannot serve."""

@@ -1,0 +1,116 @@
+"""The server's settings, each with its default in one place.
+
+`zspace serve` builds one ServeConfig from its options (whose defaults are read
+from these classes) and hands it whole to the server; the server hands each part
+whole to what uses it: BatchConfig to every model graph's batcher, SearchConfig to
+the index searches, the thread counts to ONNX Runtime and FAISS, Limits to the
+servicer. A model folder may override its batching with `models/NAME/serving.json`
+(as Triton's config.pbtxt does): see `model_batch_config`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from zspace.errors import UserError
+
+MODEL_CONFIG_FILE = "serving.json"
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    """How one model graph's dynamic batcher merges requests (see batcher.py)."""
+
+    max_batch: int = 64          # rows merged into one ONNX Runtime call (1: batching off)
+    max_delay_ms: float = 1.0    # longest wait for a batch to fill, taken only while waiting merges requests
+    max_queue_rows: int = 4096   # rows waiting before RESOURCE_EXHAUSTED
+    inline_rows: int = 64        # batches up to this size run on the event loop's thread when nothing else runs
+    instances: int = 1           # runs in flight at once (Triton's instance count)
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "max_queue_rows", "instances"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise UserError(f"{name}: expected a positive integer, got {getattr(self, name)!r}")
+        if not isinstance(self.inline_rows, int) or self.inline_rows < 0:
+            raise UserError(f"inline_rows: expected a non-negative integer, got {self.inline_rows!r}")
+        if not isinstance(self.max_delay_ms, (int, float)) or not 0 <= self.max_delay_ms <= 10_000:
+            raise UserError(f"max_delay_ms: expected 0 to 10000, got {self.max_delay_ms!r}")
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """How concurrent unfiltered Searches of one index are merged into one FAISS call.
+
+    Searches never wait for company (a FAISS call over many queries costs little more
+    than over one, but a wait costs every caller); a few cheap queries (trained
+    HNSW/IVF) run on the event loop itself, where a thread hand-off would cost more
+    than the search."""
+
+    max_batch: int = 256
+    max_queue_rows: int = 16384
+    inline_queries: int = 8
+
+    def batch_config(self) -> BatchConfig:
+        return BatchConfig(max_batch=self.max_batch, max_delay_ms=0.0, max_queue_rows=self.max_queue_rows,
+                           inline_rows=self.inline_queries, instances=1)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for; beyond it, INVALID_ARGUMENT naming the field."""
+
+    max_rows: int = 4096        # rows per request (tensor, images, texts)
+    max_generate: int = 4096    # Generate.count
+    max_steps: int = 1024       # Interpolate.steps
+    max_text_chars: int = 1_000_000
+    max_k: int = 1000           # Search.k
+
+
+@dataclass
+class ServeConfig:
+    models: Path
+    indexes: Path | None = None
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_port: int = 9100      # 0: no metrics endpoint
+    device: str = "auto"          # auto | cpu | cuda
+    onnx_threads: int = 0         # ONNX Runtime intra-op threads per run; 0: the cores shared out among instances
+    faiss_threads: int = 0        # FAISS's OpenMP threads (process-wide); 0: FAISS's default
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    limits: Limits = field(default_factory=Limits)
+    max_message_mb: int = 64
+    max_concurrent_rpcs: int | None = None
+    poll_s: float = 5.0           # 0: reload on SIGHUP only
+    grace_s: float = 10.0
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    token: str | None = None
+    loop: str = "auto"            # auto | uvloop | asyncio
+
+
+def model_batch_config(model_dir: Path, default: BatchConfig) -> BatchConfig:
+    """The server's BatchConfig with the overrides of `models/NAME/serving.json`, if that file exists.
+
+    Only BatchConfig's own fields may appear there; a wrong name or value makes the
+    model's versions fail to load with a message naming the file and the field."""
+    path = Path(model_dir) / MODEL_CONFIG_FILE
+    if not path.is_file():
+        return default
+    try:
+        overrides = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path}: unreadable ({exc})") from None
+    if not isinstance(overrides, dict):
+        raise UserError(f"{path}: expected a JSON object of batching settings")
+    known = {f.name for f in dataclasses.fields(BatchConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise UserError(f"{path}: unknown setting {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    try:
+        return dataclasses.replace(default, **overrides)
+    except UserError as exc:
+        raise UserError(f"{path}: {exc}") from None

@@ -1,0 +1,134 @@
+"""The index RPCs of zspace.v1.ZSpace: Search, Upsert, Delete, GetItem, ListIndexes, IndexStats.
+
+Dependencies are explicit: the indexes served (IndexRegistry), the model
+repository that encodes raw inputs with each index's own model, the limits.
+FAISS and SQLite calls block, so they run in threads (searches through the
+registry's batchers); the index itself serialises writes and lets searches
+run together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import numpy as np
+
+from zspace.service.config import Limits
+from zspace.service.indexes import IndexRegistry
+from zspace.service.inputs import InvalidArgument, array_to_tensor, features, parse_payloads, tensor_to_array
+from zspace.service.repository import ModelRepository
+from zspace.service.rpc import RpcHandlers, rpc
+from zspace.v1 import zspace_pb2 as pb
+
+
+def search_response(results: list[list[tuple[str, float, str]]]) -> pb.SearchResponse:
+    """Hits -> SearchResponse, filled in place: half the time of building each Hit and copying it in."""
+    response = pb.SearchResponse()
+    for hits in results:
+        add = response.results.add().hits.add
+        for key, distance, payload in hits:
+            add(key=key, distance=distance, payload_json=payload)
+    return response
+
+
+class IndexRpcs(RpcHandlers):
+    RPCS = ("ListIndexes", "IndexStats", "Search", "Upsert", "Delete", "GetItem")
+
+    def __init__(self, indexes: IndexRegistry, repo: ModelRepository, limits: Limits, metrics=None):
+        super().__init__(metrics)
+        self.indexes, self.repo, self.limits = indexes, repo, limits
+
+    def label(self, request) -> str:
+        """The model of the index a request names (its codes are that model's), for metrics."""
+        index = self.indexes.indexes.get(getattr(request, "index", ""))
+        return index.manifest["model"]["name"] if index is not None else ""
+
+    def _index_info(self, name: str, index) -> pb.IndexInfo:
+        st = index.stats()
+        return pb.IndexInfo(name=name, model=st["model"]["name"], model_version=st["model"]["version"], dim=st["dim"],
+                            metric=st["metric"], factory=st["factory"], count=st["count"], trained=st["trained"],
+                            note=st["training_note"] or "")
+
+    def _index(self, name: str):
+        if not name:
+            raise InvalidArgument("index: required (see ListIndexes)")
+        return self.indexes.get(name)
+
+    async def _query_codes(self, index, request, which: str) -> np.ndarray:
+        """The `inputs` (encoded by the index's model, VAE kinds: means) or `vectors` field of a request, as codes."""
+        if which == "inputs":
+            model = index.manifest["model"]
+            rt = self.repo.get(model["name"], int(model["version"]))
+            return (await rt.encode(await features(rt, request.inputs, "inputs", self.limits)))[0]
+        return tensor_to_array(request.vectors, "vectors", cols=index.dim, max_rows=self.limits.max_rows)
+
+    @rpc
+    async def ListIndexes(self, request, context):
+        infos = [self._index_info(n, ix) for n, ix in sorted(self.indexes.indexes.items())]
+        broken = [pb.BrokenModel(path=p, error=e) for p, e in sorted(self.indexes.broken.items())]
+        return pb.ListIndexesResponse(indexes=infos, broken=broken)
+
+    @rpc
+    async def IndexStats(self, request, context):
+        return self._index_info(request.index, self._index(request.index))
+
+    @rpc
+    async def Search(self, request, context):
+        index = self._index(request.index)
+        if not 1 <= request.k <= self.limits.max_k:
+            raise InvalidArgument(f"k: expected 1 to {self.limits.max_k}, got {request.k}")
+        which = request.WhichOneof("query")
+        if which in ("inputs", "vectors"):
+            q = await self._query_codes(index, request, which)
+        elif which == "key":
+            if not request.key:
+                raise InvalidArgument("key: must be a non-empty string")
+            q = (await asyncio.to_thread(index.get, request.key)).vector[None]
+        else:
+            raise InvalidArgument("query: set one of inputs, vectors or key")
+        where = None
+        if request.filter_field:
+            try:
+                where = (request.filter_field, json.loads(request.filter_value_json))
+            except json.JSONDecodeError as exc:
+                raise InvalidArgument(f"filter_value_json: not valid JSON ({exc.msg})") from None
+        if where is None:
+            results = await self.indexes.search(request.index, q, int(request.k))
+        else:
+            results = await asyncio.to_thread(index.search, q, int(request.k), where, as_json=True)
+        return search_response(results)
+
+    @rpc
+    async def Upsert(self, request, context):
+        index = self._index(request.index)
+        keys = list(request.keys)
+        which = request.WhichOneof("items")
+        if which is None:
+            raise InvalidArgument("items: set inputs or vectors")
+        codes = await self._query_codes(index, request, which)
+        if len(keys) != len(codes):
+            raise InvalidArgument(f"keys: {len(keys)} keys for {len(codes)} items; give one key per item")
+        payloads = parse_payloads(list(request.payloads_json), len(keys))
+        await asyncio.to_thread(index.upsert, keys, codes, payloads)
+        return pb.UpsertResponse(count=index.stats()["count"])
+
+    @rpc
+    async def Delete(self, request, context):
+        index = self._index(request.index)
+        keys = list(request.keys)
+        if not keys:
+            raise InvalidArgument("keys: give at least one key")
+        for i, key in enumerate(keys):
+            if not key:
+                raise InvalidArgument(f"keys[{i}]: must be a non-empty string")
+        await asyncio.to_thread(index.delete, keys)
+        return pb.DeleteResponse(count=index.stats()["count"])
+
+    @rpc
+    async def GetItem(self, request, context):
+        index = self._index(request.index)
+        if not request.key:
+            raise InvalidArgument("key: must be a non-empty string")
+        item = await asyncio.to_thread(index.get, request.key)
+        return pb.Item(key=item.key, vector=array_to_tensor(item.vector[None]), payload_json=json.dumps(item.payload))

@@ -1,0 +1,98 @@
+"""Request fields -> arrays and back: the checks every RPC shares.
+
+A field that is wrong raises InvalidArgument naming the field and what was
+expected; the RPC wrapper (rpc.py) turns that into INVALID_ARGUMENT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import numpy as np
+
+from zspace.errors import UserError
+from zspace.service.config import Limits
+from zspace.v1 import zspace_pb2 as pb
+
+
+class InvalidArgument(UserError):
+    """A request field the client must fix; the message names it."""
+
+
+def tensor_to_array(t: pb.Tensor, field: str, ndim: int = 2, cols: int | None = None, max_rows: int | None = None) -> np.ndarray:
+    """A Tensor message -> float32 array, checking shape, byte length and finiteness."""
+    shape = list(t.shape)
+    if len(shape) != ndim:
+        raise InvalidArgument(f"{field}.shape: expected {ndim} dimensions [batch, {cols or 'dim'}], got {shape}")
+    if any(d < 0 for d in shape):
+        raise InvalidArgument(f"{field}.shape: dimensions must be non-negative, got {shape}")
+    if shape[0] == 0:
+        raise InvalidArgument(f"{field}: empty batch (shape {shape}); send at least one row")
+    if max_rows is not None and shape[0] > max_rows:
+        raise InvalidArgument(f"{field}: batch of {shape[0]} rows is over the limit of {max_rows}")
+    if cols is not None and shape[1] != cols:
+        raise InvalidArgument(f"{field}.shape: expected [batch, {cols}], got {shape}")
+    want = 4
+    for d in shape:
+        want *= d
+    data = t.data  # each access copies the bytes out of the message: once is enough
+    if len(data) != want:
+        raise InvalidArgument(f"{field}.data: {len(data)} bytes do not match shape {shape} "
+                              f"(expected {want} bytes of little-endian float32)")
+    arr = np.frombuffer(data, dtype="<f4").reshape(shape).astype(np.float32, copy=False)
+    if not np.isfinite(arr).all():
+        raise InvalidArgument(f"{field}.data: contains NaN or infinity")
+    return arr
+
+
+def array_to_tensor(a: np.ndarray) -> pb.Tensor:
+    a = np.ascontiguousarray(a, dtype="<f4")
+    return pb.Tensor(shape=list(a.shape), data=a.tobytes())
+
+
+async def features(rt, inputs: pb.Inputs, field: str, limits: Limits) -> np.ndarray:
+    """Any of the three input forms -> float32 [batch, input_dim] through the model's own transform.
+
+    `rt` is a loaded model (repository.ModelRuntime). Decoding images and
+    weighting words take milliseconds, so they run in a thread."""
+    kind = inputs.WhichOneof("kind")
+    if kind is None:
+        raise InvalidArgument(f"{field}: set one of tensor, images or texts")
+    if kind == "tensor":
+        return tensor_to_array(inputs.tensor, f"{field}.tensor", cols=rt.input_dim, max_rows=limits.max_rows)
+    items = list(inputs.images.images) if kind == "images" else list(inputs.texts.texts)
+    if not items:
+        raise InvalidArgument(f"{field}.{kind}: empty batch; send at least one")
+    if len(items) > limits.max_rows:
+        raise InvalidArgument(f"{field}.{kind}: {len(items)} items are over the limit of {limits.max_rows}")
+    if kind == "images":
+        if rt.modality != "image":
+            raise InvalidArgument(f"{field}.images: model {rt.name} takes {rt.modality} inputs, not images")
+        return await asyncio.to_thread(
+            lambda: np.stack([rt.transform.from_bytes(b, f"{field}.images[{i}]") for i, b in enumerate(items)]))
+    if rt.modality != "text":
+        raise InvalidArgument(f"{field}.texts: model {rt.name} takes {rt.modality} inputs, not texts")
+    for i, text in enumerate(items):
+        if not text.strip():
+            raise InvalidArgument(f"{field}.texts[{i}]: empty text")
+        if len(text) > limits.max_text_chars:
+            raise InvalidArgument(f"{field}.texts[{i}]: {len(text)} characters, over the limit of {limits.max_text_chars}")
+    return await asyncio.to_thread(rt.transform.apply, items)
+
+
+def parse_payloads(payloads_json, n: int) -> list[dict]:
+    if not payloads_json:
+        return [{} for _ in range(n)]
+    if len(payloads_json) != n:
+        raise InvalidArgument(f"payloads_json: {len(payloads_json)} payloads for {n} items; give one per key or none")
+    out = []
+    for i, text in enumerate(payloads_json):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InvalidArgument(f"payloads_json[{i}]: not valid JSON ({exc.msg})") from None
+        if not isinstance(value, dict):
+            raise InvalidArgument(f"payloads_json[{i}]: must be a JSON object, got {type(value).__name__}")
+        out.append(value)
+    return out

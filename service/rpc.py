@@ -1,0 +1,88 @@
+"""One wrapper for every RPC: status codes, metrics and the client's deadline, in one place.
+
+An RPC method is written as a plain coroutine that returns its response or
+raises; `@rpc` maps what it raises to a gRPC status:
+
+    InvalidArgument, UserError  -> INVALID_ARGUMENT (the message names the field)
+    NotFound                    -> NOT_FOUND
+    QueueFull                   -> RESOURCE_EXHAUSTED (retry later)
+    the client's deadline       -> DEADLINE_EXCEEDED (the work is cancelled, its queue place freed)
+    anything else               -> INTERNAL, logged with its traceback: a bug, never the client's fault
+
+A KeyError is "anything else": NotFound is its own type so that a bug cannot
+pass for a missing model. Every call is counted by method, model and status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+
+import grpc
+
+from zspace.errors import NotFound, UserError
+from zspace.service.batcher import QueueFull
+
+log = logging.getLogger("zspace.serve")
+
+
+class RpcHandlers:
+    """A group of RPC methods. `RPCS` names them; `label` says which model a request concerns, for metrics."""
+
+    RPCS: tuple[str, ...] = ()
+
+    def __init__(self, metrics=None):
+        self.metrics = metrics
+
+    def label(self, request) -> str:
+        return ""
+
+
+def _status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, NotFound):
+        return grpc.StatusCode.NOT_FOUND, str(exc)
+    if isinstance(exc, UserError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, QueueFull):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, f"server busy: {exc}; retry later"
+    return grpc.StatusCode.INTERNAL, ""
+
+
+def rpc(method):
+    """Wrap `async def Name(self, request, context) -> response` of an RpcHandlers (see the module doc)."""
+    name = method.__name__
+
+    @functools.wraps(method)
+    async def handler(self: RpcHandlers, request, context):
+        t0 = time.monotonic()
+        code, message = grpc.StatusCode.OK, ""
+        try:
+            remaining = context.time_remaining()
+            if remaining is None:  # no deadline: no timer to arm
+                return await method(self, request, context)
+            if remaining <= 0:
+                code, message = grpc.StatusCode.DEADLINE_EXCEEDED, f"{name}: the deadline passed before the work began"
+            else:
+                try:
+                    async with asyncio.timeout(remaining) as deadline:
+                        return await method(self, request, context)
+                except TimeoutError:
+                    if not deadline.expired():
+                        raise
+                    code, message = grpc.StatusCode.DEADLINE_EXCEEDED, f"{name}: deadline of the call exceeded"
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as exc:
+            code, message = _status(exc)
+            if code is grpc.StatusCode.INTERNAL:
+                log.exception("%s failed", name)
+                message = f"{name}: internal error (logged on the server)"
+        finally:
+            if self.metrics:
+                self.metrics.observe(name, self.label(request), code.name, time.monotonic() - t0)
+        await context.abort(code, message)
+
+    return handler
