@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install quickstart test proto clean
+.PHONY: install quickstart test lint proto clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -22,7 +22,11 @@ quickstart: $(STAMP)
 	$(BIN)/zspace quickstart
 
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
 
 # Regenerate zspace/v1 from proto/ (the committed generated code; a test fails on drift).
 proto: $(STAMP)

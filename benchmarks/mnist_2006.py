@@ -22,12 +22,12 @@ from pathlib import Path
 
 import click
 import torch
-
 from common import SHARED, machine, table, write_json
+
+from zspace.data import load_dataset, validation_split
 from zspace.training.evaluate import coder_from_run, evaluate_coder
 from zspace.training.models import ModelConfig, build_model
 from zspace.training.train import TrainConfig, read_metrics, train
-from zspace.data import load_dataset, validation_split
 
 PAPER = {"pca_30": 13.87, "deep_ae_30": 3.00}
 

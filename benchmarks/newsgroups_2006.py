@@ -15,11 +15,11 @@ from pathlib import Path
 import click
 import numpy as np
 import torch
-
 from common import SHARED, machine, table, write_json
+
+from zspace.data import load_dataset
 from zspace.training.evaluate import retrieval
 from zspace.training.train import TrainConfig, codes_of, load_model, train
-from zspace.data import load_dataset
 
 CUTS = (1, 10, 100)
 

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import click
 import numpy as np
-
 from common import SHARED, machine, median_round, table, write_json
 from newsgroups_2006 import lsa_codes
 from serve import Child, free_port
@@ -164,6 +163,7 @@ def service_search(ae_run: Path, work: Path, test_codes: np.ndarray, seconds: fl
     ±20% with the shared machine's mood; the median of a few rounds is steadier,
     and every round is reported beside it."""
     import h2load
+
     from zspace.index.build import build_index
     from zspace.training.export import export_run
 

@@ -37,7 +37,6 @@ from pathlib import Path
 
 import click
 import numpy as np
-
 from common import ROOT, SHARED, machine, median_round, table, write_json
 
 OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
@@ -56,7 +55,6 @@ def run_echo(port: int) -> None:
     import grpc
 
     from zspace.memory import keep_freed_memory
-
     from zspace.v1 import zspace_pb2 as pb
     from zspace.v1 import zspace_pb2_grpc as pb_grpc
 

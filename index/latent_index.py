@@ -153,14 +153,14 @@ class LatentIndex:
                 "dim": int(dim), "metric": metric, "factory": factory}
 
     @classmethod
-    def initialise(cls, folder: Path, manifest: dict) -> "LatentIndex":
+    def initialise(cls, folder: Path, manifest: dict) -> LatentIndex:
         """Make an empty folder (a staging one: see `create`) an empty index, and open it."""
         write_atomic(Path(folder) / "index.json", json.dumps(manifest, indent=1))
         return cls(folder, manifest)
 
     @classmethod
     def create(cls, path: Path, model_name: str, model_version: int, dim: int, factory: str = "Flat",
-               metric: str = "l2") -> "LatentIndex":
+               metric: str = "l2") -> LatentIndex:
         """A new empty index folder, made whole or not at all: it is assembled in a hidden
         folder and renamed into place, so a failure leaves nothing that a retry would trip on."""
         path = Path(path)
@@ -172,7 +172,7 @@ class LatentIndex:
         return cls(path, manifest)
 
     @classmethod
-    def open(cls, path: Path, model_name: str | None = None, model_version: int | None = None) -> "LatentIndex":
+    def open(cls, path: Path, model_name: str | None = None, model_version: int | None = None) -> LatentIndex:
         path = Path(path)
         try:
             manifest = json.loads((path / "index.json").read_text())

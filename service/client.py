@@ -90,7 +90,7 @@ class ZSpaceClient:
         self.metadata = [("authorization", f"Bearer {token}")] if token else []
         self.timeout = timeout
 
-    def __enter__(self) -> "ZSpaceClient":
+    def __enter__(self) -> ZSpaceClient:
         return self
 
     def __exit__(self, *exc) -> None:

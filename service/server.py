@@ -164,7 +164,7 @@ class Server:
         while not self.stopping.is_set():
             try:
                 await asyncio.wait_for(self.stopping.wait(), self.cfg.poll_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 try:
                     await self.rescan()
                 except Exception:
@@ -247,7 +247,7 @@ class BackgroundServer:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
 
-    def __enter__(self) -> "BackgroundServer":
+    def __enter__(self) -> BackgroundServer:
         return self
 
     def __exit__(self, *exc) -> None:

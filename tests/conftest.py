@@ -7,9 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from helpers import make_docs, train_run, write_idx
-
 
 
 @pytest.fixture

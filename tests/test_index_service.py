@@ -9,13 +9,13 @@ import grpc
 import numpy as np
 import pytest
 from click.testing import CliRunner
-
 from serving import start_thread
-from zspace.service.client import ZSpaceClient, to_tensor
-from zspace.index.latent_index import LatentIndex
-from zspace.training.export import export_run
+
 from zspace.app.cli import main
 from zspace.data import load_dataset
+from zspace.index.latent_index import LatentIndex
+from zspace.service.client import ZSpaceClient, to_tensor
+from zspace.training.export import export_run
 from zspace.v1 import zspace_pb2 as pb
 
 

@@ -16,16 +16,16 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from PIL import Image
-
 from helpers import train_run
+from PIL import Image
 from serving import ServerProcess, free_port, start_thread
-from zspace.service.client import ZSpaceClient, to_tensor
-from zspace.service.config import BatchConfig
-from zspace.training.export import export_run
+
 from zspace.bundle import load_bundle
 from zspace.data import load_dataset
 from zspace.runtime import onnx_session
+from zspace.service.client import ZSpaceClient, to_tensor
+from zspace.service.config import BatchConfig
+from zspace.training.export import export_run
 from zspace.transforms import ImageTransform, transform_from_dict
 from zspace.v1 import zspace_pb2 as pb
 
@@ -169,8 +169,8 @@ def test_batching_merges_concurrent_requests(server, client, digits_x):
         results = list(pool.map(one, range(256)))
     assert all(r.shape == (1, 4) for r in results)
     text = server.metrics_text()
-    count = float(next(l.split()[-1] for l in text.splitlines() if l.startswith('zspace_batch_rows_count{graph="encoder",model="digits"}')))
-    total = float(next(l.split()[-1] for l in text.splitlines() if l.startswith('zspace_batch_rows_sum{graph="encoder",model="digits"}')))
+    count = float(next(line.split()[-1] for line in text.splitlines() if line.startswith('zspace_batch_rows_count{graph="encoder",model="digits"}')))
+    total = float(next(line.split()[-1] for line in text.splitlines() if line.startswith('zspace_batch_rows_sum{graph="encoder",model="digits"}')))
     assert total / count > 1.0, f"mean rows per ONNX Runtime call {total / count:.2f}: nothing was merged"
     assert 'zspace_requests_total{code="OK",method="Encode",model="digits"}' in text
 
@@ -321,7 +321,7 @@ def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
             .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
             .not_valid_after(now + datetime.timedelta(days=1))
@@ -384,8 +384,8 @@ def test_sigterm_drains_in_flight_requests(repo, digits_x, loop):
 
 
 def test_loop_choice_is_checked():
-    from zspace.service.server import event_loop_factory
     from zspace.errors import UserError
+    from zspace.service.server import event_loop_factory
 
     assert event_loop_factory("asyncio") is asyncio.new_event_loop
     assert event_loop_factory("auto") is event_loop_factory("uvloop")  # uvloop comes with the serve extra

@@ -5,15 +5,15 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from helpers import train_run
-from zspace.training.evaluate import coder_from_bundle, coder_from_run, evaluate, importance_sampled, retrieval
-from zspace.training.export import export_run
-from zspace.training.train import load_model, read_metrics
+
 from zspace.bundle import BundleError, load_bundle, resolve_bundle
 from zspace.data import load_dataset
 from zspace.errors import UserError
 from zspace.runtime import onnx_session
+from zspace.training.evaluate import coder_from_bundle, coder_from_run, evaluate, importance_sampled, retrieval
+from zspace.training.export import export_run
+from zspace.training.train import load_model, read_metrics
 from zspace.transforms import transform_from_dict
 
 

@@ -18,13 +18,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from zspace.training.train import codes_of, load_model, load_run_data, read_metrics
 from zspace import __version__
 from zspace.bundle import FORMAT_VERSION, VAE_KINDS, check_name, load_bundle, sha256_file, versions, write_manifest
 from zspace.errors import UserError
 from zspace.files import staged_folder
 from zspace.likelihood import target_of
 from zspace.runtime import onnx_session
+from zspace.training.train import codes_of, load_model, load_run_data, read_metrics
 
 PARITY_TOLERANCE = 1e-4
 OPSET = 20

@@ -119,7 +119,7 @@ class PCA(Codec):
         self.register_buffer("explained_variance", torch.zeros(cfg.latent_dim))
 
     @torch.no_grad()
-    def fit(self, x: torch.Tensor) -> "PCA":
+    def fit(self, x: torch.Tensor) -> PCA:
         x = x.double()
         mean = x.mean(0)
         cov = (x - mean).T @ (x - mean) / max(len(x) - 1, 1)

@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from zspace.training.models import KINDS, LIKELIHOODS, ModelConfig, build_model, reconstruction_target
 from zspace.data import Dataset, load_dataset, validation_split
 from zspace.errors import UserError
 from zspace.progress import Progress
+from zspace.training.models import KINDS, LIKELIHOODS, ModelConfig, build_model, reconstruction_target
 from zspace.transforms import transform_from_dict
 
 

@@ -12,8 +12,8 @@ import io
 import re
 import warnings
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -152,7 +152,7 @@ class TextTransform:
         return len(self.vocab)
 
     @classmethod
-    def fit(cls, texts: Sequence[str], size: int = 2000, weighting: str = "log1p") -> "TextTransform":
+    def fit(cls, texts: Sequence[str], size: int = 2000, weighting: str = "log1p") -> TextTransform:
         if size < 2:
             raise UserError(f"vocab size: expected at least 2 words, got {size}")
         freq: Counter[str] = Counter()

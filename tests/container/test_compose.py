@@ -82,10 +82,10 @@ def wait_healthy(target: str, timeout: float = 120) -> None:
 
 
 def test_encode_generate_search_then_drain(deployment):
-    from zspace.service.client import ZSpaceClient
     from zspace.bundle import load_bundle
     from zspace.data import load_dataset
     from zspace.runtime import onnx_session
+    from zspace.service.client import ZSpaceClient
 
     wait_healthy(deployment["target"])
     bundle = load_bundle(deployment["bundle"])

@@ -79,7 +79,8 @@ def main() -> None:
 def train(kind, out, resume, **opts) -> None:
     """Train a model and write checkpoints, metrics and plots into a run folder."""
     from zspace.training.plots import run_plots
-    from zspace.training.train import TrainConfig, train as run_training
+    from zspace.training.train import TrainConfig
+    from zspace.training.train import train as run_training
 
     cfg = TrainConfig(model=kind.replace("-", "_"), **opts)
     run = run_training(cfg, Path(out), resume=resume)
@@ -95,7 +96,8 @@ def train(kind, out, resume, **opts) -> None:
 @click.option("--nll-examples", type=click.IntRange(min=1), default=None, help="VAE kinds: IS-NLL on the first N test rows only (default: all).")
 def evaluate(target, data, json_path, k, nll_examples) -> None:
     """Evaluate a run folder or a bundle on a data set's test split, beside PCA."""
-    from zspace.training.evaluate import evaluate as run_eval, format_table, write_json
+    from zspace.training.evaluate import evaluate as run_eval
+    from zspace.training.evaluate import format_table, write_json
 
     report = run_eval(Path(target), data, k=k, nll_examples=nll_examples)
     click.echo(format_table(report))
@@ -175,7 +177,8 @@ def serve(models, indexes, instances, max_batch, max_delay_ms, max_queue_rows, s
           token_file, token_env, **opts) -> None:
     """Serve every bundle under --models over gRPC (health, reflection, metrics, hot reload)."""
     from zspace.service.config import BatchConfig, Limits, SearchConfig, ServeConfig
-    from zspace.service.server import read_token, serve as run_server
+    from zspace.service.server import read_token
+    from zspace.service.server import serve as run_server
 
     cfg = ServeConfig(models=Path(models), indexes=Path(indexes) if indexes else None,
                       batch=BatchConfig(max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue_rows=max_queue_rows,

@@ -58,12 +58,12 @@ def serve_and_call(models: Path, indexes: Path, out: Path) -> dict:
     """Start the real gRPC server on a free loopback port, call it as a client would, stop it."""
     import numpy as np
 
+    from zspace.data import load_dataset
+    from zspace.index.build import parse_dataset_key
     from zspace.service.client import ZSpaceClient
     from zspace.service.config import ServeConfig
     from zspace.service.server import BackgroundServer
     from zspace.training.plots import image_grid
-    from zspace.data import load_dataset
-    from zspace.index.build import parse_dataset_key
     from zspace.transforms import ImageTransform
 
     digits = load_dataset("digits")

@@ -1,0 +1,120 @@
+"""The RPC wrapper and the servicer's composition, through a real grpc.aio server on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+
+import grpc
+import pytest
+from serving import start_thread
+
+from zspace.bundle import BundleError, load_bundle
+from zspace.errors import NotFound
+from zspace.service.metrics import Metrics
+from zspace.service.rpc import RpcHandlers, rpc
+from zspace.service.servicer import ModelRpcs, zspace_servicer
+from zspace.v1 import zspace_pb2 as pb
+from zspace.v1 import zspace_pb2_grpc as pb_grpc
+
+
+class Probe(RpcHandlers):
+    """GetModel behaves as the requested model name says: the cases the wrapper must map."""
+
+    RPCS = ("GetModel",)
+
+    @rpc
+    async def GetModel(self, request, context):
+        name = request.model.name
+        if name == "missing":
+            raise NotFound("model 'missing' is not loaded")
+        if name == "bug":
+            raise KeyError("a stray key")  # a bug, not the client's fault
+        if name == "slow":
+            await asyncio.sleep(5)
+        return pb.ModelInfo(name=name)
+
+
+def test_status_mapping_deadline_and_metrics_through_a_real_server():
+    metrics = Metrics()
+    probe = Probe(metrics)
+
+    async def main():
+        server = grpc.aio.server()
+        servicer = pb_grpc.ZSpaceServicer()
+        servicer.GetModel = probe.GetModel
+        pb_grpc.add_ZSpaceServicer_to_server(servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        codes = {}
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = pb_grpc.ZSpaceStub(channel)
+                for name, timeout in (("ok", 5), ("missing", 5), ("bug", 5), ("slow", 0.3)):
+                    try:
+                        await stub.GetModel(pb.GetModelRequest(model=pb.ModelRef(name=name)), timeout=timeout)
+                        codes[name] = ("OK", "")
+                    except grpc.aio.AioRpcError as exc:
+                        codes[name] = (exc.code().name, exc.details())
+        finally:
+            await server.stop(1)
+        return codes
+
+    codes = asyncio.run(main())
+    assert codes["ok"][0] == "OK"
+    assert codes["missing"] == ("NOT_FOUND", "model 'missing' is not loaded")
+    assert codes["bug"] == ("INTERNAL", "GetModel: internal error (logged on the server)"), "a KeyError is a bug"
+    assert codes["slow"][0] == "DEADLINE_EXCEEDED"
+    assert metrics.requests == {("GetModel", "", "OK"): 1, ("GetModel", "", "NOT_FOUND"): 1,
+                                ("GetModel", "", "INTERNAL"): 1, ("GetModel", "", "DEADLINE_EXCEEDED"): 1}
+
+
+def test_every_rpc_is_served_by_exactly_one_part():
+    with pytest.raises(ValueError, match="RPCs not served"):
+        zspace_servicer(Probe())
+    models = ModelRpcs(repo=None, limits=None)
+    with pytest.raises(ValueError, match="served twice"):
+        zspace_servicer(models, Probe())
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("kind", "gan", "'kind' is 'gan', expected one of pca, ae, vae, beta_vae"),
+    ("latent_dim", "8", "'latent_dim' must be a positive integer"),
+    ("latent_dim", True, "'latent_dim' must be a positive integer"),
+    ("prior", {"type": "uniform"}, "'type' is 'uniform'"),
+    ("files", {"encoder": {"path": "../x.onnx", "sha256": "0"}, "decoder": {"path": "d", "sha256": "0"}}, "must stay inside"),
+    ("input_shape", [1, -8, 8], "'input_shape' must be a list of positive integers"),
+])
+def test_a_wrong_manifest_field_is_refused_by_name(vae_bundle, tmp_path, field, value, message):
+    copy = tmp_path / "digits" / "1"
+    shutil.copytree(vae_bundle, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest[field] = value
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=message.replace("[", r"\[")):
+        load_bundle(copy)
+
+
+def test_a_missing_manifest_field_is_named(vae_bundle, tmp_path):
+    copy = tmp_path / "b"
+    shutil.copytree(vae_bundle, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    del manifest["prior"], manifest["latent_dim"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="manifest lacks latent_dim, prior"):
+        load_bundle(copy)
+
+
+def test_serving_json_overrides_a_models_batching_and_a_bad_one_is_reported(vae_bundle, tmp_path):
+    models = tmp_path / "models"
+    shutil.copytree(vae_bundle, models / "digits" / "1")
+    (models / "digits" / "serving.json").write_text(json.dumps({"max_batch": 3, "instances": 2}))
+    with start_thread(models) as s:
+        rt = s.server.repo.get("digits")
+        assert (rt.encode_batcher.max_batch, rt.encode_batcher.instances) == (3, 2)
+        assert rt.batching.max_delay_ms == s.server.cfg.batch.max_delay_ms, "the rest is the server's"
+        (models / "digits" / "serving.json").write_text(json.dumps({"max_batchh": 3}))
+        s.rescan()
+        broken = s.server.repo.broken
+        assert any("unknown setting max_batchh" in e and "serving.json" in e for e in broken.values()), broken
