@@ -4,7 +4,7 @@
 Each test post queries the training posts by cosine similarity of codes;
 relevant = same newsgroup. We report precision of the top 1, 10 and 100.
 
-    python benchmarks/newsgroups_2006.py --data ../shared/datasets/20newsgroups/20news-bydate.tar.gz
+    python -m benchmarks.newsgroups_2006 --data ../shared/datasets/20newsgroups/20news-bydate.tar.gz
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from pathlib import Path
 import click
 import numpy as np
 import torch
-from common import SHARED, machine, table, write_json
 
+from benchmarks.harness import SHARED, machine, table, write_json
 from zspace.data import load_dataset
 from zspace.training.evaluate import retrieval
 from zspace.training.train import TrainConfig, codes_of, load_model, train

@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 from helpers import train_run
 from PIL import Image
-from serving import ServerProcess, free_port, start_thread
+from serving import free_port, start_thread
 
+from benchmarks.harness import ServerChild, serve_command
 from zspace.bundle import load_bundle
 from zspace.data import load_dataset
 from zspace.runtime import onnx_session
@@ -363,8 +364,8 @@ def test_tls_and_bearer_token(repo, digits_x, tmp_path):
 @pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
 def test_sigterm_drains_in_flight_requests(repo, digits_x, loop):
     port = free_port()
-    proc = ServerProcess(["--models", str(repo), "--metrics-port", "0", "--max-delay-ms", "1500", "--grace-s", "10",
-                          "--poll-s", "0", "--loop", loop], port)
+    proc = ServerChild(serve_command(repo, port, "--metrics-port", "0", "--max-delay-ms", "1500", "--grace-s", "10",
+                                     "--poll-s", "0", "--loop", loop), port, capture=True)
     try:
         proc.wait_serving()
         with ZSpaceClient(proc.target, timeout=20, retries=1) as c:

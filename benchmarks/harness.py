@@ -1,0 +1,184 @@
+"""What the benchmark scripts (and the tests that run servers as processes) share.
+
+Small functions over plain values: a free loopback port, `zspace serve` as a
+child process, a closed-loop load of concurrent callers bounded in time and
+count, side-by-side rounds with the median round as the figure, tables and JSON.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "datasets"
+RESULTS = ROOT / "benchmarks" / "results"
+GRPC_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_command(models: Path, port: int, *options: str) -> list[str]:
+    """`zspace serve` on a loopback port, run by this Python (the checkout's environment)."""
+    return [sys.executable, "-m", "zspace.app.cli", "serve", "--models", str(models), "--host", "127.0.0.1",
+            "--port", str(port), *options]
+
+
+class ServerChild:
+    """A server as a child process: started, waited for, stopped with SIGTERM (as an orchestrator would)."""
+
+    def __init__(self, args: list[str], port: int, env: dict | None = None, capture: bool = False):
+        self.port = port
+        out = subprocess.PIPE if capture else subprocess.DEVNULL
+        self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT if capture else subprocess.PIPE,
+                                     text=True, cwd=ROOT, env={**os.environ, **(env or {})})
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def wait_listening(self, timeout: float = 60) -> ServerChild:
+        """Until the port accepts connections (any gRPC server, the echo one too)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return self
+            self._check_alive()
+            time.sleep(0.2)
+        raise TimeoutError(f"server on {self.port} did not start within {timeout:.0f}s")
+
+    def wait_serving(self, timeout: float = 60) -> ServerChild:
+        """Until gRPC health says SERVING (models loaded), not just until the port is open."""
+        from zspace.service.client import ZSpaceClient
+
+        deadline = time.monotonic() + timeout
+        with ZSpaceClient(self.target, timeout=2, retries=1) as c:
+            while time.monotonic() < deadline:
+                self._check_alive()
+                try:
+                    if c.health() == "SERVING":
+                        return self
+                except Exception:  # not up yet: connection refused, UNAVAILABLE
+                    time.sleep(0.2)
+        raise TimeoutError(f"server on {self.port} did not become SERVING within {timeout:.0f}s")
+
+    def _check_alive(self) -> None:
+        if self.proc.poll() is not None:
+            stream = self.proc.stdout if self.proc.stdout else self.proc.stderr
+            raise RuntimeError(f"server exited early (rc {self.proc.returncode}):\n{stream.read() if stream else ''}")
+
+    def terminate(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+
+    def wait(self, timeout: float = 30) -> tuple[int, str]:
+        out, err = self.proc.communicate(timeout=timeout)
+        return self.proc.returncode, out or err or ""
+
+    def stop(self, timeout: float = 20) -> None:
+        """SIGTERM, then SIGKILL if it has not drained by `timeout`."""
+        if self.proc.poll() is None:
+            self.terminate()
+            try:
+                self.proc.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.communicate()
+
+
+async def closed_loop(call: Callable[[int], Awaitable[object]], clients: int, seconds: float,
+                      max_requests: int = 200_000, errors: tuple[type[BaseException], ...] = ()) -> dict:
+    """`clients` concurrent callers, each calling `call(i)` again as soon as it returns, for `seconds`
+    or `max_requests` calls in all; `i` counts each caller's calls from its own offset (i % clients == caller).
+    Exceptions in `errors` are counted, anything else propagates."""
+    latencies: list[float] = []
+    failed = 0
+    stop_at = time.perf_counter() + seconds
+
+    async def caller(offset: int) -> None:
+        nonlocal failed
+        i = offset
+        while time.perf_counter() < stop_at and len(latencies) + failed < max_requests:
+            t = time.perf_counter()
+            try:
+                await call(i)
+                latencies.append(time.perf_counter() - t)
+            except errors:
+                failed += 1
+            i += clients
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(caller(c) for c in range(clients)))
+    elapsed = time.perf_counter() - t0
+    ms = np.asarray(latencies or [float("nan")]) * 1000
+    return {"clients": clients, "requests": len(latencies), "errors": failed, "req_s": len(latencies) / elapsed,
+            "p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
+            "p99_ms": float(np.percentile(ms, 99))}
+
+
+def median_round(rounds: list[dict], key: str) -> dict:
+    """The round whose `key` is the median (the upper one of an even count): a real round, not a blend of two."""
+    return sorted(rounds, key=lambda r: r[key])[len(rounds) // 2]
+
+
+def side_by_side(name: str, first: Callable[[], dict], second: Callable[[], dict], rounds: int) -> dict:
+    """`first()` then `second()`, `rounds` times over, each giving a dict with a "value"; the median round's
+    ratio first/second is the figure.
+
+    The machines are shared and their speed drifts by tens of percent within a
+    minute: a ratio of two figures taken a minute apart measures the drift as much
+    as the code. Each round's ratio compares figures taken seconds apart."""
+    done = []
+    for r in range(rounds):
+        a, b = first(), second()
+        done.append({"round": r + 1, "first": a, "second": b, "ratio": a["value"] / b["value"]})
+        print(f"  {name}, round {r + 1}: ratio {done[-1]['ratio']:.3f}", flush=True)
+    median = median_round(done, "ratio")
+    return {"rounds": done, "median_round": median["round"], "ratio": median["ratio"], "row": median["first"]}
+
+
+def machine() -> dict:
+    facts = {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+             "date": time.strftime("%Y-%m-%d")}
+    try:
+        import torch
+
+        facts.update(torch=torch.__version__, torch_threads=torch.get_num_threads())
+    except ImportError:  # a serving-only environment
+        pass
+    return facts
+
+
+def table(rows: list[dict], columns: list[str], title: str) -> str:
+    """Rows of dicts as an aligned text table; floats with 3 decimals."""
+    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else ("—" if v is None else str(v))
+    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    line = lambda vals: "  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(vals, widths)))
+    return "\n".join([title, line(columns), line(["-" * w for w in widths]), *(line(r) for r in cells)])
+
+
+def write_json(path: Path, record: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"wrote {path}", flush=True)

@@ -1,0 +1,40 @@
+"""The speed and quality targets the benchmarks check, as data: (comparison, bound) per figure.
+
+Ratios are taken side by side in one run (harness.side_by_side); see README.md here
+for what each figure means and the history of the measured values.
+"""
+
+from __future__ import annotations
+
+TARGETS: dict[str, dict[str, tuple[str, float]]] = {
+    "serve": {
+        "batching_on_64x1_vs_echo": (">=", 0.70),     # 64 clients x 1 row, batching on, vs Python gRPC's echo ceiling
+        "rows256_vs_in_process_ort": (">=", 0.70),    # 256-row requests vs ONNX Runtime in-process
+        "p99_ms_8_clients": ("<=", 10.0),             # 1-row Encode at 8 clients
+    },
+    "retrieval": {
+        "mnist_ae_precision@10": (">=", 0.97),         # 30-d AE codes, test -> train, same digit = relevant
+        "news_ae10_beats_lsa10": (">", 0.0),           # 10-d AE codes vs 10-d LSA, smallest margin at 1/10/100
+        "hnsw_recall@10": (">=", 0.98),                # HNSW32 against exact search
+        "hnsw_vs_flat_single_query": (">=", 10.0),     # single-query rate, HNSW32 / Flat
+        "service_search_p99_ms_8_clients": ("<=", 5.0),  # Search through `zspace serve`, 60k HNSW32 index
+    },
+    "mnist_2006": {
+        "ae_test_sq_error": ("<=", 3.00),              # Hinton & Salakhutdinov 2006: 784-1000-500-250-30, 3.00
+        "ae_beats_pca": ("<", 0.0),                    # AE error minus PCA-30 error (the paper: 13.87)
+    },
+}
+
+OPS = {">=": lambda a, b: a >= b, "<=": lambda a, b: a <= b, ">": lambda a, b: a > b, "<": lambda a, b: a < b}
+
+
+def check(benchmark: str, values: dict[str, float], notes: dict[str, str] | None = None) -> dict:
+    """Each target of `benchmark` with its measured value and whether it is met; printed as it goes."""
+    out = {}
+    for name, (op, bound) in TARGETS[benchmark].items():
+        if name not in values:
+            continue
+        met = bool(OPS[op](values[name], bound))
+        out[name] = {"value": values[name], "target": f"{op} {bound:g}", "met": met, **({"how": notes[name]} if notes and name in notes else {})}
+        print(f"{name}: {values[name]:.4g} (target {op} {bound:g}): {'met' if met else 'NOT met'}", flush=True)
+    return out
