@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from benchmarks.harness import free_port
+
 pytestmark = pytest.mark.container
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -29,14 +31,6 @@ def compose_cmd() -> list[str]:
 
 def engine() -> str:
     return "docker" if compose_cmd()[0] == "docker" else "podman"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
