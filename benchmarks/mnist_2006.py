@@ -28,7 +28,8 @@ from benchmarks.targets import check
 from zspace.data import load_dataset, validation_split
 from zspace.training.evaluate import coder_from_run, evaluate_coder
 from zspace.training.models import ModelConfig, build_model
-from zspace.training.train import TrainConfig, read_metrics, train
+from zspace.training.run import read_metrics
+from zspace.training.train import TrainConfig, train
 
 PAPER = {"pca_30": 13.87, "deep_ae_30": 3.00}
 

@@ -19,7 +19,8 @@ import torch
 from benchmarks.harness import SHARED, machine, table, write_json
 from zspace.data import load_dataset
 from zspace.training.evaluate import retrieval
-from zspace.training.train import TrainConfig, codes_of, load_model, train
+from zspace.training.run import load_model
+from zspace.training.train import TrainConfig, codes_of, train
 
 CUTS = (1, 10, 100)
 

@@ -41,7 +41,8 @@ from benchmarks.targets import check
 
 
 def codes_of_run(run: Path, x: np.ndarray) -> np.ndarray:
-    from zspace.training.train import codes_of, load_model
+    from zspace.training.run import load_model
+    from zspace.training.train import codes_of
 
     model, _ = load_model(run)
     return codes_of(model, x)
@@ -226,7 +227,7 @@ def main(mnist_runs, news_run, seconds, json_path, threads):
     record["factories"] = factory_rows(ae_tr, ae_te, work, seconds)
 
     print("20 Newsgroups: test -> train, cosine", flush=True)
-    from zspace.training.train import load_run_data
+    from zspace.training.run import load_run_data
 
     news = load_run_data(Path(news_run))  # the run's own 2000-word vocabulary
     lsa_tr, lsa_te = lsa_codes(news.x_train, news.x_test, 10)

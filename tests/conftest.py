@@ -78,3 +78,17 @@ def client(server):
 
     with ZSpaceClient(server.target, timeout=20) as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def cli():
+    """The `zspace` command line in-process: cli("index", "build", ...) -> (exit code, output)."""
+    from click.testing import CliRunner
+
+    from zspace.app.cli import main
+
+    def run(*args):
+        result = CliRunner().invoke(main, [str(a) for a in args])
+        return result.exit_code, result.output
+
+    return run

@@ -4,41 +4,33 @@ import gzip
 import json
 
 import pytest
-from click.testing import CliRunner
-
-from zspace.app.cli import main
 
 
-def run(*args):
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    return result.exit_code, result.output
-
-
-def test_every_command_has_help_with_defaults():
+def test_every_command_has_help_with_defaults(cli):
     for cmd in ("train", "evaluate", "export", "quickstart"):
-        code, out = run(cmd, "--help")
+        code, out = cli(cmd, "--help")
         assert code == 0 and "--" in out
-    code, out = run("train", "--help")
+    code, out = cli("train", "--help")
     assert "[default: 1000,500,250]" in out and "[default: digits]" in out
 
 
-def test_train_evaluate_export_round_trip(tmp_path):
+def test_train_evaluate_export_round_trip(tmp_path, cli):
     out = tmp_path / "run"
-    code, text = run("train", "--data", "digits", "--model", "ae", "--latent-dim", "3", "--hidden", "32,16",
+    code, text = cli("train", "--data", "digits", "--model", "ae", "--latent-dim", "3", "--hidden", "32,16",
                      "--epochs", "2", "--batch-size", "128", "--seed", "1", "--device", "auto", "--out", out)
     assert code == 0, text
     assert (out / "loss_curves.png").is_file() and (out / "reconstructions.png").is_file() and (out / "latent_map.png").is_file()
-    code, text = run("evaluate", out, "--data", "digits", "--json", tmp_path / "eval.json")
+    code, text = cli("evaluate", out, "--data", "digits", "--json", tmp_path / "eval.json")
     assert code == 0, text
     assert "precision@10" in text and "pca-3" in text
     assert json.loads((tmp_path / "eval.json").read_text())["model"]["sq_error"] > 0
-    code, text = run("export", out, "--repo", tmp_path / "models", "--name", "tiny")
+    code, text = cli("export", out, "--repo", tmp_path / "models", "--name", "tiny")
     assert code == 0, text
     bundle = tmp_path / "models" / "tiny" / "1"
     assert text.strip() == str(bundle)
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["metrics"]["test"]["model"]["sq_error"] > 0  # the evaluation travels with the bundle
-    code, text = run("evaluate", bundle)
+    code, text = cli("evaluate", bundle)
     assert code == 0, text
 
 
@@ -56,29 +48,29 @@ def test_train_evaluate_export_round_trip(tmp_path):
         (["export", "{tmp}", "--name", "../x", "--repo", "{tmp}/m"], "not a valid model name"),
     ],
 )
-def test_bad_input_is_one_clear_line(tmp_path, args, message):
+def test_bad_input_is_one_clear_line(tmp_path, args, message, cli):
     (tmp_path / "latin.txt").write_bytes(b"caf\xe9")
-    code, text = run(*[a.replace("{tmp}", str(tmp_path)) for a in args])
+    code, text = cli(*[a.replace("{tmp}", str(tmp_path)) for a in args])
     assert code == 2, text
     assert message in text and "Traceback" not in text
 
 
-def test_truncated_idx_and_non_utf8_and_corrupt_image(idx_dir, text_dir, image_dir, tmp_path):
+def test_truncated_idx_and_non_utf8_and_corrupt_image(idx_dir, text_dir, image_dir, tmp_path, cli):
     f = idx_dir / "t10k-images-idx3-ubyte.gz"
     f.write_bytes(gzip.compress(gzip.decompress(f.read_bytes())[:-1]))
     (text_dir / "food" / "x.txt").write_bytes(b"\xff\xfe")
     (image_dir / "dogs" / "0.jpg").write_bytes(b"\xff\xd8\xff broken")
     for spec, message in ((f"mnist:{idx_dir}", "truncated"), (f"texts:{text_dir}", "not valid UTF-8"),
                           (f"images:{image_dir}", "cannot decode image")):
-        code, text = run("train", "--data", spec, "--latent-dim", "2", "--out", tmp_path / "r")
+        code, text = cli("train", "--data", spec, "--latent-dim", "2", "--out", tmp_path / "r")
         assert code == 2 and message in text and "Traceback" not in text, text
 
 
-def test_bundle_with_a_wrong_hash(vae_bundle, tmp_path):
+def test_bundle_with_a_wrong_hash(vae_bundle, tmp_path, cli):
     import shutil
 
     copy = tmp_path / "b"
     shutil.copytree(vae_bundle, copy)
     (copy / "encoder.onnx").write_bytes((copy / "encoder.onnx").read_bytes()[:-10])
-    code, text = run("evaluate", copy)
+    code, text = cli("evaluate", copy)
     assert code == 2 and "encoder.onnx has SHA-256" in text and "Traceback" not in text

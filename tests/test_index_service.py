@@ -8,10 +8,8 @@ import shutil
 import grpc
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from serving import start_thread
 
-from zspace.app.cli import main
 from zspace.data import load_dataset
 from zspace.index.latent_index import LatentIndex
 from zspace.service.client import ZSpaceClient, to_tensor
@@ -19,13 +17,8 @@ from zspace.training.export import export_run
 from zspace.v1 import zspace_pb2 as pb
 
 
-def cli(*args):
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    return result.exit_code, result.output
-
-
 @pytest.fixture(scope="module")
-def layout(vae_run, tmp_path_factory):
+def layout(vae_run, tmp_path_factory, cli):
     root = tmp_path_factory.mktemp("deploy")
     export_run(vae_run, root / "models", "digits")
     code, out = cli("index", "build", "--model", root / "models" / "digits", "--data", "digits",
@@ -43,7 +36,7 @@ def server(layout):
         yield s
 
 
-def test_build_and_local_queries(layout):
+def test_build_and_local_queries(layout, cli):
     code, out = cli("index", "stats", layout / "indexes" / "digits")
     st = json.loads(out)
     assert code == 0 and st["count"] == 1438 and st["model"] == {"name": "digits", "version": 1} and st["metric"] == "l2"
@@ -134,7 +127,7 @@ def test_empty_index_and_model_pairing(layout, tmp_path):
         s.stop()
 
 
-def test_client_cli_search_upsert_delete(server, tmp_path):
+def test_client_cli_search_upsert_delete(server, tmp_path, cli):
     from PIL import Image
 
     x = load_dataset("digits").x_test[0]

@@ -407,16 +407,9 @@ def test_generated_code_matches_the_proto(tmp_path):
 # ------------------------------------------------------------------ the client CLI
 
 
-def cli(*args):
-    from click.testing import CliRunner
-
-    from zspace.app.cli import main
-
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    return result.exit_code, result.output
 
 
-def test_client_cli_generate_writes_pngs_and_npy(server, tmp_path):
+def test_client_cli_generate_writes_pngs_and_npy(server, tmp_path, cli):
     code, out = cli("client", "--target", server.target, "generate", "--model", "digits", "--count", "16", "--seed", "0",
                     "--out", tmp_path / "samples")
     assert code == 0, out
@@ -424,7 +417,7 @@ def test_client_cli_generate_writes_pngs_and_npy(server, tmp_path):
     assert np.load(tmp_path / "samples" / "samples.npy").shape == (16, 64)
 
 
-def test_client_cli_round_trip_through_files(server, digits_x, tmp_path):
+def test_client_cli_round_trip_through_files(server, digits_x, tmp_path, cli):
     pngs = []
     for i in range(2):
         path = tmp_path / f"in{i}.png"
@@ -447,7 +440,7 @@ def test_client_cli_round_trip_through_files(server, digits_x, tmp_path):
     assert code == 0 and json.loads(out)["score_kind"] == "squared_error"
 
 
-def test_client_cli_reports_status_and_message(server):
+def test_client_cli_reports_status_and_message(server, cli):
     code, out = cli("client", "--target", server.target, "generate", "--model", "digits", "--count", "0")
     assert code == 1 and "INVALID_ARGUMENT: count: expected 1 to 4096, got 0" in out
     code, out = cli("client", "--target", server.target, "generate", "--model", "nope")
@@ -455,6 +448,6 @@ def test_client_cli_reports_status_and_message(server):
 
 
 def test_serving_side_never_imports_torch():
-    code = ("import sys, service.server, service.client, zspace.app.cli, zspace.bundle, zspace.data; "
+    code = ("import sys, zspace.service.server, zspace.service.client, zspace.app.cli, zspace.bundle, zspace.data; "
             "sys.exit(1 if 'torch' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0, "torch leaked into the serving side"

@@ -13,7 +13,7 @@ from zspace.errors import UserError
 from zspace.runtime import onnx_session
 from zspace.training.evaluate import coder_from_bundle, coder_from_run, evaluate, importance_sampled, retrieval
 from zspace.training.export import export_run
-from zspace.training.train import load_model, read_metrics
+from zspace.training.run import load_model, read_metrics
 from zspace.transforms import transform_from_dict
 
 

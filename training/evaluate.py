@@ -49,7 +49,7 @@ class Coder:
 
 
 def coder_from_run(run: Path) -> Coder:
-    from zspace.training.train import load_model
+    from zspace.training.run import load_model
 
     model, info = load_model(run)
 

@@ -24,7 +24,8 @@ from zspace.errors import UserError
 from zspace.files import staged_folder
 from zspace.likelihood import target_of
 from zspace.runtime import onnx_session
-from zspace.training.train import codes_of, load_model, load_run_data, read_metrics
+from zspace.training.run import load_model, load_run_data, read_metrics
+from zspace.training.train import codes_of
 
 PARITY_TOLERANCE = 1e-4
 OPSET = 20
@@ -87,6 +88,7 @@ def fitted_prior(model, kind: str, x_train: np.ndarray) -> dict:
 
 
 def export_run(run: Path, repo: Path, name: str, version: int | None = None) -> Path:
+    """Export RUN's best weights as REPO/NAME/VERSION (default: the highest + 1); returns the bundle's path."""
     run, repo = Path(run), Path(repo)
     check_name(name)
     model, info = load_model(run)
@@ -98,52 +100,66 @@ def export_run(run: Path, repo: Path, name: str, version: int | None = None) -> 
     final = repo / name / str(version)
     if final.exists():
         raise UserError(f"{final} already exists; bundles are immutable, export a new --version")
+    batch = np.ascontiguousarray(ds.x_test[:64])
+    if len(batch) < 2:
+        raise UserError(f"{run}: the test split has fewer than 2 rows; cannot check export parity")
     with staged_folder(final) as staging:
-        manifest = _build(model, info, ds, run, staging, name, version)
+        files, parities = export_graphs(model, batch, staging)
+        for png in run.glob("*.png"):
+            shutil.copy2(png, staging / png.name)
+        rows = read_metrics(run)
+        manifest = bundle_manifest(model, info, ds, name, version, files, parities, len(batch),
+                                   epochs_trained=rows[-1]["epoch"] if rows else 0, metrics=quality_metrics(model, ds, run))
         write_manifest(staging, manifest)
         load_bundle(staging)  # the reader's own checks, before anyone can see it
     return final
 
 
-def _build(model, info: dict, ds, run: Path, out: Path, name: str, version: int) -> dict:
+def export_graphs(model, batch: np.ndarray, out: Path) -> tuple[dict, dict]:
+    """Both graphs into OUT, each checked by onnx and against torch on real rows: (manifest files, parities).
+
+    The encoder is checked on test rows, the decoder on the encoder's codes of them."""
     import onnx
 
     mcfg = model.cfg
-    batch = np.ascontiguousarray(ds.x_test[:64])
-    if len(batch) < 2:
-        raise UserError(f"{run}: the test split has fewer than 2 rows; cannot check export parity")
     enc_outputs = ["mean", "logvar"] if mcfg.kind in VAE_KINDS else ["mean"]
     graphs = {
         "encoder": (EncoderGraph(model), "x", torch.from_numpy(batch[:2]), enc_outputs, batch),
-        "decoder": (DecoderGraph(model), "z", torch.zeros(2, mcfg.latent_dim), ["x_hat"], None),
+        "decoder": (DecoderGraph(model), "z", torch.zeros(2, mcfg.latent_dim), ["x_hat"],
+                    np.ascontiguousarray(codes_of(model, batch))),
     }
     files, parities = {}, {}
     for g, (module, in_name, example, outputs, check_batch) in graphs.items():
         path = out / f"{g}.onnx"
         export_graph(module.eval(), in_name, example, outputs, path)
         onnx.checker.check_model(onnx.load(str(path)), full_check=True)
-        if check_batch is None:  # the decoder is checked on the encoder's real codes
-            check_batch = np.ascontiguousarray(codes_of(model, batch))
         parities[g] = parity(module, path, in_name, check_batch)
         if parities[g] > PARITY_TOLERANCE:
             raise UserError(f"export: {g} ONNX output differs from torch by {parities[g]:.2e} "
                             f"(limit {PARITY_TOLERANCE:.0e}); the bundle was not written")
         files[g] = {"path": path.name, "sha256": sha256_file(path), "input": in_name, "outputs": outputs,
                     "bytes": path.stat().st_size}
+    return files, parities
 
-    for png in Path(run).glob("*.png"):
-        shutil.copy2(png, out / png.name)
+
+def quality_metrics(model, ds, run: Path) -> dict:
+    """What the bundle says of its quality: the best validation epoch, the run's evaluation, test squared error."""
     rows = read_metrics(run)
-    best = min(rows, key=lambda r: r["val_loss"]) if rows else {}
-    metrics = {"validation": best}
+    metrics = {"validation": min(rows, key=lambda r: r["val_loss"]) if rows else {}}
     if (run / "evaluation.json").is_file():
         metrics["test"] = json.loads((run / "evaluation.json").read_text())
     with torch.no_grad():
         recon = model.decode(model.encode(torch.from_numpy(ds.x_test))[0]).numpy()
-    err = ((recon - target_of(ds.x_test, mcfg.likelihood)) ** 2).sum(1)
-    metrics["test_sq_error"] = float(err.mean())
+    metrics["test_sq_error"] = float(((recon - target_of(ds.x_test, model.cfg.likelihood)) ** 2).sum(1).mean())
+    return metrics
 
-    transform = ds.transform.to_dict()
+
+def bundle_manifest(model, info: dict, ds, name: str, version: int, files: dict, parities: dict, parity_rows: int, *,
+                    epochs_trained: int, metrics: dict) -> dict:
+    """manifest.json (docs/architecture.md has the format); write_manifest checks it before it is written."""
+    import onnx
+
+    mcfg = model.cfg
     manifest = {
         "format_version": FORMAT_VERSION,
         "name": name,
@@ -152,7 +168,7 @@ def _build(model, info: dict, ds, run: Path, out: Path, name: str, version: int)
         "modality": ds.modality,
         "input_dim": mcfg.input_dim,
         "latent_dim": mcfg.latent_dim,
-        "transform": transform,
+        "transform": ds.transform.to_dict(),
         "output": {
             "likelihood": mcfg.likelihood,
             "range": [0.0, 1.0] if mcfg.likelihood in ("bernoulli", "multinomial") and mcfg.kind != "pca" else None,
@@ -165,12 +181,12 @@ def _build(model, info: dict, ds, run: Path, out: Path, name: str, version: int)
             "model": info["model"],
             "seed": info["config"]["seed"],
             "device": info["device"],
-            "epochs_trained": rows[-1]["epoch"] if rows else 0,
-            "best_epoch": best.get("epoch"),
+            "epochs_trained": epochs_trained,
+            "best_epoch": metrics["validation"].get("epoch"),
         },
         "metrics": metrics,
         "export": {"opset": OPSET, "torch": torch.__version__, "onnx": onnx.__version__,
-                   "parity_max_abs": parities, "parity_rows": int(len(batch)), "tolerance": PARITY_TOLERANCE},
+                   "parity_max_abs": parities, "parity_rows": parity_rows, "tolerance": PARITY_TOLERANCE},
         "files": files,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "zspace_version": __version__,

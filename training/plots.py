@@ -103,7 +103,8 @@ def latent_map(codes: np.ndarray, labels: np.ndarray | None, classes: list[str] 
 
 def run_plots(run: Path) -> list[Path]:
     """All the pictures a finished run deserves, written into the run folder."""
-    from zspace.training.train import codes_of, load_model, load_run_data, read_metrics
+    from zspace.training.run import load_model, load_run_data, read_metrics
+    from zspace.training.train import codes_of
 
     run = Path(run)
     model, info = load_model(run)

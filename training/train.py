@@ -1,20 +1,14 @@
-"""The training loop: read it top to bottom.
+"""The training loop: read `train` top to bottom; setup, resume and one epoch are its three steps.
 
-A run directory holds everything needed to evaluate, resume or export:
-  run.json        config, data description, the fitted feature transform
-  metrics.jsonl   one line per epoch (train and validation figures)
-  last.pt         model + optimiser + schedule state, for --resume
-  best.pt         the weights with the lowest validation loss
-  *.png           loss curves, reconstructions, samples, latent map
+What a run leaves on disk (run.json, metrics.jsonl, last.pt, best.pt) is described
+and handled in run.py.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +18,7 @@ from zspace.data import Dataset, load_dataset, validation_split
 from zspace.errors import UserError
 from zspace.progress import Progress
 from zspace.training.models import KINDS, LIKELIHOODS, ModelConfig, build_model, reconstruction_target
-from zspace.transforms import transform_from_dict
+from zspace.training.run import BEST, LAST, METRICS, append_metrics, load_checkpoint, load_run_data, save_checkpoint, write_run
 
 
 @dataclass
@@ -127,34 +121,6 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
 
-def load_run_data(run: Path, spec: str | None = None) -> Dataset:
-    """The run's data set (or SPEC) through the run's own fitted transform."""
-    info = read_run(run)
-    transform = transform_from_dict(info["transform"])
-    return load_dataset(spec or info["config"]["data"], transform=transform)
-
-
-def read_run(run: Path) -> dict:
-    path = Path(run) / "run.json"
-    if not path.is_file():
-        raise UserError(f"{run}: not a training run (no run.json)")
-    return json.loads(path.read_text())
-
-
-def load_model(run: Path, which: str = "best.pt"):
-    """(model, run info) from a run directory, on the CPU, in eval mode."""
-    info = read_run(run)
-    known = {f.name for f in fields(ModelConfig)}  # runs written by other versions may carry more keys
-    mcfg = ModelConfig(**{**{k: v for k, v in info["model"].items() if k in known}, "hidden": tuple(info["model"]["hidden"])})
-    model = build_model(mcfg)
-    ckpt_path = Path(run) / which
-    if not ckpt_path.is_file():
-        raise UserError(f"{run}: no {which}; the run has not finished an epoch")
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    model.load_state_dict(ckpt["model"])
-    return model.eval(), info
-
-
 @torch.no_grad()
 def evaluate_split(model, x: torch.Tensor, batch_size: int = 1024, seed: int = 0) -> dict:
     """Mean loss parts and squared error per example on a split (fixed noise seed)."""
@@ -177,24 +143,36 @@ def selection_loss(parts: dict) -> float:
     return parts.get("neg_elbo", parts.get("recon", parts.get("sq_error")))
 
 
-def train(cfg: TrainConfig, out: Path, resume: bool = False, quiet: bool = False,
-          stop_after: int | None = None, time_limit_s: float | None = None) -> Path:
-    """Train into OUT. The schedule always spans cfg.epochs; `stop_after` (an epoch
-    number) and `time_limit_s` end this call early, leaving a run that --resume
-    continues exactly where it stopped."""
-    out = Path(out)
-    started = time.monotonic()
+@dataclass
+class Session:
+    """What one call of `train` works with: the data on the device, the model, its optimiser and where it stands."""
+
+    cfg: TrainConfig
+    out: Path
+    device: torch.device
+    ds: Dataset
+    model: torch.nn.Module
+    x_train: torch.Tensor
+    x_val: torch.Tensor
+    opt: torch.optim.Optimizer | None = None
+    steps_per_epoch: int = 0
+    total_steps: int = 0
+    start_epoch: int = 0
+    step: int = 0
+    best: float = float("inf")
+
+
+def setup(cfg: TrainConfig, out: Path, resume: bool, log) -> Session:
+    """Data (the run's own transform when resuming, a fresh fit otherwise), model and run folder."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
-
-    # ---- data: the run's own transform when resuming, a fresh fit otherwise
     if resume:
-        if not (out / "last.pt").is_file():
-            raise UserError(f"--resume: {out} has no last.pt to resume from")
+        if not (out / LAST).is_file():
+            raise UserError(f"--resume: {out} has no {LAST} to resume from")
         ds = load_run_data(out)
     else:
-        if (out / "last.pt").exists():
+        if (out / LAST).exists():
             raise UserError(f"--out: {out} already holds a run; pass --resume to continue it or pick another folder")
         ds = load_dataset(cfg.data, vocab_size=cfg.vocab_size, weighting=cfg.weighting)
     mcfg = check_config(cfg, ds)
@@ -203,87 +181,93 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False, quiet: bool = False
     x_val = torch.from_numpy(ds.x_train[val_idx] if len(val_idx) else ds.x_test).to(device)
     if cfg.binarize:
         x_val = torch.bernoulli(x_val, generator=torch.Generator(device).manual_seed(1))
-
     torch.manual_seed(cfg.seed)
     model = build_model(mcfg).to(device)
     out.mkdir(parents=True, exist_ok=True)
-    info = {
-        "config": {**asdict(cfg), "hidden": list(cfg.hidden)},
-        "model": {**asdict(mcfg), "hidden": list(mcfg.hidden)},
-        "data": ds.describe(),
-        "transform": ds.transform.to_dict(),
-        "device": str(device),
-        "n_fit": len(tr_idx),
-        "n_val": len(val_idx),
-    }
     if not resume:
-        (out / "run.json").write_text(json.dumps(info, indent=1))
-    log = lambda msg: None if quiet else print(msg, flush=True)  # noqa: E731
+        write_run(out, {"config": {**asdict(cfg), "hidden": list(cfg.hidden)}, "model": {**asdict(mcfg), "hidden": list(mcfg.hidden)},
+                        "data": ds.describe(), "transform": ds.transform.to_dict(), "device": str(device),
+                        "n_fit": len(tr_idx), "n_val": len(val_idx)})
+        (out / METRICS).write_text("")
     log(f"train: {cfg.model} on {ds.name} ({len(tr_idx)} fit / {len(val_idx)} val / {len(ds.x_test)} test, "
         f"{ds.dim}-d -> {cfg.latent_dim}-d, {mcfg.likelihood}) on {device}")
+    return Session(cfg=cfg, out=out, device=device, ds=ds, model=model, x_train=x_train, x_val=x_val)
 
-    if cfg.model == "pca":
-        return _fit_pca(model, x_train, x_val, out)
 
-    # ---- optimiser and state (fresh or resumed)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(x_train) / cfg.batch_size)
-    total_steps = cfg.epochs * steps_per_epoch
-    start_epoch, step, best = 0, 0, float("inf")
-    if resume:
-        ckpt = torch.load(out / "last.pt", map_location=device, weights_only=False)
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["opt"])
-        start_epoch, step, best = ckpt["epoch"], ckpt["step"], ckpt["best"]
-        log(f"train: resuming after epoch {start_epoch} (best validation loss {best:.4f})")
-    metrics_file = open(out / "metrics.jsonl", "a" if resume else "w")
+def restore(s: Session, log) -> None:
+    """The optimiser, and on --resume the model, optimiser and schedule position of last.pt."""
+    s.opt = torch.optim.AdamW(s.model.parameters(), lr=s.cfg.lr, weight_decay=s.cfg.weight_decay)
+    s.steps_per_epoch = math.ceil(len(s.x_train) / s.cfg.batch_size)
+    s.total_steps = s.cfg.epochs * s.steps_per_epoch
+    if (s.out / LAST).is_file():
+        ckpt = load_checkpoint(s.out / LAST, s.device)
+        s.model.load_state_dict(ckpt["model"])
+        s.opt.load_state_dict(ckpt["opt"])
+        s.start_epoch, s.step, s.best = ckpt["epoch"], ckpt["step"], ckpt["best"]
+        log(f"train: resuming after epoch {s.start_epoch} (best validation loss {s.best:.4f})")
 
-    # ---- the loop
-    for epoch in range(start_epoch, cfg.epochs):
-        model.train()
-        t0 = time.monotonic()
-        # Seed per epoch: the shuffle and the VAE noise are the same with or without a resume.
-        torch.manual_seed(cfg.seed * 100_003 + epoch)
-        perm = torch.randperm(len(x_train), device=device)
-        bar = None if quiet else Progress(steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}")
-        running = 0.0
-        for i in range(0, len(x_train), cfg.batch_size):
-            xb = x_train[perm[i : i + cfg.batch_size]]
-            if cfg.augment_shift:
-                xb = random_shift(xb, ds.transform.shape, cfg.augment_shift)
-            if cfg.binarize:
-                xb = torch.bernoulli(xb)
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, total_steps, cfg)
-            loss, _ = model.loss(xb, step)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            running += loss.item() * len(xb)
-            if bar:
-                bar.update(1, f"loss {loss.item():.3f}")
-        train_loss = running / len(x_train)
-        val = evaluate_split(model, x_val)
-        val_loss = selection_loss(val)
-        improved = val_loss < best
-        if improved:
-            best = val_loss
-            torch.save({"model": model.state_dict(), "epoch": epoch + 1, "val_loss": val_loss}, out / "best.pt")
-        row = {"epoch": epoch + 1, "step": step, "lr": lr_at(step - 1, total_steps, cfg), "train_loss": train_loss,
-               "val_loss": val_loss, **{f"val_{k}": v for k, v in val.items()}, "seconds": time.monotonic() - t0}
-        metrics_file.write(json.dumps(row) + "\n")
-        metrics_file.flush()
-        _save_atomic({"model": model.state_dict(), "opt": opt.state_dict(), "epoch": epoch + 1,
-                      "step": step, "best": best}, out / "last.pt")
+
+def run_epoch(s: Session, epoch: int, quiet: bool) -> dict:
+    """One pass over the training rows, then validation; saves best.pt on improvement and last.pt always."""
+    cfg, model = s.cfg, s.model
+    model.train()
+    t0 = time.monotonic()
+    # Seed per epoch: the shuffle and the VAE noise are the same with or without a resume.
+    torch.manual_seed(cfg.seed * 100_003 + epoch)
+    perm = torch.randperm(len(s.x_train), device=s.device)
+    bar = None if quiet else Progress(s.steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}")
+    running = 0.0
+    for i in range(0, len(s.x_train), cfg.batch_size):
+        xb = s.x_train[perm[i : i + cfg.batch_size]]
+        if cfg.augment_shift:
+            xb = random_shift(xb, s.ds.transform.shape, cfg.augment_shift)
+        if cfg.binarize:
+            xb = torch.bernoulli(xb)
+        for group in s.opt.param_groups:
+            group["lr"] = lr_at(s.step, s.total_steps, cfg)
+        loss, _ = model.loss(xb, s.step)
+        s.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        s.opt.step()
+        s.step += 1
+        running += loss.item() * len(xb)
         if bar:
-            bar.close(f"train {train_loss:.3f} val {val_loss:.3f} sq_err {val['sq_error']:.3f}{' *' if improved else ''}")
+            bar.update(1, f"loss {loss.item():.3f}")
+    train_loss = running / len(s.x_train)
+    val = evaluate_split(model, s.x_val)
+    val_loss = selection_loss(val)
+    improved = val_loss < s.best
+    if improved:
+        s.best = val_loss
+        save_checkpoint({"model": model.state_dict(), "epoch": epoch + 1, "val_loss": val_loss}, s.out / BEST)
+    row = {"epoch": epoch + 1, "step": s.step, "lr": lr_at(s.step - 1, s.total_steps, cfg), "train_loss": train_loss,
+           "val_loss": val_loss, **{f"val_{k}": v for k, v in val.items()}, "seconds": time.monotonic() - t0}
+    append_metrics(s.out, row)
+    save_checkpoint({"model": model.state_dict(), "opt": s.opt.state_dict(), "epoch": epoch + 1,
+                     "step": s.step, "best": s.best}, s.out / LAST)
+    if bar:
+        bar.close(f"train {train_loss:.3f} val {val_loss:.3f} sq_err {val['sq_error']:.3f}{' *' if improved else ''}")
+    return row
+
+
+def train(cfg: TrainConfig, out: Path, resume: bool = False, quiet: bool = False,
+          stop_after: int | None = None, time_limit_s: float | None = None) -> Path:
+    """Train into OUT. The schedule always spans cfg.epochs; `stop_after` (an epoch
+    number) and `time_limit_s` end this call early, leaving a run that --resume
+    continues exactly where it stopped."""
+    out, started = Path(out), time.monotonic()
+    log = (lambda msg: None) if quiet else (lambda msg: print(msg, flush=True))
+    s = setup(cfg, out, resume, log)
+    if cfg.model == "pca":
+        return _fit_pca(s.model, s.x_train, s.x_val, out)
+    restore(s, log)
+    for epoch in range(s.start_epoch, cfg.epochs):
+        run_epoch(s, epoch, quiet)
         if stop_after is not None and epoch + 1 >= stop_after:
             break
         if time_limit_s is not None and time.monotonic() - started > time_limit_s and epoch + 1 < cfg.epochs:
             log(f"train: time limit of {time_limit_s:.0f}s reached after epoch {epoch + 1}; --resume continues")
             break
-    metrics_file.close()
     return out
 
 
@@ -293,24 +277,12 @@ def _fit_pca(model, x_train, x_val, out: Path) -> Path:
     val = evaluate_split(model, x_val)
     row = {"epoch": 1, "step": 0, "train_loss": float(model.loss(x_train)[0]), "val_loss": selection_loss(val),
            **{f"val_{k}": v for k, v in val.items()}, "seconds": time.monotonic() - t0}
-    (out / "metrics.jsonl").write_text(json.dumps(row) + "\n")
+    append_metrics(out, row)
     state = {"model": model.state_dict(), "epoch": 1, "step": 0, "best": row["val_loss"]}
-    torch.save(state, out / "best.pt")
-    _save_atomic(state, out / "last.pt")
+    save_checkpoint(state, out / BEST)
+    save_checkpoint(state, out / LAST)
     print(f"pca: fitted in {row['seconds']:.2f}s, validation squared error {val['sq_error']:.3f}", flush=True)
     return out
-
-
-def _save_atomic(obj, path: Path) -> None:
-    """A checkpoint is either the old one or the new one, never half of each."""
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def read_metrics(run: Path) -> list[dict]:
-    path = Path(run) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
 def codes_of(model, x: np.ndarray, batch_size: int = 4096) -> np.ndarray:
