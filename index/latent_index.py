@@ -312,13 +312,13 @@ class LatentIndex:
 
     def search(self, queries: np.ndarray, k: int, where: tuple[str, object] | None = None, nprobe: int = 16,
                ef_search: int = 16, blocking: bool = True, one_thread: bool | None = None, as_json: bool = False):
-        """-> per query a list of (key, distance, payload), nearest first. Cosine distance = 1 − cos.
+        """-> per query a list of Hit(key, distance, payload), nearest first. Cosine distance = 1 − cos.
 
         as_json gives each payload as its stored JSON text (what a server sends on).
         blocking=False raises IndexBusy instead of waiting for a write: for callers
         (an event loop) that must never block. one_thread runs FAISS on the calling
         thread alone; by default a single HNSW query does, since one graph walk
-        gains nothing from OpenMP but its fork and join (≈15% here)."""
+        gains nothing from OpenMP but pays its fork and join."""
         queries = np.asarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise IndexError_(f"queries: expected shape [n, {self.dim}], got {list(queries.shape)}")
@@ -352,7 +352,7 @@ class LatentIndex:
 
     def _faiss_search(self, x: np.ndarray, k: int, params) -> tuple[np.ndarray, np.ndarray]:
         """FAISS's search without its Python wrapper, whose checks we have made already (x from _prep:
-        contiguous float32 rows of self.dim): ≈1.5 µs of a ≈35 µs HNSW query."""
+        contiguous float32 rows of self.dim): they would be a noticeable share of a single HNSW query."""
         swig_ptr = self.faiss.swig_ptr
         dist = np.empty((len(x), k), dtype=np.float32)
         ids = np.empty((len(x), k), dtype=np.int64)

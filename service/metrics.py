@@ -2,8 +2,9 @@
 
 Per-RPC and per-batch figures are kept in plain dicts and lists and turned into
 Prometheus families only when /metrics is scraped. prometheus_client's own
-Counter and Histogram take a lock per update and walk the buckets in Python:
-≈2.9 µs per RPC here, against ≈0.4 µs for these (a whole Search costs ≈60 µs in-process).
+Counter and Histogram take a lock per update and walk the buckets in Python,
+several times the cost of these plain updates, and a small Search is only tens
+of microseconds (benchmarks/README.md).
 Updates come from the event loop thread; a scrape reads from the HTTP
 thread, copying each dict in one step (atomic under the GIL).
 """

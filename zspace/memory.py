@@ -3,9 +3,8 @@
 glibc's malloc serves big blocks (a 256-row request is 800 KB, and gRPC,
 protobuf and numpy each hold a copy) from fresh pages and trims its heap
 after every large free. A server that receives such requests all day then
-pays the kernel to map and zero the same megabytes again and again: measured
-here, 1.5 ms of system time per 800 KB request, three quarters of what gRPC
-costs for it. Raising the thresholds makes the heap keep (at most
+pays the kernel to map and zero the same megabytes again and again, which
+can cost as much system time as gRPC's own work for the request. Raising the thresholds makes the heap keep (at most
 `keep_mb`) freed memory for the next request.
 
 Settings a user gives through glibc's own environment variables
