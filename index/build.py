@@ -71,8 +71,8 @@ def build_index(model_ref: Path, data_spec: str, out: Path, factory: str = "Flat
 
 def query_codes(index: LatentIndex, models: Path, pngs: list[str], texts: list[str], device: str = "auto") -> np.ndarray:
     """Codes of image files or documents through the index's own model (its codes mean nothing to another)."""
-    model = index.manifest["model"]
-    runtime = open_runtime(load_bundle(Path(models) / model["name"] / str(model["version"])), device)
+    name, version = index.model
+    runtime = open_runtime(load_bundle(Path(models) / name / str(version)), device)
     if pngs:
         x = np.stack([runtime.transform.from_bytes(Path(p).read_bytes(), p) for p in pngs])
     else:

@@ -381,6 +381,11 @@ class LatentIndex:
         return params
 
     @property
+    def model(self) -> tuple[str, int]:
+        """(name, version) of the model whose codes this index holds."""
+        return self.manifest["model"]["name"], int(self.manifest["model"]["version"])
+
+    @property
     def trained_family(self) -> str:
         """"IVF" or "HNSW" once the real factory serves (not its flat stand-in), else ""."""
         return self.traits.family if self.trained_kind else ""

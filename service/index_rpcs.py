@@ -42,7 +42,7 @@ class IndexRpcs(RpcHandlers):
     def label(self, request) -> str:
         """The model of the index a request names (its codes are that model's), for metrics."""
         index = self.indexes.indexes.get(getattr(request, "index", ""))
-        return index.manifest["model"]["name"] if index is not None else ""
+        return index.model[0] if index is not None else ""
 
     def _index_info(self, name: str, index) -> pb.IndexInfo:
         st = index.stats()
@@ -58,8 +58,7 @@ class IndexRpcs(RpcHandlers):
     async def _query_codes(self, index, request, which: str) -> np.ndarray:
         """The `inputs` (encoded by the index's model, VAE kinds: means) or `vectors` field of a request, as codes."""
         if which == "inputs":
-            model = index.manifest["model"]
-            rt = self.repo.get(model["name"], int(model["version"]))
+            rt = self.repo.get(*index.model)
             return (await rt.encode(await features(rt, request.inputs, "inputs", self.limits)))[0]
         return tensor_to_array(request.vectors, "vectors", cols=index.dim, max_rows=self.limits.max_rows)
 

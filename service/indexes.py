@@ -85,8 +85,7 @@ class IndexRegistry:
             index = None
             try:
                 index = LatentIndex.open(folder)
-                model = index.manifest["model"]
-                rt = self.repo.get(model["name"], int(model["version"]))  # NotFound if not loaded
+                rt = self.repo.get(*index.model)  # NotFound if not loaded
                 if rt.latent_dim != index.dim:
                     raise ValueError(f"model {rt.name}/{rt.version} has {rt.latent_dim}-d codes, the index {index.dim}")
             except Exception as exc:
@@ -98,7 +97,7 @@ class IndexRegistry:
                     log.error("index %s skipped: %s", folder.name, reason)
                 continue
             self.indexes = {**self.indexes, folder.name: index}
-            log.info("index %s opened (%s/%s, %s, %s, %d items)", folder.name, model["name"], model["version"],
+            log.info("index %s opened (%s/%s, %s, %s, %d items)", folder.name, *index.model,
                      index.factory, index.metric, index.stats()["count"])
         self.broken = broken
 

@@ -72,8 +72,9 @@ def rpc(method):
                     if not deadline.expired():
                         raise
                     code, message = grpc.StatusCode.DEADLINE_EXCEEDED, f"{name}: deadline of the call exceeded"
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
+        except asyncio.CancelledError:  # gRPC cancels the handler when the client leaves or its deadline passes
+            remaining = context.time_remaining()
+            code = grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
             raise
         except Exception as exc:
             code, message = _status(exc)

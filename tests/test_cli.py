@@ -74,3 +74,14 @@ def test_bundle_with_a_wrong_hash(vae_bundle, tmp_path, cli):
     (copy / "encoder.onnx").write_bytes((copy / "encoder.onnx").read_bytes()[:-10])
     code, text = cli("evaluate", copy)
     assert code == 2 and "encoder.onnx has SHA-256" in text and "Traceback" not in text
+
+
+def test_serve_options_keep_their_environment_names(cli, tmp_path, monkeypatch):
+    """Deployments set options as ZSPACE_SERVE_<OPTION> (docker-compose.yml): the names must not drift."""
+    monkeypatch.setenv("ZSPACE_SERVE_MAX_QUEUE", "0")
+    code, out = cli("serve", "--models", tmp_path)
+    assert code == 2 and "--max-queue" in out
+    monkeypatch.delenv("ZSPACE_SERVE_MAX_QUEUE")
+    monkeypatch.setenv("ZSPACE_SERVE_THREADS", "-1")
+    code, out = cli("serve", "--models", tmp_path)
+    assert code == 2 and "--threads" in out

@@ -142,7 +142,7 @@ def serve_options(f):
         click.option("--port", type=click.IntRange(0, 65535), default=d.port, help="gRPC port (0: any free port)."),
         click.option("--metrics-port", type=click.IntRange(0, 65535), default=d.metrics_port, help="Prometheus /metrics port (0: off)."),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=d.device, help="auto: CUDA only when onnxruntime-gpu can use a GPU here."),
-        click.option("--threads", "onnx_threads", type=click.IntRange(min=0), default=d.onnx_threads,
+        click.option("--threads", type=click.IntRange(min=0), default=d.onnx_threads,
                      help="ONNX Runtime threads per run (0: the cores shared out among --instances)."),
         click.option("--faiss-threads", type=click.IntRange(min=0), default=d.faiss_threads,
                      help="FAISS OpenMP threads for index searches, process-wide (0: FAISS's default, the core count)."),
@@ -151,7 +151,7 @@ def serve_options(f):
         click.option("--max-batch", type=click.IntRange(min=1), default=b.max_batch, help="Rows merged into one ONNX Runtime call (1: batching off)."),
         click.option("--max-delay-ms", type=click.FloatRange(0, 10_000), default=b.max_delay_ms,
                      help="Longest wait for a batch to fill, taken only while waiting merges requests; 0: never wait."),
-        click.option("--max-queue", "max_queue_rows", type=click.IntRange(min=1), default=b.max_queue_rows, help="Rows waiting per graph before RESOURCE_EXHAUSTED."),
+        click.option("--max-queue", type=click.IntRange(min=1), default=b.max_queue_rows, help="Rows waiting per graph before RESOURCE_EXHAUSTED."),
         click.option("--search-max-batch", type=click.IntRange(min=1), default=srch.max_batch,
                      help="Concurrent Search queries of one index merged into one FAISS call."),
         click.option("--max-rows", type=click.IntRange(min=1), default=lim.max_rows, help="Largest batch one request may send."),
@@ -173,7 +173,7 @@ def serve_options(f):
 
 @main.command()
 @serve_options
-def serve(models, indexes, instances, max_batch, max_delay_ms, max_queue_rows, search_max_batch, max_rows,
+def serve(models, indexes, threads, instances, max_batch, max_delay_ms, max_queue, search_max_batch, max_rows,
           token_file, token_env, **opts) -> None:
     """Serve every bundle under --models over gRPC (health, reflection, metrics, hot reload)."""
     from zspace.service.config import BatchConfig, Limits, SearchConfig, ServeConfig
@@ -181,7 +181,8 @@ def serve(models, indexes, instances, max_batch, max_delay_ms, max_queue_rows, s
     from zspace.service.server import serve as run_server
 
     cfg = ServeConfig(models=Path(models), indexes=Path(indexes) if indexes else None,
-                      batch=BatchConfig(max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue_rows=max_queue_rows,
+                      onnx_threads=threads,
+                      batch=BatchConfig(max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue_rows=max_queue,
                                         instances=instances),
                       search=SearchConfig(max_batch=search_max_batch), limits=Limits(max_rows=max_rows),
                       token=read_token(token_file, token_env), **opts)
