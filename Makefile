@@ -1,7 +1,12 @@
 # Two commands for a fresh machine (both create .venv themselves):
 #   make quickstart   install everything, then run the main job on the built-in digits
+#                     (about 3 minutes on 2 cores after the install; make quickstart EPOCHS=30 for a shorter run)
 #   make test         install everything, then run the test suite
 PY ?= python3
+# Where torch comes from. Empty: pip's own configuration. On a machine whose pip does not offer a
+# CPU-only torch, a plain `pip install torch==2.13.0` fetches the multi-GB CUDA build; to get the
+# CPU build there: make TORCH_INDEX=https://download.pytorch.org/whl/cpu quickstart
+TORCH_INDEX ?=
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -9,17 +14,20 @@ STAMP := $(VENV)/.installed
 .PHONY: install quickstart test lint proto clean
 
 $(STAMP): pyproject.toml
+	@echo "install [1/3]: creating $(VENV) (first run only; about 1-3 minutes in all)"
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	# torch first, pinned: the local CPU wheel; an unpinned torch would pull a multi-GB CUDA build.
-	$(BIN)/pip install --quiet torch==2.13.0
+	@echo "install [2/3]: torch 2.13.0$(if $(TORCH_INDEX), from $(TORCH_INDEX))"
+	# torch first, pinned: an unpinned torch would pull a multi-GB CUDA build (see TORCH_INDEX above).
+	$(BIN)/pip install --quiet torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	@echo "install [3/3]: zspace and its dependencies (ONNX Runtime, FAISS, gRPC, ...)"
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
 
 quickstart: $(STAMP)
-	$(BIN)/zspace quickstart
+	$(BIN)/zspace quickstart $(if $(EPOCHS),--epochs $(EPOCHS))
 
 test: $(STAMP)
 	$(BIN)/ruff check .

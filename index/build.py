@@ -1,6 +1,7 @@
 """Build an index from a data set with an exported encoder (ONNX Runtime, no torch).
 
-Keys are `<dataset>/<split>/<row>` (e.g. `mnist/train/123`, see `dataset_key`);
+Keys are the items' own ids where the data set has them (a .jsonl's `id` field),
+else `<dataset>/<split>/<row>` (e.g. `mnist/train/123`, see `dataset_key`);
 payloads carry the label (class name when known), the split and the item's source.
 The index is built in a hidden folder and renamed into place when complete, so a
 server watching the indexes folder never serves half of it and a failed build
@@ -53,7 +54,8 @@ def build_index(model_ref: Path, data_spec: str, out: Path, factory: str = "Flat
                 for start in range(0, len(x), batch_size):
                     rows = range(start, min(start + batch_size, len(x)))
                     codes = runtime.encode(np.ascontiguousarray(x[start : rows.stop]))[0]  # VAE kinds: the means
-                    keys = [dataset_key(ds.name, name, i) for i in rows]
+                    # The user's own ids when the data carries them (a .jsonl's `id`), else <dataset>/<split>/<row>.
+                    keys = [sources[i] if ds.sources_are_ids else dataset_key(ds.name, name, i) for i in rows]
                     payloads = [{"split": name, "source": sources[i] if sources else None,
                                  **({"label": ds.classes[int(y[i])] if ds.classes else int(y[i])} if y is not None else {})}
                                 for i in rows]

@@ -10,6 +10,7 @@ synchronous=FULL a committed write survives the process being killed.
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,27 @@ from pathlib import Path
 import numpy as np
 
 from zspace.errors import NotFound
+from zspace.index.errors import IndexError_
+
+MAX_FIELD_CHARS = 256
+
+
+class FilterError(IndexError_):
+    """A payload filter that cannot mean anything: a malformed field or value, or a field no item has."""
+
+
+def check_filter(field: str, value) -> None:
+    """A filter is FIELD = VALUE with a plain field name and a JSON scalar value."""
+    if not isinstance(field, str) or not field or len(field) > MAX_FIELD_CHARS:
+        raise FilterError(f"filter field: expected a payload field name of 1 to {MAX_FIELD_CHARS} characters")
+    if any(c in field for c in '"\\') or any(ord(c) < 32 for c in field):
+        raise FilterError("filter field: must not contain quotes, backslashes or control characters")
+    if isinstance(value, (dict, list)):
+        raise FilterError(f"filter value: expected a string, number, true, false or null, got a JSON {type(value).__name__}")
+    if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
+        raise FilterError("filter value: integer out of the 64-bit range")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise FilterError("filter value: must be a finite number")
 
 
 def payload_json(payload: dict) -> str:
@@ -129,9 +151,30 @@ class ItemStore:
         return ids, np.stack([self._vector(r[1]) for r in rows]).astype(np.float32)
 
     def ids_where(self, field: str, value) -> np.ndarray:
-        """Ids of items whose payload has field == value (JSON equality)."""
-        rows = self.db.execute("SELECT id FROM items WHERE json_extract(payload, ?) = ?",
-                               (f'$."{field}"', value if not isinstance(value, bool) else int(value))).fetchall()
+        """Ids of items whose payload's `field` equals `value`, a string or a number meaning the same.
+
+        Labels come as numbers from some data sets and as strings from others, and a
+        command line cannot tell `label=7` the number from "7" the string: 7 matches
+        both 7 and "7" (and "7" both), as a user means. Booleans and null match
+        themselves only. A field that no item has is an error, not an empty answer:
+        it is nearly always a typo."""
+        check_filter(field, value)
+        path = f'$."{field}"'
+        if isinstance(value, bool) or value is None:
+            sql, args = "json_extract(payload, ?) IS ? AND json_type(payload, ?) IN ('true', 'false', 'null')", \
+                (path, None if value is None else int(value), path)
+        elif isinstance(value, (int, float)):
+            sql, args = ("(json_type(payload, ?) IN ('integer', 'real') AND json_extract(payload, ?) = ?) OR "
+                         "(json_type(payload, ?) = 'text' AND json_extract(payload, ?) = ?)",
+                         (path, path, value, path, path, json.dumps(value)))
+        else:
+            sql, args = ("json_extract(payload, ?) = ? OR (json_type(payload, ?) IN ('integer', 'real') "
+                         "AND CAST(json_extract(payload, ?) AS TEXT) = ?)", (path, value, path, path, value))
+        rows = self.db.execute(f"SELECT id FROM items WHERE {sql}", args).fetchall()
+        if not rows and self.db.execute("SELECT 1 FROM items LIMIT 1").fetchone() and not self.db.execute(
+                "SELECT 1 FROM items WHERE json_type(payload, ?) IS NOT NULL LIMIT 1", (path,)).fetchone():
+            fields = sorted({k for (p,) in self.db.execute("SELECT payload FROM items LIMIT 100") for k in json.loads(p)})
+            raise FilterError(f"filter: no item has a field {field!r} (fields seen: {', '.join(fields) or 'none'})")
         return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
 
     def changes_since(self, seq: int) -> list[tuple[int, int | None, int | None]]:

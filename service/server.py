@@ -13,12 +13,14 @@ import hmac
 import logging
 import os
 import signal
+import socket
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from zspace.bundle import repository_hint, version_dirs
 from zspace.errors import UserError
 from zspace.index.factory import set_threads as set_faiss_threads
 from zspace.memory import keep_freed_memory
@@ -52,6 +54,24 @@ def event_loop_factory(choice: str):
         else:
             return uvloop.new_event_loop
     return asyncio.new_event_loop
+
+
+def check_port_free(host: str, port: int, option: str) -> None:
+    """UserError naming the option when HOST:PORT cannot be listened on (before gRPC logs its own C-level error)."""
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise UserError(f"--host: cannot resolve {host!r} ({exc.strerror})") from None
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers do: a closing socket is no obstacle
+            try:
+                s.bind(address)
+            except OSError as exc:
+                raise UserError(f"{option}: cannot listen on {host}:{port} ({exc.strerror}); choose another {option}"
+                                f"{', or 0 for any free port' if option == '--port' else ', or 0 to turn metrics off'}") from None
 
 
 def read_token(token_file: str | None, token_env: str) -> str | None:
@@ -111,8 +131,24 @@ class Server:
         self.started = False
 
     async def start(self) -> None:
+        """Load, bind, listen; on any failure let go of what was taken (ports, threads) before raising."""
+        try:
+            await self._start()
+        except BaseException:
+            if self.server is not None:
+                await self.server.stop(None)  # else its finaliser runs on a closed loop and prints a traceback
+            self.metrics.close()
+            for rt in self.repo.loaded():
+                rt.close()
+            raise
+
+    async def _start(self) -> None:
         cfg = self.cfg
+        check_port_free(cfg.host, cfg.port, "--port")  # before minutes of loading, not after
+        check_port_free(cfg.host, cfg.metrics_port, "--metrics-port")
         await self.rescan()
+        if not version_dirs(cfg.models):
+            log.warning("--models %s: %s", cfg.models, repository_hint(Path(cfg.models)))
         await asyncio.to_thread(self.indexes.open_all)
         self.started = True
         limit = cfg.max_message_mb * 1024 * 1024
@@ -128,22 +164,31 @@ class Server:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), self.server)
         address = f"{cfg.host}:{cfg.port}"
-        if cfg.tls_cert:
-            creds = grpc.ssl_server_credentials([(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())])
-            self.port = self.server.add_secure_port(address, creds)
-        else:
-            self.port = self.server.add_insecure_port(address)
+        try:
+            if cfg.tls_cert:
+                creds = grpc.ssl_server_credentials([(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())])
+                self.port = self.server.add_secure_port(address, creds)
+            else:
+                self.port = self.server.add_insecure_port(address)
+        except RuntimeError:  # grpc: "Failed to bind to address"
+            self.port = 0
         if self.port == 0:
-            raise UserError(f"--port: cannot bind {address}")
+            raise UserError(f"--port: cannot listen on {address} (in use by another process, or not an address of "
+                            "this machine); choose another --port, or 0 for any free one")
+        if cfg.metrics_port:  # before the gRPC server starts: a failure here leaves nothing running
+            try:
+                self.metrics_port = self.metrics.serve_http(cfg.host, cfg.metrics_port)
+            except OSError as exc:
+                raise UserError(f"--metrics-port: cannot listen on {cfg.host}:{cfg.metrics_port} ({exc.strerror}); "
+                                "choose another --metrics-port, or 0 to turn metrics off") from None
         await self.server.start()
-        if cfg.metrics_port:
-            self.metrics_port = self.metrics.serve_http(cfg.host, cfg.metrics_port)
         if cfg.poll_s > 0:
             self._poller = asyncio.get_running_loop().create_task(self._poll())
         models = ", ".join(f"{rt.name}/{rt.version} ({rt.provider})" for rt in self.repo.loaded()) or "none"
         loop = type(asyncio.get_running_loop()).__module__.split(".")[0]
-        log.info("serving on %s:%d%s (%s loop), metrics on %s; models: %s", cfg.host, self.port,
-                 " (TLS)" if cfg.tls_cert else "", loop, self.metrics_port or "off", models)
+        metrics = f"metrics on {cfg.host}:{self.metrics_port}" if self.metrics_port else "metrics off"
+        log.info("serving on %s:%d%s (%s loop), %s; models: %s", cfg.host, self.port,
+                 " (TLS)" if cfg.tls_cert else "", loop, metrics, models)
 
     async def rescan(self) -> None:
         changes, retired = await asyncio.to_thread(self.repo.scan)

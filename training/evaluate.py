@@ -28,7 +28,7 @@ from zspace.bundle import VAE_KINDS, load_bundle
 from zspace.data import Dataset, load_dataset
 from zspace.errors import UserError
 from zspace.likelihood import log_likelihood, target_of
-from zspace.progress import Progress
+from zspace.progress import Progress, stage
 from zspace.runtime import open_runtime
 from zspace.transforms import transform_from_dict
 
@@ -192,13 +192,15 @@ def evaluate_coder(coder: Coder, ds: Dataset, k: int = 1000, nll_examples: int |
     tgt_train, tgt_test = target_of(x_train, coder.likelihood), target_of(x_test, coder.likelihood)
     metric = "cosine" if ds.modality == "text" else "l2"
 
-    codes_test = batched(lambda b: coder.encode(b)[0], x_test)
-    recon = batched(coder.decode, codes_test)
+    with stage(f"evaluate: codes and reconstructions of {len(x_test)} test rows", progress):
+        codes_test = batched(lambda b: coder.encode(b)[0], x_test)
+        recon = batched(coder.decode, codes_test)
     err = ((recon - tgt_test) ** 2).sum(1)
     model = {"sq_error": float(err.mean()), "mse": float(err.mean() / x_test.shape[1])}
 
     # PCA at the same size: on the reconstruction target for errors, on the input for retrieval.
-    mean, comps = pca_fit(tgt_train, coder.latent_dim)
+    with stage(f"evaluate: PCA-{coder.latent_dim} fitted on {len(x_train)} training rows", progress):
+        mean, comps = pca_fit(tgt_train, coder.latent_dim)
     pca_recon = (tgt_test - mean) @ comps @ comps.T + mean
     pca_err = ((pca_recon - tgt_test) ** 2).sum(1)
     pca = {"sq_error": float(pca_err.mean()), "mse": float(pca_err.mean() / x_test.shape[1])}
@@ -211,14 +213,15 @@ def evaluate_coder(coder: Coder, ds: Dataset, k: int = 1000, nll_examples: int |
               "latent_dim": coder.latent_dim, "binarized": coder.binarized, "retrieval_metric": metric,
               "model": model, "pca": pca}
     if ds.y_train is not None and ds.y_test is not None:
-        codes_train = batched(lambda b: coder.encode(b)[0], x_train)
-        same = tgt_train is x_train
-        mean_in, comps_in = (mean, comps) if same else pca_fit(x_train, coder.latent_dim)
-        model.update(retrieval(codes_test, ds.y_test, codes_train, ds.y_train, metric, at))
-        pca.update(retrieval((x_test - mean_in) @ comps_in, ds.y_test, (x_train - mean_in) @ comps_in,
-                             ds.y_train, metric, at))
-        if raw_baseline:
-            report["raw"] = retrieval(x_test, ds.y_test, x_train, ds.y_train, metric, at)
+        with stage(f"evaluate: retrieval, {len(x_test)} test queries among {len(x_train)} training rows", progress):
+            codes_train = batched(lambda b: coder.encode(b)[0], x_train)
+            same = tgt_train is x_train
+            mean_in, comps_in = (mean, comps) if same else pca_fit(x_train, coder.latent_dim)
+            model.update(retrieval(codes_test, ds.y_test, codes_train, ds.y_train, metric, at))
+            pca.update(retrieval((x_test - mean_in) @ comps_in, ds.y_test, (x_train - mean_in) @ comps_in,
+                                 ds.y_train, metric, at))
+            if raw_baseline:
+                report["raw"] = retrieval(x_test, ds.y_test, x_train, ds.y_train, metric, at)
     return report
 
 

@@ -23,6 +23,7 @@ from zspace.bundle import FORMAT_VERSION, VAE_KINDS, check_name, load_bundle, sh
 from zspace.errors import UserError
 from zspace.files import staged_folder
 from zspace.likelihood import target_of
+from zspace.progress import stage
 from zspace.runtime import onnx_session
 from zspace.training.run import load_model, load_run_data, read_metrics
 from zspace.training.train import codes_of
@@ -108,8 +109,10 @@ def export_run(run: Path, repo: Path, name: str, version: int | None = None) -> 
         for png in run.glob("*.png"):
             shutil.copy2(png, staging / png.name)
         rows = read_metrics(run)
-        manifest = bundle_manifest(model, info, ds, name, version, files, parities, len(batch),
-                                   epochs_trained=rows[-1]["epoch"] if rows else 0, metrics=quality_metrics(model, ds, run))
+        with stage("export: test-split metrics and the prior"):
+            metrics = quality_metrics(model, ds, run)
+            manifest = bundle_manifest(model, info, ds, name, version, files, parities, len(batch),
+                                       epochs_trained=rows[-1]["epoch"] if rows else 0, metrics=metrics)
         write_manifest(staging, manifest)
         load_bundle(staging)  # the reader's own checks, before anyone can see it
     return final
@@ -131,9 +134,10 @@ def export_graphs(model, batch: np.ndarray, out: Path) -> tuple[dict, dict]:
     files, parities = {}, {}
     for g, (module, in_name, example, outputs, check_batch) in graphs.items():
         path = out / f"{g}.onnx"
-        export_graph(module.eval(), in_name, example, outputs, path)
-        onnx.checker.check_model(onnx.load(str(path)), full_check=True)
-        parities[g] = parity(module, path, in_name, check_batch)
+        with stage(f"export: {g} graph to ONNX, checked, parity with torch on {len(check_batch)} rows"):
+            export_graph(module.eval(), in_name, example, outputs, path)
+            onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+            parities[g] = parity(module, path, in_name, check_batch)
         if parities[g] > PARITY_TOLERANCE:
             raise UserError(f"export: {g} ONNX output differs from torch by {parities[g]:.2e} "
                             f"(limit {PARITY_TOLERANCE:.0e}); the bundle was not written")

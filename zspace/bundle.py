@@ -121,6 +121,17 @@ def version_dirs(repo: Path) -> list[Path]:
                   for v in n.iterdir() if is_version_folder(v))
 
 
+def repository_hint(repo: Path) -> str:
+    """What a repository with no NAME/VERSION bundles holds instead, and what was expected (for a warning)."""
+    expected = "expected NAME/VERSION/manifest.json folders (e.g. models/digits/1/manifest.json)"
+    if (repo / "manifest.json").is_file():
+        return f"this is a bundle folder itself; serve its repository instead ({repo.parent.parent}); {expected}"
+    if any(is_version_folder(p) and (p / "manifest.json").is_file() for p in repo.iterdir() if p.is_dir()):
+        return f"this is one model's folder of versions; serve its parent instead ({repo.parent}); {expected}"
+    found = sorted(p.name + ("/" if p.is_dir() else "") for p in repo.iterdir() if not p.name.startswith("."))
+    return f"no model bundles found; {expected}; found: {', '.join(found[:10]) or 'nothing'}" + (" ..." if len(found) > 10 else "")
+
+
 def resolve_bundle(ref: str | os.PathLike) -> Path:
     """`models/NAME/VERSION` as given, or `models/NAME` -> its highest version."""
     ref = Path(ref)

@@ -45,6 +45,7 @@ class Dataset:
     classes: list[str] | None = None
     sources_train: list[str] | None = None
     sources_test: list[str] | None = None
+    sources_are_ids: bool = False  # the sources are the user's own unique item ids: indexes key items by them
 
     @property
     def dim(self) -> int:
@@ -74,6 +75,7 @@ class _Raw:
     classes: list[str] | None
     src_train: list[str]
     src_test: list[str]
+    sources_are_ids: bool = False  # the sources are the user's own item ids (a .jsonl's `id` field)
 
 
 def load_dataset(
@@ -229,6 +231,26 @@ def _idx_file(root: Path, stem: str) -> Path:
     raise UserError(f"{root}: missing IDX file {stem}[.gz]")
 
 
+CLASS_NAMES_FILE = "classes.txt"
+
+
+def idx_class_names(root: Path, labels: np.ndarray) -> list[str]:
+    """Names of an IDX set's classes: `classes.txt` beside the files (line i names label i), else the numbers.
+
+    IDX files carry label numbers only; Fashion-MNIST's 0 is "T-shirt/top". The names
+    go into plots, index payloads and reports."""
+    top = int(labels.max()) if len(labels) else -1
+    path = root / CLASS_NAMES_FILE
+    if not path.is_file():
+        return [str(c) for c in range(top + 1)]
+    names = [line.strip() for line in _decode_utf8(_read_bytes(path), str(path)).splitlines() if line.strip()]
+    if len(names) <= top:
+        raise UserError(f"{path}: {len(names)} class names, but the labels go up to {top}; give one name per line for 0 to {top}")
+    if len(set(names)) != len(names):
+        raise UserError(f"{path}: class names must be distinct")
+    return names
+
+
 def _idx(spec: str, root: Path, name: str) -> Dataset:
     if not root.is_dir():
         raise UserError(f"--data: {name} expects a folder of IDX files, got file {str(root)!r}")
@@ -244,11 +266,11 @@ def _idx(spec: str, root: Path, name: str) -> Dataset:
         scale = 255.0 if images.dtype == np.uint8 else max(float(np.abs(images).max()), 1.0)
         arrays[split] = (images.reshape(len(images), -1).astype(np.float32) / scale, labels.astype(np.int64))
     _, h, w = read_idx(_idx_file(root, "t10k-images-idx3-ubyte")).shape
-    classes = sorted({int(v) for v in np.concatenate([arrays["train"][1], arrays["test"][1]])})
+    labels = np.concatenate([arrays["train"][1], arrays["test"][1]])
     return Dataset(
         name=name, spec=spec, modality="image", transform=ImageTransform((1, h, w)),
         x_train=arrays["train"][0], y_train=arrays["train"][1],
-        x_test=arrays["test"][0], y_test=arrays["test"][1], classes=[str(c) for c in classes],
+        x_test=arrays["test"][0], y_test=arrays["test"][1], classes=idx_class_names(root, labels),
         sources_train=[f"{name}/train/{i}" for i in range(len(arrays["train"][0]))],
         sources_test=[f"{name}/test/{i}" for i in range(len(arrays["test"][0]))],
     )
@@ -342,6 +364,7 @@ def _jsonl(path: Path) -> _Raw:
         raise UserError(f"--data: texts expects a folder of .txt files or a .jsonl file, got {str(path)!r}")
     text = _decode_utf8(_read_bytes(path), str(path))
     texts, labels, ids = [], [], []
+    seen: dict[str, int] = {}  # id -> line
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
@@ -353,11 +376,18 @@ def _jsonl(path: Path) -> _Raw:
             raise UserError(f"{path}:{n}: expected an object with a string field 'text'")
         texts.append(row["text"])
         labels.append(None if row.get("label") is None else str(row["label"]))
-        ids.append(str(row.get("id", f"{path.name}:{n}")))
+        if row.get("id") is not None:
+            item_id = str(row["id"])
+            if item_id in seen:
+                raise UserError(f"{path}:{n}: id {item_id!r} is used again (first on line {seen[item_id]}); ids must be unique")
+            seen[item_id] = n
+        ids.append(str(row["id"]) if row.get("id") is not None else f"{path.name}:{n}")
     if not texts:
         raise UserError(f"{path}: no documents found")
     has_labels = all(v is not None for v in labels)
-    return _split_raw(texts, labels if has_labels else None, ids)
+    raw = _split_raw(texts, labels if has_labels else None, ids)
+    raw.sources_are_ids = len(seen) == len(texts)  # every document has its own id
+    return raw
 
 
 def strip_headers(post: str) -> str:
@@ -413,5 +443,5 @@ def _featurise_texts(spec, name, raw: _Raw, transform, vocab_size, weighting) ->
         name=name, spec=spec, modality="text", transform=transform,
         x_train=transform.apply(raw.train), y_train=y_train,
         x_test=transform.apply(raw.test), y_test=y_test, classes=raw.classes,
-        sources_train=raw.src_train, sources_test=raw.src_test,
+        sources_train=raw.src_train, sources_test=raw.src_test, sources_are_ids=raw.sources_are_ids,
     )

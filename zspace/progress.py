@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
+from contextlib import contextmanager
 
 
 class Progress:
@@ -35,3 +36,25 @@ class Progress:
     def close(self, note: str = "") -> None:
         self.stream.write(("\r" if self.tty else "") + self.line(note) + ("\033[K\n" if self.tty else "\n"))
         self.stream.flush()
+
+
+@contextmanager
+def stage(label: str, enabled: bool = True, stream=None):
+    """One line per step of a long job that has no natural counter (export, evaluation): what ran and how long.
+
+        with stage("export: encoder graph"):
+            ...
+    prints `export: encoder graph ... 4.2s` when the block ends (and `... failed` if it raised)."""
+    if not enabled:
+        yield
+        return
+    stream = stream or sys.stderr
+    t0 = time.monotonic()
+    try:
+        yield
+    except BaseException:
+        stream.write(f"{label} ... failed after {time.monotonic() - t0:.1f}s\n")
+        stream.flush()
+        raise
+    stream.write(f"{label} ... {time.monotonic() - t0:.1f}s\n")
+    stream.flush()

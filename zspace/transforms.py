@@ -72,16 +72,24 @@ class ImageTransform:
         return buf.getvalue()
 
 
+IMAGE_FORMATS = ("PNG", "JPEG")  # what the README promises; Pillow would also open GIF, TIFF, EPS ...
+
+
+def is_png_or_jpeg(data: bytes) -> bool:
+    """The file signatures of PNG and JPEG: a cheap check before anything is sent or decoded."""
+    return data.startswith(b"\x89PNG\r\n\x1a\n") or data.startswith(b"\xff\xd8\xff")
+
+
 def decode_image(data: bytes, what: str = "image"):
-    """Decode PNG/JPEG bytes with Pillow, refusing corrupt data and decompression bombs."""
-    from PIL import Image
+    """Decode PNG/JPEG bytes with Pillow, refusing other formats, corrupt data and decompression bombs."""
+    from PIL import Image, UnidentifiedImageError
 
     if not data:
         raise UserError(f"{what}: empty image bytes")
     try:
         with warnings.catch_warnings():  # Pillow's own bomb warning; our limit below is stricter
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
         width, height = image.size
         if width * height > MAX_IMAGE_PIXELS:
             raise UserError(
@@ -90,6 +98,8 @@ def decode_image(data: bytes, what: str = "image"):
         image.load()
     except UserError:
         raise
+    except UnidentifiedImageError:
+        raise UserError(f"{what}: not a PNG or JPEG image") from None
     except Image.DecompressionBombError as exc:
         raise UserError(f"{what}: image is over the pixel limit ({exc})") from None
     except Exception as exc:  # Pillow raises many types for bad data

@@ -6,7 +6,6 @@ Heavy imports (torch, onnx) happen inside the commands that need them, so
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -126,8 +125,22 @@ def quickstart(workdir, epochs) -> None:
     """Train a VAE on the built-in digits, evaluate, export, serve it, call it, stop it; print where everything is."""
     from zspace.app.quickstart import quickstart as run_quickstart
 
+    click.echo(f"quickstart: a VAE on scikit-learn's 8x8 digits for {epochs} epochs (about {max(1, round(epochs * 0.35 / 60))} "
+               f"min on 2 cores; --epochs N to change), then evaluate, export, index, serve and call it", err=True)
     summary = run_quickstart(Path(workdir), epochs=epochs)
-    click.echo(json.dumps(summary, indent=1))
+    click.echo(format_summary(summary))
+
+
+def format_summary(summary: dict) -> str:
+    """Where everything is, as a short table (the full summary is in quickstart.json beside the run)."""
+    served = summary["served"]
+    rows = [("run folder", summary["run"]), ("model bundle", summary["bundle"]), ("index", summary["index"]),
+            ("evaluation", summary["evaluation"]), ("pictures", ", ".join(Path(p).name for p in summary["pictures"])),
+            ("test squared error", f"{summary['test_sq_error']:.3f} (PCA at the same size: {summary['pca_sq_error']:.3f})"),
+            ("served", f"{served['target']} on {served['provider']}: Encode, Reconstruct, Generate, Search answered, then stopped"),
+            ("full summary", summary["summary_json"])]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
 def serve_options(f):

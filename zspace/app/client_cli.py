@@ -14,6 +14,8 @@ from pathlib import Path
 import click
 import numpy as np
 
+from zspace.transforms import is_png_or_jpeg
+
 
 class RpcGroup(click.Group):
     def invoke(self, ctx):
@@ -61,7 +63,11 @@ def gather_inputs(pngs, texts, npy) -> dict:
     if sum(given) != 1:
         raise click.UsageError("give inputs as exactly one of --png (repeatable), --text (repeatable) or --npy")
     if pngs:
-        return {"images": [Path(p).read_bytes() for p in pngs]}
+        images = [Path(p).read_bytes() for p in pngs]
+        for path, data in zip(pngs, images):
+            if not is_png_or_jpeg(data):
+                raise click.BadParameter(f"{path} is not a PNG or JPEG image", param_hint="--png")
+        return {"images": images}
     if texts:
         return {"texts": list(texts)}
     try:
@@ -211,3 +217,51 @@ def delete(c, index_name, keys) -> None:
     """Delete items by key."""
     count = c.delete(index_name, list(keys))
     click.echo(json.dumps({"index": index_name, "deleted": len(keys), "count": count}))
+
+
+@client.command()
+@model_options
+@input_options
+@out_option
+@click.pass_obj
+def reconstruct(c, model, version, pngs, texts, npy, out) -> None:
+    """Inputs -> their reconstructions through the code (reconstructed.npy, PNGs for image models)."""
+    write_outputs(out, "reconstructed", c.reconstruct(model, version=version, return_png=wants_png(c, model, version),
+                                                      **gather_inputs(pngs, texts, npy)))
+
+
+def index_row(info) -> dict:
+    return {"name": info.name, "model": info.model, "model_version": info.model_version, "dim": info.dim,
+            "metric": info.metric, "factory": info.factory, "count": info.count, "trained": info.trained,
+            **({"note": info.note} if info.note else {})}
+
+
+@client.command()
+@click.pass_obj
+def indexes(c) -> None:
+    """List served indexes (and the ones that could not be served) as JSON."""
+    resp = c.list_indexes()
+    click.echo(json.dumps({"indexes": [index_row(i) for i in resp.indexes],
+                           "broken": [{"path": b.path, "error": b.error} for b in resp.broken]}, indent=1))
+
+
+@client.command()
+@click.option("--index", "index_name", required=True, help="Index name.")
+@click.pass_obj
+def stats(c, index_name) -> None:
+    """Model, metric, factory, count and training state of one served index, as JSON."""
+    click.echo(json.dumps(index_row(c.index_stats(index_name)), indent=1))
+
+
+@client.command()
+@click.option("--index", "index_name", required=True, help="Index name.")
+@click.option("--key", required=True, help="Item key.")
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Also write the code as code.npy in this folder.")
+@click.pass_obj
+def get(c, index_name, key, out) -> None:
+    """One stored item: its key, payload and code, as JSON."""
+    vector, payload = c.get_item(index_name, key)
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        np.save(Path(out) / "code.npy", vector)
+    click.echo(json.dumps({"key": key, "payload": payload, "code": [round(float(v), 6) for v in np.ravel(vector)]}))

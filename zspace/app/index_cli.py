@@ -34,7 +34,7 @@ def hits_json(hits) -> str:
 def query_options(f):
     f = click.option("--where", default=None, help="Payload filter FIELD=VALUE (VALUE as JSON, else a string).")(f)
     f = click.option("-k", "k", type=click.IntRange(min=1), default=10, help="Neighbours per query.")(f)
-    f = click.option("--npy", type=click.Path(exists=True, dir_okay=False), default=None, help="Codes [n, dim] (or inputs with --encode).")(f)
+    f = click.option("--npy", type=click.Path(exists=True, dir_okay=False), default=None, help="Latent codes [n, dim] as a .npy file (for raw inputs use --png or --text).")(f)
     f = click.option("--text", "texts", multiple=True, help="A document query (repeatable).")(f)
     f = click.option("--png", "pngs", multiple=True, type=click.Path(exists=True, dir_okay=False), help="An image query (repeatable).")(f)
     return click.option("--key", default=None, help="Query with the code of this stored item.")(f)

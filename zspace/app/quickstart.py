@@ -7,8 +7,11 @@ parts themselves stay independent of one another.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
+
+from zspace.files import write_atomic
 
 MODEL_NAME = "digits"
 
@@ -41,7 +44,7 @@ def quickstart(workdir: Path, epochs: int = 300) -> dict:
     build_index(bundle, "digits", index_dir).close()
     print(f"quickstart: index {index_dir}", flush=True)
     served = serve_and_call(workdir / "models", workdir / "indexes", run)
-    return {
+    summary = {
         "run": str(run),
         "bundle": str(bundle),
         "evaluation": str(run / "evaluation.json"),
@@ -51,7 +54,10 @@ def quickstart(workdir: Path, epochs: int = 300) -> dict:
         "test_nll_is": report["model"].get("nll_is"),
         "pca_sq_error": report["pca"]["sq_error"],
         "served": served,
+        "summary_json": str(run / "quickstart.json"),
     }
+    write_atomic(run / "quickstart.json", json.dumps(summary, indent=1) + "\n")
+    return summary
 
 
 def serve_and_call(models: Path, indexes: Path, out: Path) -> dict:
