@@ -192,7 +192,7 @@ def _bad_requests(digits_x):
         ("Encode", pb.EncodeRequest(model=ref, inputs=pb.Inputs(tensor=pb.Tensor(shape=[0, 64]))), "INVALID_ARGUMENT", "empty batch"),
         ("Encode", pb.EncodeRequest(model=ref, inputs=pb.Inputs(tensor=to_tensor(np.zeros((5000, 64), np.float32)))), "INVALID_ARGUMENT", "over the limit of 4096"),
         ("Encode", pb.EncodeRequest(model=ref), "INVALID_ARGUMENT", "inputs: set one of"),
-        ("Encode", pb.EncodeRequest(model=ref, inputs=pb.Inputs(images=pb.ImageList(images=[b"\x89PNG garbage"]))), "INVALID_ARGUMENT", "inputs.images[0]: cannot decode image"),
+        ("Encode", pb.EncodeRequest(model=ref, inputs=pb.Inputs(images=pb.ImageList(images=[b"\x89PNG garbage"]))), "INVALID_ARGUMENT", "inputs.images[0]: not a PNG or JPEG image"),
         ("Encode", pb.EncodeRequest(model=ref, inputs=pb.Inputs(images=pb.ImageList(images=[bomb.getvalue()]))), "INVALID_ARGUMENT", "more than the limit"),
         ("Encode", pb.EncodeRequest(model=pb.ModelRef(name="docs"), inputs=pb.Inputs(texts=pb.TextList(texts=["ok", "  "]))), "INVALID_ARGUMENT", "inputs.texts[1]: empty text"),
         ("Encode", pb.EncodeRequest(model=ref, inputs=pb.Inputs(texts=pb.TextList(texts=["hello"]))), "INVALID_ARGUMENT", "takes image inputs, not texts"),

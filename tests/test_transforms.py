@@ -48,8 +48,10 @@ def test_image_transform_resizes_and_converts():
 
 
 def test_decode_image_refuses_garbage_and_bombs(monkeypatch):
+    with pytest.raises(UserError, match="request.images\\[0\\]: not a PNG or JPEG image"):
+        decode_image(b"GIF89a-not-really", "request.images[0]")  # other formats are refused, not decoded
     with pytest.raises(UserError, match="cannot decode image"):
-        decode_image(b"GIF89a-not-really", "request.images[0]")
+        decode_image(b"\x89PNG\r\n\x1a\n and then garbage", "x")
     with pytest.raises(UserError, match="empty image bytes"):
         decode_image(b"", "x")
     buf = io.BytesIO()

@@ -99,6 +99,8 @@ def decode_image(data: bytes, what: str = "image"):
     except UserError:
         raise
     except UnidentifiedImageError:
+        if is_png_or_jpeg(data):  # the signature is right, the rest is not: a damaged file
+            raise UserError(f"{what}: cannot decode image (damaged PNG or JPEG data)") from None
         raise UserError(f"{what}: not a PNG or JPEG image") from None
     except Image.DecompressionBombError as exc:
         raise UserError(f"{what}: image is over the pixel limit ({exc})") from None
