@@ -61,6 +61,10 @@ def workdir(tmp_path_factory):
     done = subprocess.run(["zspace", "quickstart", "--workdir", str(work), "--epochs", "3"], env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    summary = done.stdout.strip().splitlines()  # a short table of where everything is; the JSON goes to a file
+    assert len(summary) <= 30 and summary[-1].startswith("full summary")
+    assert json.loads((work / "runs" / "quickstart-digits-vae" / "quickstart.json").read_text())["served"]["generated"] == 16
+    assert "--epochs N" in done.stderr, "the quickstart says how long it takes and how to shorten it"
     rng = np.random.default_rng(0)
     for cls in ("cats", "dogs"):
         (work / "photos" / cls).mkdir(parents=True)
