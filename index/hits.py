@@ -15,6 +15,7 @@ lands on ABSENT without a branch.
 
 from __future__ import annotations
 
+import json
 from typing import NamedTuple
 
 import numpy as np
@@ -31,19 +32,21 @@ class Hit(NamedTuple):
 
 
 class HitTable:
-    def __init__(self, entries: dict[int, tuple[str, dict, str]] | None = None):
+    """id -> (key, payload as its stored JSON text). Only the text is kept: a payload is parsed
+    when a caller wants it as a dict, so memory holds each payload once."""
+
+    def __init__(self, entries: dict[int, tuple[str, str]] | None = None):
         self.slot_of = np.full(1024, ABSENT, dtype=np.int32)
         self.keys: list[str | None] = []
-        self.payloads: list[dict | None] = []
         self.jsons: list[str | None] = []
         self._free: list[int] = []
-        for i, (key, payload, text) in (entries or {}).items():
-            self.put(i, key, payload, text)
+        for i, (key, text) in (entries or {}).items():
+            self.put(i, key, text)
 
     def __len__(self) -> int:
         return len(self.keys) - len(self._free)
 
-    def put(self, item_id: int, key: str, payload: dict, text: str) -> None:
+    def put(self, item_id: int, key: str, text: str) -> None:
         if item_id < 1:
             raise ValueError(f"item ids start at 1, got {item_id}")
         if item_id + 1 >= len(self.slot_of):
@@ -55,22 +58,30 @@ class HitTable:
             slot = self._free.pop() if self._free else len(self.keys)
             if slot == len(self.keys):
                 self.keys.append(None)
-                self.payloads.append(None)
                 self.jsons.append(None)
             self.slot_of[item_id] = slot
-        self.keys[slot], self.payloads[slot], self.jsons[slot] = key, payload, text
+        self.keys[slot], self.jsons[slot] = key, text
 
     def pop(self, item_id: int) -> None:
         if 0 <= item_id < len(self.slot_of) - 1 and (slot := int(self.slot_of[item_id])) != ABSENT:
             self.slot_of[item_id] = ABSENT
-            self.keys[slot] = self.payloads[slot] = self.jsons[slot] = None
+            self.keys[slot] = self.jsons[slot] = None
             self._free.append(slot)
 
     def hits(self, dist: np.ndarray, ids: np.ndarray, cosine: bool, as_json: bool) -> list[list[Hit]]:
         """Per query row, (key, distance, payload) of each hit that still exists, in FAISS's order."""
         slots = self.slot_of.take(ids, mode="clip").tolist()  # -1 and unknown ids: ABSENT (module docstring)
-        keys, values = self.keys, self.jsons if as_json else self.payloads
+        keys, texts = self.keys, self.jsons
         if cosine:
             dist = 1.0 - dist
-        return [[Hit(keys[s], d, values[s]) for d, s in zip(drow, srow) if s >= 0]
+        if as_json:
+            return [[Hit(keys[s], d, texts[s]) for d, s in zip(drow, srow) if s >= 0]
+                    for drow, srow in zip(dist.tolist(), slots)]
+        return [[Hit(keys[s], d, json.loads(texts[s])) for d, s in zip(drow, srow) if s >= 0]
                 for drow, srow in zip(dist.tolist(), slots)]
+
+    def text_bytes(self, ids: np.ndarray) -> int:
+        """The payload characters the hits `ids` would send: to bound an answer before building it."""
+        slots = self.slot_of.take(ids, mode="clip")
+        texts = self.jsons
+        return sum(len(texts[s]) for s in slots.ravel().tolist() if s >= 0)

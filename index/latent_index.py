@@ -25,12 +25,12 @@ from pathlib import Path
 
 import numpy as np
 
-from zspace.errors import NotFound
+from zspace.errors import NotFound, shown
 from zspace.files import staged_folder, write_atomic
 from zspace.index.errors import IndexError_
 from zspace.index.factory import empty_index, search_parameters, traits
 from zspace.index.hits import HitTable
-from zspace.index.store import ItemStore, payload_json
+from zspace.index.store import ItemStore, check_key, payload_json
 
 log = logging.getLogger("zspace.index")
 FORMAT_VERSION = 1
@@ -276,19 +276,21 @@ class LatentIndex:
             raise IndexError_(f"vectors: expected shape [n, {self.dim}], got {list(vectors.shape)}")
         if len(keys) != len(vectors) or len(payloads) != len(vectors):
             raise IndexError_(f"keys, vectors and payloads must have the same length ({len(keys)}, {len(vectors)}, {len(payloads)})")
-        for i, (key, payload) in enumerate(zip(keys, payloads)):
-            if not isinstance(key, str) or not key:
-                raise IndexError_(f"keys[{i}]: must be a non-empty string")
-            if not isinstance(payload, dict):
-                raise IndexError_(f"payloads[{i}]: must be a JSON object, got {type(payload).__name__}")
+        first: dict[str, int] = {}
+        for i, key in enumerate(keys):
+            check_key(key, f"keys[{i}]")
+            if key in first:  # two rows for one key: which should win is the caller's to say, not ours
+                raise IndexError_(f"keys[{i}]: {shown(key)} repeats keys[{first[key]}]; give each key once per request")
+            first[key] = i
+        texts = [payload_json(p, f"payloads[{i}]") for i, p in enumerate(payloads)]
         if not np.isfinite(vectors).all():
             raise IndexError_("vectors: contain NaN or infinity")
         with self.lock.write():
-            pairs = self.store.upsert(keys, vectors, payloads)
-            for (old, new), key, payload in zip(pairs, keys, payloads):
+            pairs = self.store.upsert(keys, vectors, texts)
+            for (old, new), key, text in zip(pairs, keys, texts):
                 if old is not None:
                     self.hits.pop(old)
-                self.hits.put(new, key, payload, payload_json(payload))
+                self.hits.put(new, key, text)
             self._remove([old for old, _ in pairs if old is not None])
             self._add(np.array([new for _, new in pairs], dtype=np.int64), vectors)
             self.seq = self.store.last_seq()
@@ -296,6 +298,8 @@ class LatentIndex:
                 self._maybe_train()
 
     def delete(self, keys: list[str]) -> None:
+        for i, key in enumerate(keys):
+            check_key(key, f"keys[{i}]")
         with self.lock.write():
             ids = self.store.delete(keys)
             for i in ids:
@@ -305,9 +309,10 @@ class LatentIndex:
             self._maybe_train()
 
     def get(self, key: str):
+        check_key(key, "key")
         item = self.store.get(key)
         if item is None:
-            raise NotFound(f"key {key!r} is not in the index")
+            raise NotFound(f"key {shown(key)} is not in the index")
         return item
 
     def search(self, queries: np.ndarray, k: int, where: tuple[str, object] | None = None, nprobe: int = 16,

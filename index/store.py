@@ -12,12 +12,13 @@ from __future__ import annotations
 import json
 import math
 import sqlite3
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from zspace.errors import NotFound
+from zspace.errors import NotFound, shown
 from zspace.index.errors import IndexError_
 
 MAX_FIELD_CHARS = 256
@@ -41,9 +42,36 @@ def check_filter(field: str, value) -> None:
         raise FilterError("filter value: must be a finite number")
 
 
-def payload_json(payload: dict) -> str:
-    """The one JSON form of a payload, stored and served as is."""
-    return json.dumps(payload, sort_keys=True)
+MAX_KEY_CHARS = 1024          # an item key
+MAX_PAYLOAD_BYTES = 64 << 10  # one payload as JSON: a search answer carries k of them per query
+
+
+def payload_json(payload: dict, field: str = "payload") -> str:
+    """The one JSON form of a payload, stored and served as is; IndexError_ naming `field` if it cannot be one.
+
+    Standard JSON only (no NaN or Infinity: other readers could not parse it), at most
+    MAX_PAYLOAD_BYTES, nested no deeper than Python's own limit allows."""
+    if not isinstance(payload, dict):
+        raise IndexError_(f"{field}: must be a JSON object, got {type(payload).__name__}")
+    try:
+        text = json.dumps(payload, sort_keys=True, allow_nan=False)
+    except ValueError:
+        raise IndexError_(f"{field}: NaN and Infinity are not JSON; use null or a string") from None
+    except RecursionError:
+        raise IndexError_(f"{field}: nested too deeply") from None
+    except TypeError as exc:
+        raise IndexError_(f"{field}: not JSON ({exc})") from None
+    if len(text.encode()) > MAX_PAYLOAD_BYTES:
+        raise IndexError_(f"{field}: {len(text.encode())} bytes of JSON, over the limit of {MAX_PAYLOAD_BYTES}")
+    return text
+
+
+def check_key(key: object, field: str) -> str:
+    if not isinstance(key, str) or not key:
+        raise IndexError_(f"{field}: must be a non-empty string")
+    if len(key) > MAX_KEY_CHARS:
+        raise IndexError_(f"{field}: {len(key)} characters, over the limit of {MAX_KEY_CHARS}")
+    return key
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
@@ -69,32 +97,60 @@ class Item:
 
 
 class ItemStore:
+    """One writer connection, and a read connection per reading thread.
+
+    A reader must never share the writer's connection: in SQLite a connection sees
+    its own uncommitted changes, so a GetItem in the middle of a replace (delete,
+    then insert) would find the key gone. Each thread reads through its own
+    connection, which in WAL mode sees committed transactions only, and never
+    waits for the writer."""
+
     def __init__(self, path: Path, dim: int):
         self.path, self.dim = Path(path), dim
-        # check_same_thread=False: the index serialises writes itself; reads are safe in WAL mode.
-        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        # check_same_thread=False: the index serialises writes itself (one writer at a time, any thread).
+        self.db = self._connect()
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(SCHEMA)
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+
+    def _connect(self) -> sqlite3.Connection:
+        return sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+
+    @property
+    def reader(self) -> sqlite3.Connection:
+        """This thread's read connection (made on first use)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = self._connect()
+            with self._readers_lock:
+                self._readers.append(conn)
+        return conn
 
     def close(self) -> None:
+        with self._readers_lock:
+            for conn in self._readers:
+                conn.close()
+            self._readers.clear()
         self.db.close()
 
     def _vector(self, blob: bytes) -> np.ndarray:
         return np.frombuffer(blob, dtype="<f4")
 
-    def upsert(self, keys: list[str], vectors: np.ndarray, payloads: list[dict]) -> list[tuple[int | None, int]]:
-        """Insert or replace items in one transaction; returns (old id or None, new id) per item."""
+    def upsert(self, keys: list[str], vectors: np.ndarray, texts: list[str]) -> list[tuple[int | None, int]]:
+        """Insert or replace items (payloads as JSON texts) in one transaction; (old id or None, new id) per item."""
         out = []
         vectors = np.ascontiguousarray(vectors, dtype="<f4")
         with self._transaction():
-            for key, vec, payload in zip(keys, vectors, payloads):
+            for key, vec, text in zip(keys, vectors, texts):
                 row = self.db.execute("SELECT id FROM items WHERE key = ?", (key,)).fetchone()
                 old = row[0] if row else None
                 if old is not None:
                     self.db.execute("DELETE FROM items WHERE id = ?", (old,))
                 cur = self.db.execute("INSERT INTO items (key, vector, payload) VALUES (?, ?, ?)",
-                                      (key, vec.tobytes(), payload_json(payload)))
+                                      (key, vec.tobytes(), text))
                 self.db.execute("INSERT INTO changes (old_id, new_id) VALUES (?, ?)", (old, cur.lastrowid))
                 out.append((old, cur.lastrowid))
         return out
@@ -106,7 +162,7 @@ class ItemStore:
             for key in keys:
                 row = self.db.execute("SELECT id FROM items WHERE key = ?", (key,)).fetchone()
                 if row is None:
-                    raise NotFound(f"key {key!r} is not in the index")
+                    raise NotFound(f"key {shown(key)} is not in the index")
                 ids.append(row[0])
             for i in ids:
                 self.db.execute("DELETE FROM items WHERE id = ?", (i,))
@@ -126,23 +182,23 @@ class ItemStore:
         return Tx()
 
     def get(self, key: str) -> Item | None:
-        row = self.db.execute("SELECT id, key, vector, payload FROM items WHERE key = ?", (key,)).fetchone()
+        row = self.reader.execute("SELECT id, key, vector, payload FROM items WHERE key = ?", (key,)).fetchone()
         return None if row is None else Item(row[0], row[1], self._vector(row[2]), json.loads(row[3]))
 
-    def all_entries(self) -> dict[int, tuple[str, dict, str]]:
-        """id -> (key, payload, payload as JSON) for every item: the index keeps this in memory for searches."""
-        return {i: (k, json.loads(p), p) for i, k, p in self.db.execute("SELECT id, key, payload FROM items")}
+    def all_entries(self) -> dict[int, tuple[str, str]]:
+        """id -> (key, payload as JSON) for every item: the index keeps this in memory for searches."""
+        return {i: (k, p) for i, k, p in self.reader.execute("SELECT id, key, payload FROM items")}
 
     def vectors_of(self, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """(ids that still exist, their vectors)."""
         if not ids:
             return np.zeros(0, np.int64), np.zeros((0, self.dim), np.float32)
         marks = ",".join("?" * len(ids))
-        rows = self.db.execute(f"SELECT id, vector FROM items WHERE id IN ({marks})", list(ids)).fetchall()
+        rows = self.reader.execute(f"SELECT id, vector FROM items WHERE id IN ({marks})", list(ids)).fetchall()
         return self._stack(rows)
 
     def all_vectors(self) -> tuple[np.ndarray, np.ndarray]:
-        return self._stack(self.db.execute("SELECT id, vector FROM items ORDER BY id").fetchall())
+        return self._stack(self.reader.execute("SELECT id, vector FROM items ORDER BY id").fetchall())
 
     def _stack(self, rows) -> tuple[np.ndarray, np.ndarray]:
         if not rows:
@@ -170,18 +226,18 @@ class ItemStore:
         else:
             sql, args = ("json_extract(payload, ?) = ? OR (json_type(payload, ?) IN ('integer', 'real') "
                          "AND CAST(json_extract(payload, ?) AS TEXT) = ?)", (path, value, path, path, value))
-        rows = self.db.execute(f"SELECT id FROM items WHERE {sql}", args).fetchall()
-        if not rows and self.db.execute("SELECT 1 FROM items LIMIT 1").fetchone() and not self.db.execute(
+        rows = self.reader.execute(f"SELECT id FROM items WHERE {sql}", args).fetchall()
+        if not rows and self.reader.execute("SELECT 1 FROM items LIMIT 1").fetchone() and not self.reader.execute(
                 "SELECT 1 FROM items WHERE json_type(payload, ?) IS NOT NULL LIMIT 1", (path,)).fetchone():
-            fields = sorted({k for (p,) in self.db.execute("SELECT payload FROM items LIMIT 100") for k in json.loads(p)})
+            fields = sorted({k for (p,) in self.reader.execute("SELECT payload FROM items LIMIT 100") for k in json.loads(p)})
             raise FilterError(f"filter: no item has a field {field!r} (fields seen: {', '.join(fields) or 'none'})")
         return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
 
     def changes_since(self, seq: int) -> list[tuple[int, int | None, int | None]]:
-        return self.db.execute("SELECT seq, old_id, new_id FROM changes WHERE seq > ? ORDER BY seq", (seq,)).fetchall()
+        return self.reader.execute("SELECT seq, old_id, new_id FROM changes WHERE seq > ? ORDER BY seq", (seq,)).fetchall()
 
     def last_seq(self) -> int:
-        return self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM changes").fetchone()[0]
+        return self.reader.execute("SELECT COALESCE(MAX(seq), 0) FROM changes").fetchone()[0]
 
     def count(self) -> int:
-        return self.db.execute("SELECT COUNT(*) FROM items").fetchone()[0]
+        return self.reader.execute("SELECT COUNT(*) FROM items").fetchone()[0]

@@ -14,12 +14,15 @@ import json
 
 import numpy as np
 
+from zspace.index.store import check_filter
 from zspace.service.config import Limits
 from zspace.service.indexes import IndexRegistry
-from zspace.service.inputs import InvalidArgument, array_to_tensor, features, parse_payloads, tensor_to_array
+from zspace.service.inputs import InvalidArgument, array_to_tensor, features, parse_json, parse_payloads, tensor_to_array
 from zspace.service.repository import ModelRepository
 from zspace.service.rpc import RpcHandlers, rpc
 from zspace.v1 import zspace_pb2 as pb
+
+MAX_NAME_CHARS = 255  # an index is a folder: its name is a file name
 
 
 def search_response(results: list[list[tuple[str, float, str]]]) -> pb.SearchResponse:
@@ -53,6 +56,8 @@ class IndexRpcs(RpcHandlers):
     def _index(self, name: str):
         if not name:
             raise InvalidArgument("index: required (see ListIndexes)")
+        if len(name) > MAX_NAME_CHARS:
+            raise InvalidArgument(f"index: {len(name)} characters, over the limit of {MAX_NAME_CHARS}")
         return self.indexes.get(name)
 
     async def _query_codes(self, index, request, which: str) -> np.ndarray:
@@ -88,10 +93,8 @@ class IndexRpcs(RpcHandlers):
             raise InvalidArgument("query: set one of inputs, vectors or key")
         where = None
         if request.filter_field:
-            try:
-                where = (request.filter_field, json.loads(request.filter_value_json))
-            except json.JSONDecodeError as exc:
-                raise InvalidArgument(f"filter_value_json: not valid JSON ({exc.msg})") from None
+            value = parse_json(request.filter_value_json, "filter_value_json", 4096)
+            check_filter(request.filter_field, value)  # before a thread is taken: a bad filter costs nothing
         if where is None:
             results = await self.indexes.search(request.index, q, int(request.k))
         else:

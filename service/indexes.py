@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from zspace.errors import NotFound
+from zspace.errors import NotFound, shown
 from zspace.index.latent_index import IndexBusy, LatentIndex
 from zspace.service.batcher import DynamicBatcher, WouldBlock
 from zspace.service.config import SearchConfig
@@ -119,7 +119,7 @@ class IndexRegistry:
 
     def get(self, name: str) -> LatentIndex:
         if name not in self.indexes:
-            raise NotFound(f"index {name!r} is not served (served: {', '.join(sorted(self.indexes)) or 'none'})")
+            raise NotFound(f"index {shown(name)} is not served (served: {', '.join(sorted(self.indexes)) or 'none'})")
         return self.indexes[name]
 
     def close(self) -> None:

@@ -12,6 +12,7 @@ import json
 import numpy as np
 
 from zspace.errors import UserError
+from zspace.index.store import MAX_PAYLOAD_BYTES
 from zspace.service.config import Limits
 from zspace.v1 import zspace_pb2 as pb
 
@@ -88,11 +89,25 @@ def parse_payloads(payloads_json, n: int) -> list[dict]:
         raise InvalidArgument(f"payloads_json: {len(payloads_json)} payloads for {n} items; give one per key or none")
     out = []
     for i, text in enumerate(payloads_json):
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise InvalidArgument(f"payloads_json[{i}]: not valid JSON ({exc.msg})") from None
-        if not isinstance(value, dict):
-            raise InvalidArgument(f"payloads_json[{i}]: must be a JSON object, got {type(value).__name__}")
-        out.append(value)
+        out.append(parse_json(text, f"payloads_json[{i}]", MAX_PAYLOAD_BYTES))
+        if not isinstance(out[-1], dict):
+            raise InvalidArgument(f"payloads_json[{i}]: must be a JSON object, got {type(out[-1]).__name__}")
     return out
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_json(text: str, field: str, max_bytes: int):
+    """Standard JSON from a client: bounded in size, no NaN/Infinity, no nesting that exhausts the stack."""
+    if len(text) > max_bytes:
+        raise InvalidArgument(f"{field}: {len(text)} characters, over the limit of {max_bytes}")
+    try:
+        return json.loads(text, parse_constant=_no_constant)
+    except json.JSONDecodeError as exc:
+        raise InvalidArgument(f"{field}: not valid JSON ({exc.msg} at character {exc.pos})") from None
+    except ValueError as exc:  # NaN, Infinity
+        raise InvalidArgument(f"{field}: {exc}; use null or a string") from None
+    except RecursionError:
+        raise InvalidArgument(f"{field}: nested too deeply") from None

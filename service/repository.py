@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from zspace.bundle import Bundle, load_bundle, version_dirs
-from zspace.errors import NotFound, UserError
+from zspace.errors import NotFound, UserError, shown
 from zspace.runtime import open_runtime
 from zspace.service.batcher import DynamicBatcher
 from zspace.service.config import MODEL_CONFIG_FILE, BatchConfig, model_batch_config
@@ -60,7 +60,7 @@ class ModelRuntime:
 
     def sample_prior(self, count: int, seed: int, temperature: float) -> np.ndarray:
         """Latents from the manifest's prior: N(0, I), or the Gaussian fitted to training codes."""
-        rng = np.random.default_rng(seed)
+        rng = np.random.default_rng(seed % 2**64)  # any int64 seed, negative too, names one stream
         eps = rng.standard_normal((count, self.latent_dim)) * temperature
         prior = self.bundle.prior
         if prior["type"] == "gaussian":
@@ -73,15 +73,19 @@ class ModelRuntime:
 
 
 def fingerprint(version_dir: Path) -> str:
-    """Changes when the manifest (and therefore any graph hash) or the model's serving.json changes."""
+    """Changes when any file of the version changes (name, size, modification time), or the model's serving.json.
+
+    Not just the manifest's bytes: a half-copied bundle whose graphs arrive after its
+    manifest, or a graph damaged in place, must be loaded again (and verified) at the
+    next rescan, not only after a restart."""
     h = hashlib.sha256()
-    for path in (version_dir / "manifest.json", version_dir.parent / MODEL_CONFIG_FILE):
-        try:
-            h.update(path.read_bytes())
-        except FileNotFoundError:
-            h.update(b"-")
-        except OSError:
-            return "unreadable"
+    try:
+        for path in sorted(version_dir.rglob("*")) + [version_dir.parent / MODEL_CONFIG_FILE]:
+            if path.is_file():
+                st = path.stat()
+                h.update(f"{path.relative_to(version_dir.parent)}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    except OSError:
+        return "unreadable"
     return h.hexdigest()
 
 
@@ -101,10 +105,13 @@ class ModelRepository:
         """
         changes: list[str] = []
         retired: list[ModelRuntime] = []
+        if not self.root.is_dir():  # unmounted, or renamed for a moment: an error to report, not "unload all"
+            log.error("model repository %s is not there; keeping the %d loaded version(s)", self.root, len(self.loaded()))
+            return changes, retired
         models = {n: dict(vs) for n, vs in self.models.items()}
         seen = set()
         for vdir in version_dirs(self.root):
-            key = str(vdir)
+            key = vdir.relative_to(self.root).as_posix()  # what ListModels shows: NAME/VERSION, no host paths
             seen.add(key)
             fp = fingerprint(vdir)
             if self._prints.get(key) == fp:
@@ -118,11 +125,11 @@ class ModelRepository:
                 batching = model_batch_config(vdir.parent, self.batching)
                 runtime = ModelRuntime(bundle, self.device, self.threads, batching, self.on_batch)
             except Exception as exc:  # any failure marks this bundle broken; the rest serve
-                self.broken[key] = str(exc)
-                old = models.get(name, {}).pop(version, None)
-                if old:
-                    retired.append(old)
-                log.error("model %s/%s skipped: %s", name, version, exc)
+                why = str(exc).replace(f"{self.root}/", "")
+                if version in models.get(name, {}):  # a bad replacement never takes down what serves
+                    why += "; the version loaded before keeps serving"
+                self.broken[key] = why
+                log.error("model %s/%s skipped: %s", name, version, why)
                 changes.append(f"broken {name}/{version}")
                 continue
             self.broken.pop(key, None)
@@ -135,22 +142,22 @@ class ModelRepository:
         for key in [k for k in self._prints if k not in seen]:
             del self._prints[key]
             self.broken.pop(key, None)
-            vdir = Path(key)
-            old = models.get(vdir.parent.name, {}).pop(int(vdir.name), None)
+            name, version = key.split("/")
+            old = models.get(name, {}).pop(int(version), None)
             if old:
                 retired.append(old)
-                changes.append(f"removed {vdir.parent.name}/{vdir.name}")
+                changes.append(f"removed {key}")
         self.models = {n: vs for n, vs in models.items() if vs}  # one assignment: readers see old or new
         return changes, retired
 
     def get(self, name: str, version: int = 0) -> ModelRuntime:
         versions = self.models.get(name)
         if not versions:
-            raise NotFound(f"model {name!r} is not loaded (loaded: {', '.join(sorted(self.models)) or 'none'})")
+            raise NotFound(f"model {shown(name)} is not loaded (loaded: {', '.join(sorted(self.models)) or 'none'})")
         if version == 0:
             return versions[max(versions)]
         if version not in versions:
-            raise NotFound(f"model {name!r} has no version {version} (loaded: {sorted(versions)})")
+            raise NotFound(f"model {shown(name)} has no version {version} (loaded: {sorted(versions)})")
         return versions[version]
 
     def loaded(self) -> list[ModelRuntime]:

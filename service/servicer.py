@@ -49,6 +49,8 @@ class ModelRpcs(RpcHandlers):
     def _model(self, ref: pb.ModelRef) -> ModelRuntime:
         if not ref.name:
             raise InvalidArgument("model.name: required (see ListModels)")
+        if len(ref.name) > 64:  # bundle.NAME_RE: no loaded model has a longer name
+            raise InvalidArgument(f"model.name: {len(ref.name)} characters, over the limit of 64")
         if ref.version < 0:
             raise InvalidArgument(f"model.version: expected 0 (latest) or a positive version, got {ref.version}")
         return self.repo.get(ref.name, int(ref.version))

@@ -297,15 +297,24 @@ def test_hot_reload_adds_and_replaces_without_failing_requests(repo, vae_run, di
             stop.set()
             worker.join(30)
             assert failures == [], "no request may fail while bundles come and go"
-            manifest = json.loads((models / "digits" / "2" / "manifest.json").read_text())
-            manifest["created"] = "changed"
-            (models / "digits" / "2" / "manifest.json").write_text(json.dumps(manifest))
+            # A damaged replacement (the manifest untouched) is noticed at the next rescan and reported,
+            # and the version loaded before keeps serving; once the files are whole again, it reloads.
+            good = (models / "digits" / "2" / "decoder.onnx").read_bytes()
             (models / "digits" / "2" / "decoder.onnx").write_bytes(b"corrupted")
             s.rescan()
             resp = c.list_models()
-            assert [b.path for b in resp.broken] == [str(models / "digits" / "2")] and not resp.models
-            assert "decoder.onnx has SHA-256" in resp.broken[0].error
-            assert c.health() == "NOT_SERVING"
+            assert [b.path for b in resp.broken] == ["digits/2"] and [m.version for m in resp.models] == [2]
+            assert "decoder.onnx has SHA-256" in resp.broken[0].error and "keeps serving" in resp.broken[0].error
+            assert str(models) not in resp.broken[0].error, "no host paths in what clients see"
+            assert c.health() == "SERVING" and c.encode("digits", digits_x[:1])[0].shape == (1, 4)
+            (models / "digits" / "2" / "decoder.onnx").write_bytes(good)
+            s.rescan()
+            assert not c.list_models().broken
+            # A repository that vanishes for a poll unloads nothing.
+            shutil.move(models, tmp_path / "elsewhere")
+            s.rescan()
+            assert [m.version for m in c.list_models().models] == [2] and c.health() == "SERVING"
+            shutil.move(tmp_path / "elsewhere", models)
     finally:
         stop.set()
         worker.join(30)

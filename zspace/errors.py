@@ -14,3 +14,10 @@ class NotFound(UserError):
 
     A separate type, not KeyError: a KeyError raised by a bug must not reach a
     client disguised as "not found"."""
+
+
+def shown(value: object, limit: int = 64) -> str:
+    """repr(value) for an error message, cut to `limit` characters: a message must never echo a client's
+    megabytes back (a gRPC status message travels in the trailers, which have a size limit of their own)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 1]}…({len(text)} chars)"
