@@ -95,6 +95,7 @@ class IndexRpcs(RpcHandlers):
         if request.filter_field:
             value = parse_json(request.filter_value_json, "filter_value_json", 4096)
             check_filter(request.filter_field, value)  # before a thread is taken: a bad filter costs nothing
+            where = (request.filter_field, value)
         if where is None:
             results = await self.indexes.search(request.index, q, int(request.k))
         else:

@@ -24,6 +24,18 @@ from zspace.service.config import MODEL_CONFIG_FILE, BatchConfig, model_batch_co
 log = logging.getLogger("zspace.serve")
 
 
+class NonFiniteOutput(UserError):
+    """Finite inputs so far outside what the model saw (3e38, say) that its outputs overflow."""
+
+
+def finite(outs: list[np.ndarray], field: str) -> list[np.ndarray]:
+    """The graph's outputs, if every value is finite: a NaN code must never be answered with OK (or stored)."""
+    if not all(np.isfinite(o).all() for o in outs):
+        raise NonFiniteOutput(f"{field}: the model's output is NaN or infinite for these values "
+                              "(far outside the range it was trained on?)")
+    return outs
+
+
 class ModelRuntime:
     """One loaded bundle version: its runtime (two ONNX Runtime sessions and the transform) and two batchers."""
 
@@ -52,11 +64,11 @@ class ModelRuntime:
         self.runtime.decode(self.runtime.encode(np.zeros((1, self.input_dim), np.float32))[0])
 
     async def encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        outs = await self.encode_batcher.submit(x)
+        outs = finite(await self.encode_batcher.submit(x), "inputs")
         return outs[0], (outs[1] if len(outs) > 1 else None)
 
     async def decode(self, z: np.ndarray) -> np.ndarray:
-        return (await self.decode_batcher.submit(z))[0]
+        return finite(await self.decode_batcher.submit(z), "latents")[0]
 
     def sample_prior(self, count: int, seed: int, temperature: float) -> np.ndarray:
         """Latents from the manifest's prior: N(0, I), or the Gaussian fitted to training codes."""

@@ -28,6 +28,10 @@ from zspace.service.batcher import QueueFull
 log = logging.getLogger("zspace.serve")
 
 
+class InvalidRequest(UserError):
+    """The request as a whole is unusable (its bytes are not the message)."""
+
+
 class RpcHandlers:
     """A group of RPC methods. `RPCS` names them; `label` says which model a request concerns, for metrics."""
 
@@ -38,6 +42,23 @@ class RpcHandlers:
 
     def label(self, request) -> str:
         return ""
+
+
+class Undecodable:
+    """What a request deserializer returns for bytes that are not the message: @rpc answers INVALID_ARGUMENT."""
+
+    def __init__(self, error: str):
+        self.error = error
+
+
+def tolerant(from_string):
+    """A request deserializer that returns Undecodable instead of raising (gRPC would answer UNKNOWN)."""
+    def parse(data: bytes):
+        try:
+            return from_string(data)
+        except Exception as exc:  # protobuf's DecodeError, and whatever a truncated message raises
+            return Undecodable(f"request: not a valid protobuf message ({type(exc).__name__})")
+    return parse
 
 
 def _status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -59,6 +80,8 @@ def rpc(method):
         t0 = time.monotonic()
         code, message = grpc.StatusCode.OK, ""
         try:
+            if isinstance(request, Undecodable):
+                raise InvalidRequest(request.error)
             remaining = context.time_remaining()
             if remaining is None:  # no deadline: no timer to arm
                 return await method(self, request, context)
@@ -83,7 +106,8 @@ def rpc(method):
                 message = f"{name}: internal error (logged on the server)"
         finally:
             if self.metrics:
-                self.metrics.observe(name, self.label(request), code.name, time.monotonic() - t0)
+                label = "" if isinstance(request, Undecodable) else self.label(request)
+                self.metrics.observe(name, label, code.name, time.monotonic() - t0)
         await context.abort(code, message)
 
     return handler

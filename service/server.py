@@ -29,9 +29,8 @@ from zspace.service.index_rpcs import IndexRpcs
 from zspace.service.indexes import IndexRegistry
 from zspace.service.metrics import Metrics
 from zspace.service.repository import ModelRepository
-from zspace.service.servicer import ModelRpcs, zspace_servicer
+from zspace.service.servicer import ModelRpcs, add_zspace_service
 from zspace.v1 import zspace_pb2 as pb
-from zspace.v1 import zspace_pb2_grpc as pb_grpc
 
 log = logging.getLogger("zspace.serve")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ZSpace"].full_name
@@ -157,9 +156,8 @@ class Server:
         interceptors = [BearerAuth(cfg.token)] if cfg.token else []
         self.server = grpc.aio.server(migration_thread_pool=None, options=options, interceptors=interceptors,
                                       maximum_concurrent_rpcs=cfg.max_concurrent_rpcs)
-        servicer = zspace_servicer(ModelRpcs(self.repo, cfg.limits, self.metrics),
-                                   IndexRpcs(self.indexes, self.repo, cfg.limits, self.metrics))
-        pb_grpc.add_ZSpaceServicer_to_server(servicer, self.server)
+        add_zspace_service(self.server, ModelRpcs(self.repo, cfg.limits, self.metrics),
+                           IndexRpcs(self.indexes, self.repo, cfg.limits, self.metrics))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), self.server)

@@ -1,6 +1,6 @@
 """The model RPCs of zspace.v1.ZSpace (Encode, Decode, Reconstruct, Generate, Interpolate, Score,
-ListModels, GetModel), and `zspace_servicer`, which joins them with the index RPCs (index_rpcs.py)
-into the one servicer gRPC serves.
+ListModels, GetModel), and `add_zspace_service`, which serves them with the index RPCs (index_rpcs.py)
+as the one service.
 
 Each RPC validates its fields, featurises through the model's transform, runs the
 graphs through the model's batchers and answers; `@rpc` (rpc.py) maps errors to
@@ -12,15 +12,15 @@ from __future__ import annotations
 import asyncio
 import json
 
+import grpc
 import numpy as np
 
 from zspace.likelihood import kl_standard_normal, log_likelihood, target_of
 from zspace.service.config import Limits
 from zspace.service.inputs import InvalidArgument, array_to_tensor, features, tensor_to_array
 from zspace.service.repository import ModelRepository, ModelRuntime
-from zspace.service.rpc import RpcHandlers, rpc
+from zspace.service.rpc import RpcHandlers, rpc, tolerant
 from zspace.v1 import zspace_pb2 as pb
-from zspace.v1 import zspace_pb2_grpc as pb_grpc
 
 
 def slerp(a: np.ndarray, b: np.ndarray, t: np.ndarray) -> np.ndarray:
@@ -149,18 +149,26 @@ class ModelRpcs(RpcHandlers):
         return pb.ScoreResponse(scores=scores.astype(np.float32).tolist(), score_kind=kind, version=rt.version)
 
 
-def zspace_servicer(*parts: RpcHandlers) -> pb_grpc.ZSpaceServicer:
-    """The ZSpace servicer gRPC serves, its methods taken from the parts (model RPCs, index RPCs).
+def add_zspace_service(server, *parts: RpcHandlers) -> None:
+    """Serve zspace.v1.ZSpace on `server`, its methods taken from the parts (model RPCs, index RPCs).
 
-    Every RPC of the service must come from exactly one part: a missing one
-    would answer UNIMPLEMENTED, two would be ambiguous."""
-    servicer = pb_grpc.ZSpaceServicer()
-    wanted = set(pb.DESCRIPTOR.services_by_name["ZSpace"].methods_by_name)
+    Every RPC of the service must come from exactly one part: a missing one would
+    answer UNIMPLEMENTED, two would be ambiguous. The handlers are registered here
+    rather than by the generated add_ZSpaceServicer_to_server so that a request
+    whose bytes are not a valid message reaches `@rpc` as `Undecodable` and is
+    answered INVALID_ARGUMENT, where gRPC's own path would say UNKNOWN."""
+    service = pb.DESCRIPTOR.services_by_name["ZSpace"]
     given = [name for part in parts for name in part.RPCS]
-    if sorted(given) != sorted(wanted):
-        raise ValueError(f"RPCs not served: {sorted(wanted - set(given))}; served twice or unknown: "
-                         f"{sorted(n for n in set(given) if given.count(n) > 1 or n not in wanted)}")
+    if sorted(given) != sorted(service.methods_by_name):
+        raise ValueError(f"RPCs not served: {sorted(set(service.methods_by_name) - set(given))}; served twice or unknown: "
+                         f"{sorted(n for n in set(given) if given.count(n) > 1 or n not in service.methods_by_name)}")
+    handlers = {}
     for part in parts:
         for name in part.RPCS:
-            setattr(servicer, name, getattr(part, name))
-    return servicer
+            method = service.methods_by_name[name]
+            request, response = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
+            handlers[name] = grpc.unary_unary_rpc_method_handler(
+                getattr(part, name), request_deserializer=tolerant(request.FromString),
+                response_serializer=response.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)

@@ -165,3 +165,16 @@ def test_a_half_copied_bundle_is_retried_when_its_files_change(vae_bundle, tmp_p
         s.rescan()
         assert [m.name for m in c.list_models().models] == ["digits"] and not c.list_models().broken
         assert json.loads(c.get_model("digits").metrics_json)
+
+
+def test_undecodable_bytes_and_non_finite_outputs_are_invalid_argument(served):
+    s, _ = served
+    with grpc.insecure_channel(s.target) as channel:
+        raw = channel.unary_unary("/zspace.v1.ZSpace/Encode", request_serializer=None, response_deserializer=None)
+        with pytest.raises(grpc.RpcError) as err:
+            raw(b"\xff\xff\xff\xff garbage", timeout=20)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "not a valid protobuf message" in err.value.details()
+        stub = pb_grpc.ZSpaceStub(channel)
+        huge = to_tensor(np.full((1, 64), 3e38, np.float32))
+        code, message = status(stub.Encode, pb.EncodeRequest(model=pb.ModelRef(name="digits"), inputs=pb.Inputs(tensor=huge)))
+        assert code == "INVALID_ARGUMENT" and "NaN or infinite" in message, (code, message)

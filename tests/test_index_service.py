@@ -70,7 +70,7 @@ def test_search_by_tensor_image_and_key_equals_local(client, layout):
     by_key = client.search("digits", key="digits/train/2", k=5)
     assert [h[0] for h in by_key[0]] == [h[0] for h in by_input[2]]
     sevens = client.search("digits", x, k=5, where=("label", "7"))
-    assert all(h[2]["label"] == "7" for row in sevens for h in row)
+    assert all(h[2]["label"] == "7" for row in sevens for h in row), sevens
 
 
 def test_upsert_get_delete(client):

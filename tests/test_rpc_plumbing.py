@@ -14,7 +14,7 @@ from zspace.bundle import BundleError, load_bundle
 from zspace.errors import NotFound
 from zspace.service.metrics import Metrics
 from zspace.service.rpc import RpcHandlers, rpc
-from zspace.service.servicer import ModelRpcs, zspace_servicer
+from zspace.service.servicer import ModelRpcs, add_zspace_service
 from zspace.v1 import zspace_pb2 as pb
 from zspace.v1 import zspace_pb2_grpc as pb_grpc
 
@@ -71,11 +71,14 @@ def test_status_mapping_deadline_and_metrics_through_a_real_server():
 
 
 def test_every_rpc_is_served_by_exactly_one_part():
+    from concurrent.futures import ThreadPoolExecutor
+
+    server = grpc.server(ThreadPoolExecutor(1))  # registration is the same API on the sync server
     with pytest.raises(ValueError, match="RPCs not served"):
-        zspace_servicer(Probe())
+        add_zspace_service(server, Probe())
     models = ModelRpcs(repo=None, limits=None)
     with pytest.raises(ValueError, match="served twice"):
-        zspace_servicer(models, Probe())
+        add_zspace_service(server, models, Probe())
 
 
 @pytest.mark.parametrize("field, value, message", [
