@@ -75,6 +75,7 @@ class DynamicBatcher:
         self.on_batch = on_batch or (lambda rows, queued_s: None)
         self.queue: deque[_Item] = deque()
         self.queued_rows = 0
+        self.queued_big_rows = 0  # of which in requests bigger than max_batch
         self.running = 0          # batches handed to the threads (running or queued there)
         self.merge_share = 1.0    # running share of waits that merged requests
         self.since_wait = 0       # batches taken without waiting since the last wait
@@ -91,8 +92,13 @@ class DynamicBatcher:
         """Run the graph on x's rows, merged with whatever else is waiting."""
         loop = asyncio.get_running_loop()
         n = len(x)
-        if self.queued_rows and self.queued_rows + n > self.max_queue_rows:
-            raise QueueFull(f"{self.queued_rows} rows are waiting for this model (limit {self.max_queue_rows})")
+        # Two lanes of max_queue_rows each: requests up to max_batch rows, and bigger ones. A flood of
+        # big requests then cannot crowd out small ones; an empty lane takes a request of any size.
+        big = n > self.max_batch
+        waiting = self.queued_big_rows if big else self.queued_rows - self.queued_big_rows
+        if waiting and waiting + n > self.max_queue_rows:
+            raise QueueFull(f"{waiting} rows are waiting for this model in requests {'over' if big else 'up to'} "
+                            f"{self.max_batch} rows (limit {self.max_queue_rows})")
         inline_ok = True
         if not self.queue and not self.running and n <= self.inline_rows and not self._should_wait():
             # Idle, and no reason to wait for company: run right here, without the hop through the worker.
@@ -109,6 +115,7 @@ class DynamicBatcher:
         item = _Item(x, loop.create_future(), inline_ok=inline_ok)
         self.queue.append(item)
         self.queued_rows += n
+        self.queued_big_rows += n if big else 0
         # The worker needs waking only for a first request or a full batch; the delay has its own timer.
         if len(self.queue) == 1 or self.queued_rows >= self.max_batch:
             self.wakeup.set()
@@ -208,6 +215,8 @@ class DynamicBatcher:
         while self.queue and (not batch or rows + len(self.queue[0].x) <= self.max_batch):
             item = self.queue.popleft()
             self.queued_rows -= len(item.x)
+            if len(item.x) > self.max_batch:
+                self.queued_big_rows -= len(item.x)
             if not item.future.cancelled():
                 batch.append(item)
                 rows += len(item.x)

@@ -26,7 +26,7 @@ class BatchConfig:
 
     max_batch: int = 64          # rows merged into one ONNX Runtime call (1: batching off)
     max_delay_ms: float = 1.0    # longest wait for a batch to fill, taken only while waiting merges requests
-    max_queue_rows: int = 4096   # rows waiting before RESOURCE_EXHAUSTED
+    max_queue_rows: int = 4096   # rows waiting before RESOURCE_EXHAUSTED, in each lane (small and big requests)
     inline_rows: int = 64        # batches up to this size run on the event loop's thread when nothing else runs
     instances: int = 1           # runs in flight at once (Triton's instance count)
 
@@ -67,6 +67,9 @@ class Limits:
     max_steps: int = 1024       # Interpolate.steps
     max_text_chars: int = 1_000_000
     max_k: int = 1000           # Search.k
+    max_hits: int = 100_000     # Search queries x k: the answer is built in memory before it is sent
+    max_answer_bytes: int = 64 << 20  # the server sets it to --max-message-mb
+    max_request_pixels: int = 64_000_000  # decoded image pixels per request (the sum over its images)
 
 
 @dataclass
@@ -83,7 +86,10 @@ class ServeConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
     limits: Limits = field(default_factory=Limits)
     max_message_mb: int = 64
-    max_concurrent_rpcs: int | None = None
+    # Memory bounds: RPCs in progress at once (gRPC refuses beyond), and the bytes of requests being worked on
+    # (big requests beyond it are refused at once, small ones never; see rpc.Admission).
+    max_concurrent_rpcs: int | None = 1024
+    max_inflight_mb: int = 1024
     poll_s: float = 5.0           # 0: reload on SIGHUP only
     grace_s: float = 10.0
     tls_cert: Path | None = None

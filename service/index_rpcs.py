@@ -19,7 +19,7 @@ from zspace.service.config import Limits
 from zspace.service.indexes import IndexRegistry
 from zspace.service.inputs import InvalidArgument, array_to_tensor, features, parse_json, parse_payloads, tensor_to_array
 from zspace.service.repository import ModelRepository
-from zspace.service.rpc import RpcHandlers, rpc
+from zspace.service.rpc import RpcHandlers, TooLarge, rpc
 from zspace.v1 import zspace_pb2 as pb
 
 MAX_NAME_CHARS = 255  # an index is a folder: its name is a file name
@@ -38,8 +38,8 @@ def search_response(results: list[list[tuple[str, float, str]]]) -> pb.SearchRes
 class IndexRpcs(RpcHandlers):
     RPCS = ("ListIndexes", "IndexStats", "Search", "Upsert", "Delete", "GetItem")
 
-    def __init__(self, indexes: IndexRegistry, repo: ModelRepository, limits: Limits, metrics=None):
-        super().__init__(metrics)
+    def __init__(self, indexes: IndexRegistry, repo: ModelRepository, limits: Limits, metrics=None, admission=None):
+        super().__init__(metrics, admission)
         self.indexes, self.repo, self.limits = indexes, repo, limits
 
     def label(self, request) -> str:
@@ -91,6 +91,9 @@ class IndexRpcs(RpcHandlers):
             q = (await asyncio.to_thread(index.get, request.key)).vector[None]
         else:
             raise InvalidArgument("query: set one of inputs, vectors or key")
+        if len(q) * request.k > self.limits.max_hits:
+            raise InvalidArgument(f"k: {len(q)} queries x k={request.k} is {len(q) * request.k} hits, over the limit of "
+                                  f"{self.limits.max_hits}; send fewer queries per request or a smaller k")
         where = None
         if request.filter_field:
             value = parse_json(request.filter_value_json, "filter_value_json", 4096)
@@ -100,7 +103,15 @@ class IndexRpcs(RpcHandlers):
             results = await self.indexes.search(request.index, q, int(request.k))
         else:
             results = await asyncio.to_thread(index.search, q, int(request.k), where, as_json=True)
-        return search_response(results)
+        return search_response(self._bounded(results))
+
+    def _bounded(self, results: list) -> list:
+        """The hits, if their answer fits the message limit; measured on the stored JSON texts before any is copied."""
+        size = sum(len(h.key) + len(h.payload) + 16 for row in results for h in row)
+        if size > self.limits.max_answer_bytes:
+            raise TooLarge(f"Search: the answer would be {size >> 20} MiB, over the message limit of "
+                           f"{self.limits.max_answer_bytes >> 20} MiB; ask for fewer queries or a smaller k")
+        return results
 
     @rpc
     async def Upsert(self, request, context):

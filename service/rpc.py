@@ -5,7 +5,7 @@ raises; `@rpc` maps what it raises to a gRPC status:
 
     InvalidArgument, UserError  -> INVALID_ARGUMENT (the message names the field)
     NotFound                    -> NOT_FOUND
-    QueueFull                   -> RESOURCE_EXHAUSTED (retry later)
+    QueueFull, TooLarge         -> RESOURCE_EXHAUSTED (retry later, or ask for less)
     the client's deadline       -> DEADLINE_EXCEEDED (the work is cancelled, its queue place freed)
     anything else               -> INTERNAL, logged with its traceback: a bug, never the client's fault
 
@@ -32,13 +32,39 @@ class InvalidRequest(UserError):
     """The request as a whole is unusable (its bytes are not the message)."""
 
 
+class TooLarge(Exception):
+    """An answer, or the work in progress, over a size bound: RESOURCE_EXHAUSTED with what to ask for instead."""
+
+
+class Admission:
+    """The bytes of requests being worked on, bounded fairly by size.
+
+    A request under `small_bytes` is always admitted: it costs little, and refusing it
+    because of someone else's flood is the unfairness to avoid. A bigger one is refused
+    at once (RESOURCE_EXHAUSTED) when it would take the total past `budget_bytes`, before
+    any work is done for it; with nothing else in progress any request is admitted (the
+    message limit bounds it). Only the event loop's thread touches the counter."""
+
+    def __init__(self, budget_bytes: int, small_bytes: int = 1 << 20):
+        self.budget, self.small, self.inflight = budget_bytes, small_bytes, 0
+
+    def enter(self, size: int) -> None:
+        if size > self.small and self.inflight and self.inflight + size > self.budget:
+            raise TooLarge(f"server busy: {self.inflight >> 20} MiB of requests in progress, this one {size >> 20} MiB "
+                           f"(limit {self.budget >> 20} MiB); retry later or send smaller requests")
+        self.inflight += size
+
+    def leave(self, size: int) -> None:
+        self.inflight -= size
+
+
 class RpcHandlers:
     """A group of RPC methods. `RPCS` names them; `label` says which model a request concerns, for metrics."""
 
     RPCS: tuple[str, ...] = ()
 
-    def __init__(self, metrics=None):
-        self.metrics = metrics
+    def __init__(self, metrics=None, admission: Admission | None = None):
+        self.metrics, self.admission = metrics, admission
 
     def label(self, request) -> str:
         return ""
@@ -68,6 +94,8 @@ def _status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if isinstance(exc, QueueFull):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, f"server busy: {exc}; retry later"
+    if isinstance(exc, TooLarge):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
     return grpc.StatusCode.INTERNAL, ""
 
 
@@ -79,9 +107,14 @@ def rpc(method):
     async def handler(self: RpcHandlers, request, context):
         t0 = time.monotonic()
         code, message = grpc.StatusCode.OK, ""
+        admitted = 0
         try:
             if isinstance(request, Undecodable):
                 raise InvalidRequest(request.error)
+            if self.admission is not None:
+                size = request.ByteSize()
+                self.admission.enter(size)
+                admitted = size
             remaining = context.time_remaining()
             if remaining is None:  # no deadline: no timer to arm
                 return await method(self, request, context)
@@ -105,6 +138,8 @@ def rpc(method):
                 log.exception("%s failed", name)
                 message = f"{name}: internal error (logged on the server)"
         finally:
+            if admitted:
+                self.admission.leave(admitted)
             if self.metrics:
                 label = "" if isinstance(request, Undecodable) else self.label(request)
                 self.metrics.observe(name, label, code.name, time.monotonic() - t0)

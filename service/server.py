@@ -9,6 +9,7 @@ in-flight requests finish within --grace-s, exit 0.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import logging
 import os
@@ -29,6 +30,7 @@ from zspace.service.index_rpcs import IndexRpcs
 from zspace.service.indexes import IndexRegistry
 from zspace.service.metrics import Metrics
 from zspace.service.repository import ModelRepository
+from zspace.service.rpc import Admission
 from zspace.service.servicer import ModelRpcs, add_zspace_service
 from zspace.v1 import zspace_pb2 as pb
 
@@ -156,8 +158,11 @@ class Server:
         interceptors = [BearerAuth(cfg.token)] if cfg.token else []
         self.server = grpc.aio.server(migration_thread_pool=None, options=options, interceptors=interceptors,
                                       maximum_concurrent_rpcs=cfg.max_concurrent_rpcs)
-        add_zspace_service(self.server, ModelRpcs(self.repo, cfg.limits, self.metrics),
-                           IndexRpcs(self.indexes, self.repo, cfg.limits, self.metrics))
+        # An answer must fit the message limit; requests in progress share one byte budget (rpc.Admission).
+        limits = dataclasses.replace(cfg.limits, max_answer_bytes=limit)
+        admission = Admission(cfg.max_inflight_mb << 20)
+        add_zspace_service(self.server, ModelRpcs(self.repo, limits, self.metrics, admission),
+                           IndexRpcs(self.indexes, self.repo, limits, self.metrics, admission))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), self.server)

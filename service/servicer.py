@@ -36,8 +36,8 @@ def slerp(a: np.ndarray, b: np.ndarray, t: np.ndarray) -> np.ndarray:
 class ModelRpcs(RpcHandlers):
     RPCS = ("ListModels", "GetModel", "Encode", "Decode", "Reconstruct", "Generate", "Interpolate", "Score")
 
-    def __init__(self, repo: ModelRepository, limits: Limits, metrics=None):
-        super().__init__(metrics)
+    def __init__(self, repo: ModelRepository, limits: Limits, metrics=None, admission=None):
+        super().__init__(metrics, admission)
         self.repo, self.limits = repo, limits
 
     def label(self, request) -> str:

@@ -197,3 +197,27 @@ def test_an_inline_run_that_would_block_goes_to_a_thread():
 def test_instances_must_be_positive():
     with pytest.raises(UserError, match="instances"):
         DynamicBatcher(Graph(), BatchConfig(instances=0))
+
+
+def test_big_and_small_requests_queue_in_lanes_of_their_own():
+    graph = Graph(seconds=0.05)
+
+    async def main():
+        b = DynamicBatcher(graph, BatchConfig(max_batch=4, max_delay_ms=0, max_queue_rows=8, inline_rows=0))
+        # One big request runs, one more is handed to the thread, the third waits in the big lane (6 rows).
+        big = []
+        for i in range(3):
+            big.append(asyncio.ensure_future(b.submit(rows(6, i))))
+            await asyncio.sleep(0.005)  # the worker takes what it can before the next arrives
+        assert b.queued_big_rows == 6
+        with pytest.raises(QueueFull, match="in requests over 4 rows"):
+            await b.submit(rows(6))  # the big lane is full
+        small = [asyncio.ensure_future(b.submit(rows(2, i))) for i in range(4)]  # the small lane takes 8 rows
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFull, match="in requests up to 4 rows"):
+            await b.submit(rows(2))
+        await asyncio.gather(*big, *small)
+        assert b.queued_rows == b.queued_big_rows == 0
+        b.close()
+
+    asyncio.run(main())

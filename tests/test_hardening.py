@@ -16,6 +16,7 @@ from zspace.errors import NotFound
 from zspace.index.build import build_index
 from zspace.index.latent_index import LatentIndex
 from zspace.service.client import ZSpaceClient, to_tensor
+from zspace.service.config import BatchConfig
 from zspace.v1 import zspace_pb2 as pb
 from zspace.v1 import zspace_pb2_grpc as pb_grpc
 
@@ -178,3 +179,43 @@ def test_undecodable_bytes_and_non_finite_outputs_are_invalid_argument(served):
         huge = to_tensor(np.full((1, 64), 3e38, np.float32))
         code, message = status(stub.Encode, pb.EncodeRequest(model=pb.ModelRef(name="digits"), inputs=pb.Inputs(tensor=huge)))
         assert code == "INVALID_ARGUMENT" and "NaN or infinite" in message, (code, message)
+
+
+def test_search_answers_are_bounded_before_they_are_built(vae_bundle, tmp_path):
+    """20 queries x k=20 over items with big payloads: refused at once, not built in memory (here a 1 MiB limit)."""
+    shutil.copytree(vae_bundle, tmp_path / "models" / "digits" / "1")
+    index = LatentIndex.create(tmp_path / "indexes" / "big", "digits", 1, 4)
+    rng = np.random.default_rng(0)
+    index.upsert([f"k{i}" for i in range(40)], rng.standard_normal((40, 4)).astype(np.float32),
+                 [{"blob": "x" * 60_000} for _ in range(40)])
+    index.close()
+    with start_thread(tmp_path / "models", indexes=tmp_path / "indexes", max_message_mb=1) as s:
+        with grpc.insecure_channel(s.target) as channel:
+            stub = pb_grpc.ZSpaceStub(channel)
+            queries = to_tensor(rng.standard_normal((20, 4)).astype(np.float32))
+            code, message = status(stub.Search, pb.SearchRequest(index="big", vectors=queries, k=20))
+            assert code == "RESOURCE_EXHAUSTED" and "over the message limit of 1 MiB" in message, message
+            few = to_tensor(rng.standard_normal((5, 4)).astype(np.float32))
+            assert status(stub.Search, pb.SearchRequest(index="big", vectors=few, k=2))[0] == "OK"  # 10 x 60 KB
+            many = to_tensor(np.zeros((4096, 4), np.float32))
+            code, message = status(stub.Search, pb.SearchRequest(index="big", vectors=many, k=1000))
+            assert code == "INVALID_ARGUMENT" and "over the limit of 100000" in message
+
+
+def test_big_requests_beyond_the_byte_budget_are_refused_at_once_and_small_ones_pass(vae_bundle, tmp_path):
+    shutil.copytree(vae_bundle, tmp_path / "models" / "digits" / "1")
+    big = pb.EncodeRequest(model=pb.ModelRef(name="digits"), inputs=pb.Inputs(tensor=to_tensor(np.zeros((4096, 64), np.float32))))
+    small = pb.EncodeRequest(model=pb.ModelRef(name="digits"), inputs=pb.Inputs(tensor=to_tensor(np.zeros((1, 64), np.float32))))
+    # The first big request waits up to a second in the batch queue for company: it is in progress meanwhile.
+    with start_thread(tmp_path / "models", batch=BatchConfig(max_batch=8192, max_delay_ms=1000, max_queue_rows=8192),
+                      max_inflight_mb=1) as s:
+        with grpc.insecure_channel(s.target, options=[("grpc.max_send_message_length", 64 << 20)]) as channel:
+            stub = pb_grpc.ZSpaceStub(channel)
+            first = stub.Encode.future(big, timeout=20)
+            time.sleep(0.3)
+            code, message = status(stub.Encode, big)
+            assert code == "RESOURCE_EXHAUSTED" and "MiB of requests in progress" in message, message
+            assert not first.done(), "refused at once, while the first is still in progress"
+            assert status(stub.Encode, small)[0] == "OK"
+            assert first.result().mean.shape == [4096, 4]
+

@@ -247,7 +247,7 @@ def test_queue_limit_and_deadline(repo, digits_x):
                         codes.append("OK")
                     except grpc.RpcError as exc:
                         codes.append(exc.code().name)
-                        assert "rows are waiting for this model (limit 4)" in exc.details()
+                        assert "rows are waiting for this model in requests up to 64 rows (limit 4)" in exc.details()
             assert "OK" in codes and "RESOURCE_EXHAUSTED" in codes, codes
             with pytest.raises(grpc.RpcError) as err:
                 c.stub.Encode(pb.EncodeRequest(model=pb.ModelRef(name="digits"), inputs=pb.Inputs(tensor=to_tensor(digits_x[:1]))), timeout=0.05)
