@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from zspace.errors import UserError
 from zspace.index.store import MAX_PAYLOAD_BYTES
 from zspace.service.config import Limits
+from zspace.transforms import image_pixels
 from zspace.v1 import zspace_pb2 as pb
 
 
@@ -70,8 +73,7 @@ async def features(rt, inputs: pb.Inputs, field: str, limits: Limits) -> np.ndar
     if kind == "images":
         if rt.modality != "image":
             raise InvalidArgument(f"{field}.images: model {rt.name} takes {rt.modality} inputs, not images")
-        return await asyncio.to_thread(
-            lambda: np.stack([rt.transform.from_bytes(b, f"{field}.images[{i}]") for i, b in enumerate(items)]))
+        return await decode_images(rt, items, f"{field}.images", limits)
     if rt.modality != "text":
         raise InvalidArgument(f"{field}.texts: model {rt.name} takes {rt.modality} inputs, not texts")
     for i, text in enumerate(items):
@@ -79,7 +81,39 @@ async def features(rt, inputs: pb.Inputs, field: str, limits: Limits) -> np.ndar
             raise InvalidArgument(f"{field}.texts[{i}]: empty text")
         if len(text) > limits.max_text_chars:
             raise InvalidArgument(f"{field}.texts[{i}]: {len(text)} characters, over the limit of {limits.max_text_chars}")
-    return await asyncio.to_thread(rt.transform.apply, items)
+    return await asyncio.get_running_loop().run_in_executor(featurise_pool(), rt.transform.apply, items)
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def featurise_pool() -> ThreadPoolExecutor:
+    """The threads that decode images and weigh words: as many as cores, and only for that.
+
+    Decoding cannot be interrupted once it runs. In a pool of its own, a flood of huge
+    images waits here and never takes the threads that index reads and writes use
+    (asyncio's default pool), so GetItem and Upsert keep their latency meanwhile."""
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="featurise")
+    return _POOL
+
+
+async def decode_images(rt, items: list[bytes], field: str, limits: Limits) -> np.ndarray:
+    """Images -> features, one image per hop to the pool.
+
+    The pixels of the whole request are counted from the headers first (nothing
+    decoded yet) and bounded; then each image is decoded in turn, so a request whose
+    deadline passes (the @rpc wrapper cancels it) stops before its next image."""
+    total = 0
+    for i, data in enumerate(items):
+        total += image_pixels(data, f"{field}[{i}]")
+        if total > limits.max_request_pixels:
+            raise InvalidArgument(f"{field}: more than {limits.max_request_pixels} pixels in all by image {i}; "
+                                  "send fewer or smaller images per request")
+    loop, pool = asyncio.get_running_loop(), featurise_pool()
+    rows = [await loop.run_in_executor(pool, rt.transform.from_bytes, data, f"{field}[{i}]") for i, data in enumerate(items)]
+    return np.stack(rows)
 
 
 def parse_payloads(payloads_json, n: int) -> list[dict]:

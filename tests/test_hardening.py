@@ -219,3 +219,38 @@ def test_big_requests_beyond_the_byte_budget_are_refused_at_once_and_small_ones_
             assert status(stub.Encode, small)[0] == "OK"
             assert first.result().mean.shape == [4096, 4]
 
+
+
+def big_png(side: int = 6000) -> bytes:
+    """A 36-megapixel PNG of a smooth pattern: 1 MB on the wire, a few hundred ms to decode."""
+    import io
+
+    from PIL import Image
+
+    a = np.add.outer(np.arange(side) % 256, np.arange(side) % 256).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(np.stack([a, a.T, a // 2], -1)).save(buf, "PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def test_image_floods_neither_starve_index_reads_nor_pass_the_pixel_cap(served):
+    """Decoding runs in a pool of its own: GetItem stays fast while huge images decode (bounded: 24 requests)."""
+    s, stub = served
+    png = big_png()
+    huge = pb.EncodeRequest(model=pb.ModelRef(name="digits"), inputs=pb.Inputs(images=pb.ImageList(images=[png] * 2)))
+    code, message = status(stub.Encode, huge)
+    assert code == "INVALID_ARGUMENT" and "pixels in all" in message, "72 Mpx in one request: refused before decoding"
+    one = pb.EncodeRequest(model=pb.ModelRef(name="digits"), inputs=pb.Inputs(images=pb.ImageList(images=[png])))
+    flood = [stub.Encode.future(one, timeout=120) for _ in range(24)]
+    latencies = []
+    try:
+        for _ in range(10):
+            t0 = time.monotonic()
+            stub.GetItem(pb.GetItemRequest(index="digits", key="digits/test/0"), timeout=5)
+            latencies.append(time.monotonic() - t0)
+        busy = sum(not f.done() for f in flood)
+    finally:
+        results = [f.exception() for f in flood]
+    assert busy > 0, "the flood was still decoding while GetItem was timed"
+    assert all(r is None for r in results), results
+    assert max(latencies) < 2.0, f"GetItem waited behind image decoding: {max(latencies):.2f} s"
