@@ -87,6 +87,31 @@ def tolerant(from_string):
     return parse
 
 
+class BugLog:
+    """Tracebacks of unexpected errors: one per RPC and error type a minute, the repeats counted.
+
+    A client that finds a request which trips a bug can send it thousands of times a
+    second; a traceback each time floods the disk and buries everything else."""
+
+    def __init__(self, window_s: float = 60.0):
+        self.window_s = window_s
+        self.last: dict[tuple[str, str], tuple[float, int]] = {}  # (rpc, error type) -> (last traceback, repeats since)
+
+    def report(self, name: str, exc: BaseException) -> None:
+        key, now = (name, type(exc).__name__), time.monotonic()
+        logged, repeats = self.last.get(key, (float("-inf"), 0))
+        if now - logged < self.window_s:
+            self.last[key] = (logged, repeats + 1)
+            return
+        if repeats:
+            log.error("%s: %d more %s since its last traceback (not logged)", name, repeats, key[1])
+        log.error("%s failed", name, exc_info=exc)
+        self.last[key] = (now, 0)
+
+
+BUGS = BugLog()
+
+
 def _status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, NotFound):
         return grpc.StatusCode.NOT_FOUND, str(exc)
@@ -135,7 +160,7 @@ def rpc(method):
         except Exception as exc:
             code, message = _status(exc)
             if code is grpc.StatusCode.INTERNAL:
-                log.exception("%s failed", name)
+                BUGS.report(name, exc)
                 message = f"{name}: internal error (logged on the server)"
         finally:
             if admitted:

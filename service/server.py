@@ -9,12 +9,14 @@ in-flight requests finish within --grace-s, exit 0.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hmac
 import logging
 import os
 import signal
 import socket
+import sys
 from pathlib import Path
 
 import grpc
@@ -236,13 +238,23 @@ class Server:
         log.info("stopped")
 
     async def run(self) -> int:
+        """Start, serve until SIGTERM/SIGINT, drain. The signals are handled from the first moment:
+        one that comes while models are still loading ends the start-up cleanly (exit 0)."""
         loop = asyncio.get_running_loop()
-        await self.start()
         done = asyncio.Event()
         loop.add_signal_handler(signal.SIGTERM, done.set)
         loop.add_signal_handler(signal.SIGINT, done.set)
-        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.rescan()))
-        await done.wait()
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.rescan()) if self.started else None)
+        starting, signalled = loop.create_task(self.start()), loop.create_task(done.wait())
+        await asyncio.wait({starting, signalled}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
+            log.info("stopped during start-up")
+            return 0
+        starting.result()  # a failed start raises here (a busy port, say)
+        await signalled
         await self.stop()
         return 0
 
@@ -251,8 +263,19 @@ def serve(cfg: ServeConfig) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # it narrates which CPU build it tried
     keep_freed_memory()
-    with asyncio.Runner(loop_factory=event_loop_factory(cfg.loop)) as runner:
-        return runner.run(Server(cfg).run())
+    runner = asyncio.Runner(loop_factory=event_loop_factory(cfg.loop))
+    try:
+        code = runner.run(Server(cfg).run())
+    except BaseException:
+        runner.close()
+        raise
+    # The drain is done: requests answered or past the grace period, indexes snapshotted and closed. What may
+    # still run is a thread that cannot be interrupted (a long ONNX Runtime call, a model load cut short);
+    # Python would wait for it at exit, past the grace period an orchestrator allows. So leave now.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 class BackgroundServer:

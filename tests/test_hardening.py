@@ -254,3 +254,20 @@ def test_image_floods_neither_starve_index_reads_nor_pass_the_pixel_cap(served):
     assert busy > 0, "the flood was still decoding while GetItem was timed"
     assert all(r is None for r in results), results
     assert max(latencies) < 2.0, f"GetItem waited behind image decoding: {max(latencies):.2f} s"
+
+
+@pytest.mark.parametrize("after_s", [0.3, 1.5])
+def test_sigterm_during_start_up_exits_cleanly(vae_bundle, tmp_path, after_s):
+    """SIGTERM while the process imports or loads its models: exit 0, no traceback (was rc -15 or 1)."""
+    from benchmarks.harness import ServerChild, free_port, serve_command
+
+    shutil.copytree(vae_bundle, tmp_path / "models" / "digits" / "1")
+    port = free_port()
+    proc = ServerChild(serve_command(tmp_path / "models", port, "--metrics-port", "0", "--poll-s", "0"), port, capture=True)
+    try:
+        time.sleep(after_s)
+        proc.terminate()
+        code, out = proc.wait(60)
+    finally:
+        proc.kill()
+    assert code == 0 and "Traceback" not in out, (code, out[-2000:])

@@ -121,3 +121,22 @@ def test_serving_json_overrides_a_models_batching_and_a_bad_one_is_reported(vae_
         s.rescan()
         broken = s.server.repo.broken
         assert any("unknown setting max_batchh" in e and "serving.json" in e for e in broken.values()), broken
+
+
+def test_repeated_bugs_log_one_traceback_a_minute(caplog):
+    from zspace.service.rpc import BugLog
+
+    bugs = BugLog(window_s=60)
+    with caplog.at_level("ERROR", logger="zspace.serve"):
+        for _ in range(500):
+            try:
+                raise KeyError("a stray key")
+            except KeyError as exc:
+                bugs.report("GetModel", exc)
+        bugs.last[("GetModel", "KeyError")] = (bugs.last[("GetModel", "KeyError")][0] - 61, 499)  # a minute on
+        try:
+            raise KeyError("again")
+        except KeyError as exc:
+            bugs.report("GetModel", exc)
+    tracebacks = [r for r in caplog.records if r.exc_info]
+    assert len(tracebacks) == 2 and "499 more KeyError" in caplog.text

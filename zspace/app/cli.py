@@ -6,6 +6,7 @@ Heavy imports (torch, onnx) happen inside the commands that need them, so
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
@@ -192,17 +193,22 @@ def serve_options(f):
 def serve(models, indexes, threads, instances, max_batch, max_delay_ms, max_queue, search_max_batch, max_rows,
           token_file, token_env, **opts) -> None:
     """Serve every bundle under --models over gRPC (health, reflection, metrics, hot reload)."""
-    from zspace.service.config import BatchConfig, Limits, SearchConfig, ServeConfig
-    from zspace.service.server import read_token
-    from zspace.service.server import serve as run_server
+    # Until the server's own handlers are in place (after the heavy imports below), SIGTERM ends the
+    # process quietly with exit 0, as an orchestrator stopping a container that is still starting expects.
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        from zspace.service.config import BatchConfig, Limits, SearchConfig, ServeConfig
+        from zspace.service.server import read_token
+        from zspace.service.server import serve as run_server
 
-    cfg = ServeConfig(models=Path(models), indexes=Path(indexes) if indexes else None,
-                      onnx_threads=threads,
-                      batch=BatchConfig(max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue_rows=max_queue,
-                                        instances=instances),
-                      search=SearchConfig(max_batch=search_max_batch), limits=Limits(max_rows=max_rows),
-                      token=read_token(token_file, token_env), **opts)
-    sys.exit(run_server(cfg))
+        cfg = ServeConfig(models=Path(models), indexes=Path(indexes) if indexes else None, onnx_threads=threads,
+                          batch=BatchConfig(max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue_rows=max_queue,
+                                            instances=instances),
+                          search=SearchConfig(max_batch=search_max_batch), limits=Limits(max_rows=max_rows),
+                          token=read_token(token_file, token_env), **opts)
+        sys.exit(run_server(cfg))  # on success the process ends in there (service.server.serve)
+    finally:
+        signal.signal(signal.SIGTERM, previous)  # back to the caller's, when serve returns an error
 
 
 from zspace.app.client_cli import client  # noqa: E402  (the `zspace client ...` group)
