@@ -271,3 +271,38 @@ def test_sigterm_during_start_up_exits_cleanly(vae_bundle, tmp_path, after_s):
     finally:
         proc.kill()
     assert code == 0 and "Traceback" not in out, (code, out[-2000:])
+
+
+def test_shutdown_is_bounded_by_the_grace_period(tmp_path):
+    """SIGTERM with long featurisation queued (60 MB of text per request, seconds each, in threads that
+    cannot be interrupted): the process exits soon after --grace-s, not when the last thread is done."""
+    from helpers import make_docs, train_run
+
+    from benchmarks.harness import ServerChild, free_port, serve_command
+    from zspace.training.export import export_run
+
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("\n".join(json.dumps(d) for d in make_docs()) + "\n")
+    run = train_run(tmp_path / "run", data=f"texts:{docs}", latent_dim=2, hidden=(16,), epochs=1, vocab_size=30)
+    export_run(run, tmp_path / "models", "docs")
+    port = free_port()
+    proc = ServerChild(serve_command(tmp_path / "models", port, "--metrics-port", "0", "--poll-s", "0", "--grace-s", "1"),
+                       port, capture=True)
+    try:
+        proc.wait_serving()
+        texts = ["orbit rocket launch nasa " * 40_000] * 60  # 60 x 1M characters: seconds of word counting each
+        request = pb.EncodeRequest(model=pb.ModelRef(name="docs"), inputs=pb.Inputs(texts=pb.TextList(texts=texts)))
+        with grpc.insecure_channel(proc.target, options=[("grpc.max_send_message_length", 64 << 20)]) as channel:
+            stub = pb_grpc.ZSpaceStub(channel)
+            pending = [stub.Encode.future(request, timeout=120) for _ in range(4)]
+            time.sleep(2.0)  # all four received, featurisation under way
+            t0 = time.monotonic()
+            proc.terminate()
+            code, out = proc.wait(120)
+            took = time.monotonic() - t0
+            for f in pending:
+                f.cancel()
+    finally:
+        proc.kill()
+    assert code == 0 and "stopped" in out, out[-2000:]
+    assert took < 6.0, f"exit took {took:.1f} s after SIGTERM with --grace-s 1"
