@@ -80,6 +80,7 @@ class ServeConfig:
     port: int = 50051
     metrics_port: int = 9100      # 0: no metrics endpoint
     device: str = "auto"          # auto | cpu | cuda
+    cuda_tf32: bool = False       # TF32 matmuls on CUDA: faster, inexact (~1e-3); off keeps the bundle's parity
     onnx_threads: int = 0         # ONNX Runtime intra-op threads per run; 0: the cores shared out among instances
     faiss_threads: int = 0        # FAISS's OpenMP threads (process-wide); 0: FAISS's default
     batch: BatchConfig = field(default_factory=BatchConfig)

@@ -123,7 +123,7 @@ class Server:
         self.metrics = Metrics()
         onnx_threads = cfg.onnx_threads or max(1, (os.cpu_count() or 1) // cfg.batch.instances)
         set_faiss_threads(cfg.faiss_threads)
-        self.repo = ModelRepository(cfg.models, cfg.device, onnx_threads, cfg.batch, self.metrics.on_batch)
+        self.repo = ModelRepository(cfg.models, cfg.device, onnx_threads, cfg.batch, self.metrics.on_batch, cfg.cuda_tf32)
         self.indexes = IndexRegistry(cfg.indexes, self.repo, cfg.search)
         self.health = health.aio.HealthServicer()
         self.stopping = asyncio.Event()

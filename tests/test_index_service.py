@@ -78,7 +78,8 @@ def test_upsert_get_delete(client):
     count = client.upsert("digits-hnsw", ["mine/a", "mine/b"], x, payloads=[{"label": "a"}, {"label": "b"}])
     assert count == 361
     vec, payload = client.get_item("digits-hnsw", "mine/a")
-    assert payload == {"label": "a"} and np.allclose(vec, client.encode("digits", x[:1])[0][0], atol=1e-6)
+    # atol: the bundle's parity bound; on a GPU the code of a 2-row batch and of a 1-row one differ slightly
+    assert payload == {"label": "a"} and np.allclose(vec, client.encode("digits", x[:1])[0][0], atol=1e-4)
     assert client.search("digits-hnsw", x[:1], k=1)[0][0][0] in ("mine/a", "digits/test/0")
     assert client.delete("digits-hnsw", ["mine/a", "mine/b"]) == 359
     assert all(h[0] not in ("mine/a", "mine/b") for h in client.search("digits-hnsw", x, k=10)[0])

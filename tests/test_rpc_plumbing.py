@@ -140,3 +140,11 @@ def test_repeated_bugs_log_one_traceback_a_minute(caplog):
             bugs.report("GetModel", exc)
     tracebacks = [r for r in caplog.records if r.exc_info]
     assert len(tracebacks) == 2 and "499 more KeyError" in caplog.text
+
+
+def test_cuda_is_exact_unless_tf32_is_asked_for():
+    from zspace.runtime import cuda_provider, providers_for
+
+    assert cuda_provider() == ("CUDAExecutionProvider", {"use_tf32": "0"})
+    assert cuda_provider(tf32=True)[1] == {"use_tf32": "1"}
+    assert providers_for("cpu", cuda_tf32=True) == ["CPUExecutionProvider"]

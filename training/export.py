@@ -24,11 +24,10 @@ from zspace.errors import UserError
 from zspace.files import staged_folder
 from zspace.likelihood import target_of
 from zspace.progress import stage
-from zspace.runtime import onnx_session
+from zspace.runtime import PARITY_TOLERANCE, onnx_session
 from zspace.training.run import load_model, load_run_data, read_metrics
 from zspace.training.train import codes_of
 
-PARITY_TOLERANCE = 1e-4
 OPSET = 20
 
 

@@ -26,7 +26,15 @@ def gpu_visible() -> bool:
     return Path("/dev/nvidia0").exists() or (shutil.which("nvidia-smi") is not None and Path("/proc/driver/nvidia").exists())
 
 
-def providers_for(device: str) -> list[str]:
+def cuda_provider(tf32: bool = False) -> tuple[str, dict]:
+    """The CUDA provider with its options. TF32 off unless asked for: ONNX Runtime's CUDA provider
+    otherwise computes float32 MatMul/Gemm in TF32 on Ampere and later GPUs, and codes then differ
+    from the CPU's by ~1e-3, beyond the bundle's parity promise (1e-4)."""
+    return "CUDAExecutionProvider", {"use_tf32": "1" if tf32 else "0"}
+
+
+def providers_for(device: str, cuda_tf32: bool = False) -> list:
+    """ONNX Runtime providers for `device` (auto | cpu | cuda): CUDA only where a GPU and the GPU build are there."""
     import onnxruntime as ort
 
     available = ort.get_available_providers()
@@ -35,15 +43,22 @@ def providers_for(device: str) -> list[str]:
         if not cuda_ok:
             raise UserError("--device cuda: ONNX Runtime cannot use a CUDA GPU here "
                             f"(providers {available}, GPU visible: {gpu_visible()})")
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        return [cuda_provider(cuda_tf32), "CPUExecutionProvider"]
     if device == "auto" and cuda_ok:
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        return [cuda_provider(cuda_tf32), "CPUExecutionProvider"]
     if device not in ("auto", "cpu"):
         raise UserError(f"--device: expected auto, cpu or cuda, got {device!r}")
     return ["CPUExecutionProvider"]
 
 
-def onnx_session(path: str | os.PathLike, device: str = "cpu", threads: int = 0, spin: bool = True):
+def provider_label(session, cuda_tf32: bool = False) -> str:
+    """The provider a session actually uses, as reported (start log, ListModels): "(TF32)" when opted in."""
+    name = session.get_providers()[0]
+    return f"{name} (TF32)" if cuda_tf32 and name == "CUDAExecutionProvider" else name
+
+
+def onnx_session(path: str | os.PathLike, device: str = "cpu", threads: int = 0, spin: bool = True,
+                 cuda_tf32: bool = False):
     """An InferenceSession on the best provider `device` allows; threads 0 = ORT default.
 
     spin=False stops ORT's idle worker threads from busy-waiting between runs: a
@@ -59,7 +74,7 @@ def onnx_session(path: str | os.PathLike, device: str = "cpu", threads: int = 0,
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), sess_options=opts, providers=providers_for(device))
+    return ort.InferenceSession(str(path), sess_options=opts, providers=providers_for(device, cuda_tf32))
 
 
 @dataclass
@@ -93,9 +108,28 @@ class BundleRuntime:
                                for i in range(0, len(x), batch_size)])
 
 
-def open_runtime(bundle: Bundle, device: str = "cpu", threads: int = 0, spin: bool = True) -> BundleRuntime:
+def open_runtime(bundle: Bundle, device: str = "cpu", threads: int = 0, spin: bool = True,
+                 cuda_tf32: bool = False) -> BundleRuntime:
     """Open a loaded bundle's graphs on `device` (auto | cpu | cuda) with its transform."""
-    encoder = onnx_session(bundle.graph("encoder"), device, threads, spin)
-    decoder = onnx_session(bundle.graph("decoder"), device, threads, spin)
+    encoder = onnx_session(bundle.graph("encoder"), device, threads, spin, cuda_tf32)
+    decoder = onnx_session(bundle.graph("decoder"), device, threads, spin, cuda_tf32)
     return BundleRuntime(bundle=bundle, encoder=encoder, decoder=decoder,
-                         transform=transform_from_dict(bundle.transform), provider=encoder.get_providers()[0])
+                         transform=transform_from_dict(bundle.transform), provider=provider_label(encoder, cuda_tf32))
+
+
+PARITY_TOLERANCE = 1e-4  # max |ONNX Runtime - torch| a bundle promises (training/export.py checks it on export)
+
+
+def provider_parity(runtime: BundleRuntime, rows: int = 64) -> float:
+    """max |this provider - CPU| over both graphs on fixed inputs: 0 on the CPU itself.
+
+    The bundle's parity was checked against torch on the CPU at export; a GPU provider
+    must keep that promise where the bundle is served, so the server measures it at load."""
+    if runtime.provider == "CPUExecutionProvider":
+        return 0.0
+    cpu = open_runtime(runtime.bundle, "cpu")
+    x = np.random.default_rng(0).random((rows, runtime.bundle.input_dim), dtype=np.float32)
+    z = cpu.encode(x)[0]
+    diffs = [np.abs(a - b).max() for a, b in zip(runtime.encode(x), cpu.encode(x))]
+    diffs += [np.abs(a - b).max() for a, b in zip(runtime.decode(z), cpu.decode(z))]
+    return float(max(diffs))

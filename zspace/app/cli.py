@@ -156,6 +156,8 @@ def serve_options(f):
         click.option("--port", type=click.IntRange(0, 65535), default=d.port, help="gRPC port (0: any free port)."),
         click.option("--metrics-port", type=click.IntRange(0, 65535), default=d.metrics_port, help="Prometheus /metrics port (0: off)."),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=d.device, help="auto: CUDA only when onnxruntime-gpu can use a GPU here."),
+        click.option("--cuda-tf32", is_flag=True, default=d.cuda_tf32,
+                     help="CUDA: TF32 matmuls, faster but inexact (codes move ~1e-3); reported in ListModels. Off: exact."),
         click.option("--threads", type=click.IntRange(min=0), default=d.onnx_threads,
                      help="ONNX Runtime threads per run (0: the cores shared out among --instances)."),
         click.option("--faiss-threads", type=click.IntRange(min=0), default=d.faiss_threads,
