@@ -24,16 +24,31 @@ from zspace.index.hits import Hit
 from zspace.v1 import zspace_pb2 as pb
 from zspace.v1 import zspace_pb2_grpc as pb_grpc
 
+# numpy dtype -> wire dtype; anything else travels as float32.
+DTYPES = {np.dtype(np.uint8): (pb.UINT8, "u1"), np.dtype(np.float16): (pb.FLOAT16, "<f2")}
+WIRE_NUMPY = {pb.FLOAT32: "<f4", pb.UINT8: "u1", pb.FLOAT16: "<f2"}
+
 
 def to_tensor(a: np.ndarray) -> pb.Tensor:
-    a = np.ascontiguousarray(a, dtype="<f4")
+    """An array as a Tensor: uint8 (8-bit images, a quarter of the bytes) and float16 travel as they are,
+    everything else as float32."""
+    a = np.asarray(a)
+    dtype, wire = DTYPES.get(a.dtype, (pb.FLOAT32, "<f4"))
+    a = np.ascontiguousarray(a, dtype=wire)
     if a.ndim == 1:
         a = a[None]
-    return pb.Tensor(shape=list(a.shape), data=a.tobytes())
+    return pb.Tensor(shape=list(a.shape), data=a.tobytes(), dtype=dtype)
 
 
 def from_tensor(t: pb.Tensor) -> np.ndarray:
-    return np.frombuffer(t.data, dtype="<f4").reshape(list(t.shape)).copy()
+    """A Tensor as an array of its own dtype (float16 answers stay float16)."""
+    return np.frombuffer(t.data, dtype=WIRE_NUMPY[t.dtype]).reshape(list(t.shape)).copy()
+
+
+def wire_dtype(name: str) -> int:
+    if name not in ("float32", "float16"):
+        raise ValueError(f"output_dtype: expected float32 or float16, got {name!r}")
+    return pb.FLOAT16 if name == "float16" else pb.FLOAT32
 
 
 def make_inputs(x: np.ndarray | None = None, images: list[bytes] | None = None, texts: list[str] | None = None) -> pb.Inputs:
@@ -114,15 +129,19 @@ class ZSpaceClient:
     def get_model(self, model: str, version: int = 0) -> pb.ModelInfo:
         return self._call("GetModel", pb.GetModelRequest(model=pb.ModelRef(name=model, version=version)))
 
-    def encode(self, model: str, x=None, *, images=None, texts=None, version: int = 0):
-        """-> (mean [batch, K], logvar [batch, K] or None)."""
+    def encode(self, model: str, x=None, *, images=None, texts=None, version: int = 0, output_dtype: str = "float32"):
+        """-> (mean [batch, K], logvar [batch, K] or None). x as uint8 (8-bit images) travels at a quarter of the bytes;
+        output_dtype="float16" halves the answer's."""
         resp = self._call("Encode", pb.EncodeRequest(model=pb.ModelRef(name=model, version=version),
-                                                     inputs=make_inputs(x, images, texts)))
+                                                     inputs=make_inputs(x, images, texts),
+                                                     output_dtype=wire_dtype(output_dtype)))
         return from_tensor(resp.mean), (from_tensor(resp.logvar) if resp.HasField("logvar") else None)
 
-    def decode(self, model: str, z: np.ndarray, version: int = 0, return_png: bool = False) -> Decoded:
+    def decode(self, model: str, z: np.ndarray, version: int = 0, return_png: bool = False,
+               output_dtype: str = "float32") -> Decoded:
         return _decoded(self._call("Decode", pb.DecodeRequest(
-            model=pb.ModelRef(name=model, version=version), latents=to_tensor(z), return_png=return_png)))
+            model=pb.ModelRef(name=model, version=version), latents=to_tensor(z), return_png=return_png,
+            output_dtype=wire_dtype(output_dtype))))
 
     def reconstruct(self, model: str, x=None, *, images=None, texts=None, version: int = 0, return_png: bool = False) -> Decoded:
         return _decoded(self._call("Reconstruct", pb.ReconstructRequest(

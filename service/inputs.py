@@ -24,8 +24,21 @@ class InvalidArgument(UserError):
     """A request field the client must fix; the message names it."""
 
 
-def tensor_to_array(t: pb.Tensor, field: str, ndim: int = 2, cols: int | None = None, max_rows: int | None = None) -> np.ndarray:
-    """A Tensor message -> float32 array, checking shape, byte length and finiteness."""
+# Wire dtype -> (numpy little-endian dtype, bytes per element).
+WIRE = {pb.FLOAT32: ("<f4", 4), pb.UINT8: ("u1", 1), pb.FLOAT16: ("<f2", 2)}
+
+
+def tensor_to_array(t: pb.Tensor, field: str, ndim: int = 2, cols: int | None = None, max_rows: int | None = None,
+                    uint8_max: float | None = None) -> np.ndarray:
+    """A Tensor message -> float32 array, checking dtype, shape, byte length and finiteness.
+
+    UINT8 is accepted only where `uint8_max` says how to read it (8-bit images: value / 255, as the
+    image transform itself divides, so a uint8 tensor and its float32 form give the same features)."""
+    if t.dtype not in WIRE:
+        raise InvalidArgument(f"{field}.dtype: unknown value {t.dtype}; expected FLOAT32, UINT8 or FLOAT16")
+    if t.dtype == pb.UINT8 and uint8_max is None:
+        raise InvalidArgument(f"{field}.dtype: UINT8 is for 8-bit images as model inputs; send FLOAT32 or FLOAT16 here")
+    wire, size = WIRE[t.dtype]
     shape = list(t.shape)
     if len(shape) != ndim:
         raise InvalidArgument(f"{field}.shape: expected {ndim} dimensions [batch, {cols or 'dim'}], got {shape}")
@@ -37,22 +50,39 @@ def tensor_to_array(t: pb.Tensor, field: str, ndim: int = 2, cols: int | None = 
         raise InvalidArgument(f"{field}: batch of {shape[0]} rows is over the limit of {max_rows}")
     if cols is not None and shape[1] != cols:
         raise InvalidArgument(f"{field}.shape: expected [batch, {cols}], got {shape}")
-    want = 4
+    want = size
     for d in shape:
         want *= d
     data = t.data  # each access copies the bytes out of the message: once is enough
     if len(data) != want:
         raise InvalidArgument(f"{field}.data: {len(data)} bytes do not match shape {shape} "
-                              f"(expected {want} bytes of little-endian float32)")
-    arr = np.frombuffer(data, dtype="<f4").reshape(shape).astype(np.float32, copy=False)
+                              f"(expected {want} bytes of {pb.DType.Name(t.dtype).lower()})")
+    arr = np.frombuffer(data, dtype=wire).reshape(shape)
+    if t.dtype == pb.UINT8:
+        return arr.astype(np.float32) / np.float32(uint8_max)
+    arr = arr.astype(np.float32, copy=False)
     if not np.isfinite(arr).all():
         raise InvalidArgument(f"{field}.data: contains NaN or infinity")
     return arr
 
 
-def array_to_tensor(a: np.ndarray) -> pb.Tensor:
-    a = np.ascontiguousarray(a, dtype="<f4")
-    return pb.Tensor(shape=list(a.shape), data=a.tobytes())
+def array_to_tensor(a: np.ndarray, dtype: int = pb.FLOAT32) -> pb.Tensor:
+    """An answer's array as a Tensor of `dtype` (FLOAT32, or FLOAT16 on request)."""
+    a = np.ascontiguousarray(a, dtype=WIRE[dtype][0])
+    return pb.Tensor(shape=list(a.shape), data=a.tobytes(), dtype=dtype)
+
+
+def output_dtype(request, field: str = "output_dtype") -> int:
+    """The dtype a request asks its answer in: FLOAT32 (default) or FLOAT16."""
+    dtype = getattr(request, field)
+    if dtype not in (pb.FLOAT32, pb.FLOAT16):
+        raise InvalidArgument(f"{field}: expected FLOAT32 or FLOAT16, got {pb.DType.Name(dtype) if dtype in WIRE else dtype}")
+    return dtype
+
+
+def uint8_max(rt) -> float | None:
+    """How a model reads 8-bit inputs: images in [0, 1] are pixel / 255; other models take no UINT8."""
+    return 255.0 if rt.modality == "image" else None
 
 
 async def features(rt, inputs: pb.Inputs, field: str, limits: Limits) -> np.ndarray:
@@ -64,7 +94,8 @@ async def features(rt, inputs: pb.Inputs, field: str, limits: Limits) -> np.ndar
     if kind is None:
         raise InvalidArgument(f"{field}: set one of tensor, images or texts")
     if kind == "tensor":
-        return tensor_to_array(inputs.tensor, f"{field}.tensor", cols=rt.input_dim, max_rows=limits.max_rows)
+        return tensor_to_array(inputs.tensor, f"{field}.tensor", cols=rt.input_dim, max_rows=limits.max_rows,
+                               uint8_max=uint8_max(rt))
     items = list(inputs.images.images) if kind == "images" else list(inputs.texts.texts)
     if not items:
         raise InvalidArgument(f"{field}.{kind}: empty batch; send at least one")

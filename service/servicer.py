@@ -17,7 +17,7 @@ import numpy as np
 
 from zspace.likelihood import kl_standard_normal, log_likelihood, target_of
 from zspace.service.config import Limits
-from zspace.service.inputs import InvalidArgument, array_to_tensor, features, tensor_to_array
+from zspace.service.inputs import InvalidArgument, array_to_tensor, features, output_dtype, tensor_to_array
 from zspace.service.repository import ModelRepository, ModelRuntime
 from zspace.service.rpc import RpcHandlers, rpc, tolerant
 from zspace.v1 import zspace_pb2 as pb
@@ -55,15 +55,16 @@ class ModelRpcs(RpcHandlers):
             raise InvalidArgument(f"model.version: expected 0 (latest) or a positive version, got {ref.version}")
         return self.repo.get(ref.name, int(ref.version))
 
-    async def _decoded(self, rt: ModelRuntime, z: np.ndarray, return_png: bool) -> pb.DecodeResponse:
-        """Decode latents through the batcher; the answer every decoding RPC gives."""
+    async def _decoded(self, rt: ModelRuntime, z: np.ndarray, request) -> pb.DecodeResponse:
+        """Decode latents through the batcher; the answer every decoding RPC gives (PNGs and dtype as asked)."""
+        dtype, return_png = output_dtype(request), request.return_png
         x_hat = await rt.decode(z)
-        out = pb.Outputs(tensor=array_to_tensor(x_hat))
+        out = pb.Outputs(tensor=array_to_tensor(x_hat, dtype))
         if return_png:
             if rt.modality != "image":
                 raise InvalidArgument(f"return_png: model {rt.name} outputs {rt.modality}s, not images")
             out.png.extend(await asyncio.to_thread(lambda: [rt.transform.to_png(row) for row in x_hat]))
-        return pb.DecodeResponse(outputs=out, latents=array_to_tensor(z), version=rt.version)
+        return pb.DecodeResponse(outputs=out, latents=array_to_tensor(z, dtype), version=rt.version)
 
     def _info(self, rt: ModelRuntime) -> pb.ModelInfo:
         b = rt.bundle
@@ -85,24 +86,24 @@ class ModelRpcs(RpcHandlers):
 
     @rpc
     async def Encode(self, request, context):
-        rt = self._model(request.model)
+        rt, dtype = self._model(request.model), output_dtype(request)
         mean, logvar = await rt.encode(await features(rt, request.inputs, "inputs", self.limits))
-        resp = pb.EncodeResponse(mean=array_to_tensor(mean), version=rt.version)
+        resp = pb.EncodeResponse(mean=array_to_tensor(mean, dtype), version=rt.version)
         if logvar is not None:
-            resp.logvar.CopyFrom(array_to_tensor(logvar))
+            resp.logvar.CopyFrom(array_to_tensor(logvar, dtype))
         return resp
 
     @rpc
     async def Decode(self, request, context):
         rt = self._model(request.model)
         z = tensor_to_array(request.latents, "latents", cols=rt.latent_dim, max_rows=self.limits.max_rows)
-        return await self._decoded(rt, z, request.return_png)
+        return await self._decoded(rt, z, request)
 
     @rpc
     async def Reconstruct(self, request, context):
         rt = self._model(request.model)
         mean, _ = await rt.encode(await features(rt, request.inputs, "inputs", self.limits))
-        return await self._decoded(rt, mean, request.return_png)
+        return await self._decoded(rt, mean, request)
 
     @rpc
     async def Generate(self, request, context):
@@ -113,7 +114,7 @@ class ModelRpcs(RpcHandlers):
         if not (np.isfinite(temperature) and temperature > 0):
             raise InvalidArgument(f"temperature: expected a positive number (0 means 1.0), got {request.temperature}")
         z = rt.sample_prior(int(request.count), int(request.seed), float(temperature))
-        return await self._decoded(rt, z, request.return_png)
+        return await self._decoded(rt, z, request)
 
     @rpc
     async def Interpolate(self, request, context):
@@ -131,7 +132,7 @@ class ModelRpcs(RpcHandlers):
             raise InvalidArgument(f"{which}: expected exactly 2 endpoints, got {len(ends)}")
         t = np.linspace(0.0, 1.0, int(request.steps))
         path = slerp(ends[0], ends[1], t) if request.spherical else (1 - t)[:, None] * ends[0] + t[:, None] * ends[1]
-        return await self._decoded(rt, path.astype(np.float32), request.return_png)
+        return await self._decoded(rt, path.astype(np.float32), request)
 
     @rpc
     async def Score(self, request, context):

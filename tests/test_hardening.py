@@ -306,3 +306,32 @@ def test_shutdown_is_bounded_by_the_grace_period(tmp_path):
         proc.kill()
     assert code == 0 and "stopped" in out, out[-2000:]
     assert took < 6.0, f"exit took {took:.1f} s after SIGTERM with --grace-s 1"
+
+
+def test_compact_wire_uint8_in_float16_out(served):
+    """8-bit images as UINT8 tensors give the very codes of their float32 form; answers in float16 on request."""
+    from zspace.data import load_dataset
+    from zspace.service.client import from_tensor
+
+    s, stub = served
+    m = pb.ModelRef(name="digits")
+    pixels = (load_dataset("digits").x_test[:8] * 255).round().astype(np.uint8)
+    as_uint8 = stub.Encode(pb.EncodeRequest(model=m, inputs=pb.Inputs(tensor=to_tensor(pixels))), timeout=20)
+    floats = pixels.astype(np.float32) / np.float32(255.0)
+    as_float = stub.Encode(pb.EncodeRequest(model=m, inputs=pb.Inputs(tensor=to_tensor(floats))), timeout=20)
+    assert to_tensor(pixels).dtype == pb.UINT8 and len(to_tensor(pixels).data) * 4 == len(to_tensor(floats).data)
+    assert np.array_equal(from_tensor(as_uint8.mean), from_tensor(as_float.mean))
+    half = stub.Encode(pb.EncodeRequest(model=m, inputs=pb.Inputs(tensor=to_tensor(floats)), output_dtype=pb.FLOAT16), timeout=20)
+    assert half.mean.dtype == pb.FLOAT16 and from_tensor(half.mean).dtype == np.float16
+    np.testing.assert_allclose(from_tensor(half.mean), from_tensor(as_float.mean), atol=1e-2, rtol=1e-3)
+    dec = stub.Decode(pb.DecodeRequest(model=m, latents=to_tensor(from_tensor(half.mean)), output_dtype=pb.FLOAT16), timeout=20)
+    assert dec.outputs.tensor.dtype == pb.FLOAT16 and dec.latents.dtype == pb.FLOAT16
+    for request, says in (
+            (pb.DecodeRequest(model=m, latents=to_tensor(np.zeros((1, 4), np.uint8))), "UINT8 is for 8-bit images"),
+            (pb.EncodeRequest(model=m, inputs=pb.Inputs(tensor=pb.Tensor(shape=[1, 64], data=b"\x00" * 64, dtype=pb.FLOAT16))),
+             "do not match shape [1, 64] (expected 128 bytes of float16)"),
+            (pb.EncodeRequest(model=m, inputs=pb.Inputs(tensor=pb.Tensor(shape=[1, 64], data=b"\x00" * 64, dtype=7))),
+             "dtype: unknown value 7"),
+            (pb.EncodeRequest(model=m, inputs=pb.Inputs(tensor=to_tensor(floats)), output_dtype=pb.UINT8), "output_dtype: expected")):
+        code, message = status(getattr(stub, type(request).__name__.replace("Request", "")), request)
+        assert code == "INVALID_ARGUMENT" and says in message, (code, message)

@@ -71,7 +71,8 @@ def gather_inputs(pngs, texts, npy) -> dict:
     if texts:
         return {"texts": list(texts)}
     try:
-        return {"x": np.load(npy).astype(np.float32)}
+        x = np.load(npy)
+        return {"x": x if x.dtype == np.uint8 else x.astype(np.float32)}  # 8-bit images travel as uint8
     except (ValueError, OSError) as exc:
         raise click.UsageError(f"--npy: cannot read {npy} as a numpy array ({exc})") from None
 
