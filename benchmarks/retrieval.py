@@ -206,51 +206,63 @@ def main(mnist_runs, news_run, seconds, json_path, threads):
     import faiss
     import torch
 
-    from zspace.data import load_dataset
-
     torch.set_num_threads(threads)
     faiss.omp_set_num_threads(threads)
-    runs = Path(mnist_runs)
-    work = Path(tempfile.mkdtemp(prefix="zspace-retrieval-"))
+    runs, work = Path(mnist_runs), Path(tempfile.mkdtemp(prefix="zspace-retrieval-"))
     record = {"benchmark": "retrieval", "machine": machine()}
+    record["mnist"], (ae_tr, ae_te) = mnist_quality(runs)
+    print("MNIST AE-30 codes in FAISS: 60k database, 10k queries", flush=True)
+    record["factories"] = factory_rows(ae_tr, ae_te, work, seconds)
+    record["newsgroups"] = news_quality(Path(news_run))
+    print("Search through the service: 60k HNSW32 index, 8 clients, 1 query each", flush=True)
+    record["service"] = service_search(runs / "ae", work, ae_te, seconds * 3)
+    shutil.rmtree(work, ignore_errors=True)
+    print_tables(record)
+    record["targets"] = targets(record)
+    write_json(Path(json_path), record)
+
+
+def mnist_quality(runs: Path) -> tuple[list[dict], tuple[np.ndarray, np.ndarray]]:
+    """Retrieval quality of raw pixels, PCA-30, AE-30 (and VAE-30) codes; also the AE codes for the FAISS phase."""
+    from zspace.data import load_dataset
 
     print("MNIST: test -> train, L2", flush=True)
     ds = load_dataset(f"mnist:{SHARED / 'mnist'}")
-    pca_tr, pca_te = codes_of_run(runs / "pca", ds.x_train), codes_of_run(runs / "pca", ds.x_test)
-    ae_tr, ae_te = codes_of_run(runs / "ae", ds.x_train), codes_of_run(runs / "ae", ds.x_test)
-    spaces = {"raw 784-d": (ds.x_train, ds.x_test), "PCA-30": (pca_tr, pca_te), "AE-30": (ae_tr, ae_te)}
+    ae = codes_of_run(runs / "ae", ds.x_train), codes_of_run(runs / "ae", ds.x_test)
+    spaces = {"raw 784-d": (ds.x_train, ds.x_test),
+              "PCA-30": (codes_of_run(runs / "pca", ds.x_train), codes_of_run(runs / "pca", ds.x_test)), "AE-30": ae}
     if (runs / "vae" / "best.pt").is_file():
         spaces["VAE-30 (means)"] = (codes_of_run(runs / "vae", ds.x_train), codes_of_run(runs / "vae", ds.x_test))
-    record["mnist"] = quality_rows(ds, spaces, "l2", (10,))
+    return quality_rows(ds, spaces, "l2", (10,)), ae
 
-    print("MNIST AE-30 codes in FAISS: 60k database, 10k queries", flush=True)
-    record["factories"] = factory_rows(ae_tr, ae_te, work, seconds)
 
-    print("20 Newsgroups: test -> train, cosine", flush=True)
+def news_quality(run: Path) -> list[dict]:
+    """Raw words, LSA-10 and AE-10 codes on 20 Newsgroups, through the run's own 2000-word vocabulary."""
     from zspace.training.run import load_run_data
 
-    news = load_run_data(Path(news_run))  # the run's own 2000-word vocabulary
+    print("20 Newsgroups: test -> train, cosine", flush=True)
+    news = load_run_data(run)
     lsa_tr, lsa_te = lsa_codes(news.x_train, news.x_test, 10)
-    record["newsgroups"] = quality_rows(news, {
-        "raw 2000-d": (news.x_train, news.x_test), "LSA-10": (lsa_tr, lsa_te),
-        "AE-10": (codes_of_run(Path(news_run), news.x_train), codes_of_run(Path(news_run), news.x_test))},
-        "cosine", (1, 10, 100))
+    return quality_rows(news, {"raw 2000-d": (news.x_train, news.x_test), "LSA-10": (lsa_tr, lsa_te),
+                               "AE-10": (codes_of_run(run, news.x_train), codes_of_run(run, news.x_test))},
+                        "cosine", (1, 10, 100))
 
-    print("Search through the service: 60k HNSW32 index, 8 clients, 1 query each", flush=True)
-    record["service"] = service = service_search(runs / "ae", work, ae_te, seconds * 3)
-    clients = "h2load" if "h2load" in service else "python_client"
-    print(f"  median round: {service[clients]['p99_ms']:.2f} ms p99 ({clients})", flush=True)
-    shutil.rmtree(work, ignore_errors=True)
 
+def print_tables(record: dict) -> None:
     print(table(record["mnist"], ["codes", "precision@10", "mAP", "5nn_accuracy"], "MNIST retrieval (exact L2)"))
     print(table(record["factories"], ["factory", "build_s", "recall@10", "qps_1", "qps_256"], "FAISS on AE-30 codes"))
     print(table(record["newsgroups"], ["codes", "precision@1", "precision@10", "precision@100", "mAP"],
                 "20 Newsgroups retrieval (cosine)"))
+
+
+def targets(record: dict) -> dict:
     ae = next(r for r in record["mnist"] if r["codes"] == "AE-30")
     flat, hnsw = record["factories"][0], record["factories"][1]
     news_ae = next(r for r in record["newsgroups"] if r["codes"] == "AE-10")
     lsa = next(r for r in record["newsgroups"] if r["codes"] == "LSA-10")
-    record["targets"] = check("retrieval", {
+    service = record["service"]
+    clients = "h2load" if "h2load" in service else "python_client"
+    return check("retrieval", {
         "mnist_ae_precision@10": ae["precision@10"],
         "news_ae10_beats_lsa10": min(news_ae[f"precision@{c}"] - lsa[f"precision@{c}"] for c in (1, 10, 100)),
         "hnsw_recall@10": hnsw["recall@10"],
@@ -258,7 +270,6 @@ def main(mnist_runs, news_run, seconds, json_path, threads):
         "service_search_p99_ms_8_clients": service[clients]["p99_ms"],
     }, {"service_search_p99_ms_8_clients": f"median of {len(service[clients]['rounds'])} rounds, {clients} clients; "
                                            f"Python client {service['python_client']['p99_ms']:.2f} ms"})
-    write_json(Path(json_path), record)
 
 
 if __name__ == "__main__":
