@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -28,11 +29,31 @@ class NonFiniteOutput(UserError):
     """Finite inputs so far outside what the model saw (3e38, say) that its outputs overflow."""
 
 
+def marked(run):
+    """A graph run that appends a boolean row mask to its outputs when some value is NaN or infinite.
+
+    Checked once per batch, on the batcher's side: a float64 sum is finite exactly when every
+    float32 in it is (NaN and inf propagate, nothing overflows). Only a batch that fails it pays
+    for the per-row mask, which the batcher slices per request like any output."""
+    def go(x: np.ndarray) -> list[np.ndarray]:
+        outs = run(x)
+        if all(math.isfinite(o.sum(dtype=np.float64)) for o in outs):
+            return outs
+        ok = np.ones(len(x), dtype=bool)
+        for o in outs:
+            ok &= np.isfinite(o).reshape(len(o), -1).all(axis=1)
+        return [*outs, ok]
+    return go
+
+
 def finite(outs: list[np.ndarray], field: str) -> list[np.ndarray]:
-    """The graph's outputs, if every value is finite: a NaN code must never be answered with OK (or stored)."""
-    if not all(np.isfinite(o).all() for o in outs):
-        raise NonFiniteOutput(f"{field}: the model's output is NaN or infinite for these values "
-                              "(far outside the range it was trained on?)")
+    """A request's outputs, refused if any of its rows was marked non-finite: a NaN code must never be
+    answered with OK (or stored)."""
+    if outs[-1].dtype == np.bool_:
+        if not outs[-1].all():
+            raise NonFiniteOutput(f"{field}: the model's output is NaN or infinite for these values "
+                                  "(far outside the range it was trained on?)")
+        return outs[:-1]
     return outs
 
 
@@ -63,7 +84,7 @@ class ModelRuntime:
         self.encode_batcher, self.decode_batcher = (
             DynamicBatcher(run, batching, on_batch=lambda r, q, g=graph: hook(self.name, g, r, q),
                            name=f"ort-{self.name}-{graph}")
-            for run, graph in ((self.runtime.encode, "encoder"), (self.runtime.decode, "decoder")))
+            for run, graph in ((marked(self.runtime.encode), "encoder"), (marked(self.runtime.decode), "decoder")))
 
     @property
     def is_vae(self) -> bool:
