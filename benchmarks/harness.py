@@ -42,11 +42,11 @@ def serve_command(models: Path, port: int, *options: str) -> list[str]:
 class ServerChild:
     """A server as a child process: started, waited for, stopped with SIGTERM (as an orchestrator would)."""
 
-    def __init__(self, args: list[str], port: int, env: dict | None = None, capture: bool = False):
+    def __init__(self, args: list[str], port: int, env: dict | None = None, capture: bool = False, cwd: Path = ROOT):
         self.port = port
         out = subprocess.PIPE if capture else subprocess.DEVNULL
         self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT if capture else subprocess.PIPE,
-                                     text=True, cwd=ROOT, env={**os.environ, **(env or {})})
+                                     text=True, cwd=cwd, env={**os.environ, **(env or {})})
 
     @property
     def target(self) -> str:

@@ -32,12 +32,12 @@ class NonFiniteOutput(UserError):
 def marked(run):
     """A graph run that appends a boolean row mask to its outputs when some value is NaN or infinite.
 
-    Checked once per batch, on the batcher's side: a float64 sum is finite exactly when every
-    float32 in it is (NaN and inf propagate, nothing overflows). Only a batch that fails it pays
-    for the per-row mask, which the batcher slices per request like any output."""
+    Checked once per batch, on the batcher's side, by one sum per output: NaN and inf propagate
+    through it. Only a batch whose sum is not finite pays for the exact per-row mask, which the
+    batcher slices per request like any output (a sum that merely overflowed finds every row fine)."""
     def go(x: np.ndarray) -> list[np.ndarray]:
         outs = run(x)
-        if all(math.isfinite(o.sum(dtype=np.float64)) for o in outs):
+        if all(math.isfinite(o.sum()) for o in outs):
             return outs
         ok = np.ones(len(x), dtype=bool)
         for o in outs:

@@ -78,12 +78,15 @@ class Undecodable:
 
 
 def tolerant(from_string):
-    """A request deserializer that returns Undecodable instead of raising (gRPC would answer UNKNOWN)."""
+    """A request deserializer that returns Undecodable instead of raising (gRPC would answer UNKNOWN).
+
+    It hands `@rpc` the request together with its size on the wire, which the byte budget
+    needs: asking the parsed message (ByteSize) would serialise it again."""
     def parse(data: bytes):
         try:
-            return from_string(data)
+            return from_string(data), len(data)
         except Exception as exc:  # protobuf's DecodeError, and whatever a truncated message raises
-            return Undecodable(f"request: not a valid protobuf message ({type(exc).__name__})")
+            return Undecodable(f"request: not a valid protobuf message ({type(exc).__name__})"), len(data)
     return parse
 
 
@@ -133,11 +136,12 @@ def rpc(method):
         t0 = time.monotonic()
         code, message = grpc.StatusCode.OK, ""
         admitted = 0
+        request, size = request if type(request) is tuple else (request, None)  # see tolerant()
         try:
             if isinstance(request, Undecodable):
                 raise InvalidRequest(request.error)
             if self.admission is not None:
-                size = request.ByteSize()
+                size = request.ByteSize() if size is None else size
                 self.admission.enter(size)
                 admitted = size
             # A deadline that passed in a queue gets no work at all. One that passes during the work: gRPC
