@@ -22,7 +22,8 @@ from pathlib import Path
 import click
 import numpy as np
 
-from benchmarks.harness import ROOT, ServerChild, closed_loop, free_port
+from benchmarks.harness import ROOT, ServerChild, free_port
+from benchmarks.serve import encode_load
 
 
 def server(checkout: Path, module: str, models: Path) -> ServerChild:
@@ -30,21 +31,6 @@ def server(checkout: Path, module: str, models: Path) -> ServerChild:
     args = [sys.executable, "-m", module, "serve", "--models", str(models), "--port", str(port), "--metrics-port", "0",
             "--poll-s", "0"]
     return ServerChild(args, port, cwd=checkout).wait_listening()
-
-
-async def encode_rate(target: str, model: str, dim: int, rows: int, clients: int, seconds: float) -> dict:
-    import grpc
-
-    from zspace.service.client import to_tensor
-    from zspace.v1 import zspace_pb2 as pb
-    from zspace.v1 import zspace_pb2_grpc as pb_grpc
-
-    request = pb.EncodeRequest(model=pb.ModelRef(name=model), inputs=pb.Inputs(tensor=to_tensor(np.zeros((rows, dim), np.float32))))
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = pb_grpc.ZSpaceStub(channel)
-        for _ in range(50):
-            await stub.Encode(request, timeout=30)
-        return await closed_loop(lambda i: stub.Encode(request, timeout=30), clients, seconds)
 
 
 @click.command()
@@ -65,7 +51,7 @@ def main(other, other_module, models, model, rounds, clients, rows, seconds):
         for side, checkout, module in (("other", Path(other).resolve(), other_module), ("this", ROOT, "zspace.app.cli")):
             child = server(checkout, module, Path(models).resolve())
             time.sleep(1)
-            got = asyncio.run(encode_rate(child.target, model, dim, rows, clients, seconds))
+            got = asyncio.run(encode_load(child.target, np.zeros((rows, dim), np.float32), clients, seconds, 10**6, model))
             child.stop()
             rates[side].append(got["req_s"])
             print(f"round {r + 1} {side:<5} {got['req_s']:8.0f} req/s  p50 {got['p50_ms']:.1f} ms  p99 {got['p99_ms']:.1f} ms",

@@ -31,6 +31,7 @@ import grpc
 import numpy as np
 
 from benchmarks.harness import RESULTS, ServerChild, free_port, machine, serve_command, table, write_json
+from zspace.service.client import to_tensor
 from zspace.v1 import zspace_pb2 as pb
 from zspace.v1 import zspace_pb2_grpc as pb_grpc
 
@@ -56,9 +57,17 @@ def start(work: Path, port: int) -> ServerChild:
     return ServerChild(args, port, capture=False).wait_serving()
 
 
-def tensor(a: np.ndarray) -> pb.Tensor:
-    a = np.ascontiguousarray(a, dtype="<f4")
-    return pb.Tensor(shape=list(a.shape), data=a.tobytes())
+def big_png(side: int = 6000) -> bytes:
+    """A PNG of side x side pixels (36 megapixels by default) of a smooth pattern: 1 MB on the wire,
+    a few hundred milliseconds to decode."""
+    import io
+
+    from PIL import Image
+
+    a = np.add.outer(np.arange(side) % 256, np.arange(side) % 256).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(np.stack([a, a.T, a // 2], -1)).save(buf, "PNG", compress_level=1)
+    return buf.getvalue()
 
 
 def bad_requests() -> list[tuple[str, object]]:
@@ -71,7 +80,7 @@ def bad_requests() -> list[tuple[str, object]]:
     out: list[tuple[str, object]] = []
     for t in (pb.Tensor(shape=[2, 64], data=b"\x00" * 7), pb.Tensor(shape=[2, 10], data=good[:, :10].tobytes()),
               pb.Tensor(shape=[0, 64]), pb.Tensor(shape=[-1, 64]), pb.Tensor(shape=[1, 1, 64], data=good[:1].tobytes()),
-              tensor(np.full((1, 64), np.nan)), tensor(np.full((1, 64), 3e38)), tensor(np.zeros((5000, 64)))):
+              to_tensor(np.full((1, 64), np.nan)), to_tensor(np.full((1, 64), 3e38)), to_tensor(np.zeros((5000, 64)))):
         out += [("Encode", pb.EncodeRequest(model=m, inputs=pb.Inputs(tensor=t))),
                 ("Reconstruct", pb.ReconstructRequest(model=m, inputs=pb.Inputs(tensor=t))),
                 ("Score", pb.ScoreRequest(model=m, inputs=pb.Inputs(tensor=t)))]
@@ -83,27 +92,27 @@ def bad_requests() -> list[tuple[str, object]]:
             ("Encode", pb.EncodeRequest(model=pb.ModelRef(name="digits", version=-3))), ("Encode", pb.EncodeRequest(model=m))]
     for count, temperature, seed in ((0, 1, 0), (-5, 1, 0), (10**6, 1, 0), (2, -1, 0), (2, float("nan"), 0), (2, float("inf"), 0)):
         out.append(("Generate", pb.GenerateRequest(model=m, count=count, temperature=temperature, seed=seed)))
-    out += [("Decode", pb.DecodeRequest(model=m, latents=tensor(np.zeros((2, 5))))),
-            ("Decode", pb.DecodeRequest(model=m, latents=tensor(np.full((2, 4), 1e38)))),
-            ("Interpolate", pb.InterpolateRequest(model=m, steps=1, latents=tensor(np.zeros((2, 4))))),
-            ("Interpolate", pb.InterpolateRequest(model=m, steps=5, latents=tensor(np.zeros((3, 4))))),
+    out += [("Decode", pb.DecodeRequest(model=m, latents=to_tensor(np.zeros((2, 5))))),
+            ("Decode", pb.DecodeRequest(model=m, latents=to_tensor(np.full((2, 4), 1e38)))),
+            ("Interpolate", pb.InterpolateRequest(model=m, steps=1, latents=to_tensor(np.zeros((2, 4))))),
+            ("Interpolate", pb.InterpolateRequest(model=m, steps=5, latents=to_tensor(np.zeros((3, 4))))),
             ("Interpolate", pb.InterpolateRequest(model=m, steps=10**6))]
-    q = tensor(np.zeros((1, 4)))
+    q = to_tensor(np.zeros((1, 4)))
     for field, value in (('la"bel', '"7"'), ("la\x00bel", '"7"'), ("label", '{"a": 1}'), ("label", "[1]"), ("label", str(2**70)),
                          ("label", "NaN"), ("label", "not json"), ("nosuchfield", "1"), ("x" * 5000, "1"), ("label", '"' + "y" * 9000 + '"')):
         out.append(("Search", pb.SearchRequest(index="digits", vectors=q, k=3, filter_field=field, filter_value_json=value)))
     out += [("Search", pb.SearchRequest(index="digits", vectors=q, k=0)), ("Search", pb.SearchRequest(index="digits", vectors=q, k=10**6)),
             ("Search", pb.SearchRequest(index="nope", vectors=q, k=3)), ("Search", pb.SearchRequest(index="i" * 20000, vectors=q, k=3)),
             ("Search", pb.SearchRequest(index="digits", key="missing", k=3)), ("Search", pb.SearchRequest(index="digits", key="k" * 20000, k=3)),
-            ("Search", pb.SearchRequest(index="digits", k=3)), ("Search", pb.SearchRequest(index="digits", vectors=tensor(np.zeros((1, 7))), k=3)),
-            ("Search", pb.SearchRequest(index="heavy", vectors=tensor(np.zeros((20, 4))), k=20)),
-            ("Search", pb.SearchRequest(index="digits", vectors=tensor(np.zeros((4096, 4))), k=1000))]
-    v = tensor(np.zeros((2, 4)))
+            ("Search", pb.SearchRequest(index="digits", k=3)), ("Search", pb.SearchRequest(index="digits", vectors=to_tensor(np.zeros((1, 7))), k=3)),
+            ("Search", pb.SearchRequest(index="heavy", vectors=to_tensor(np.zeros((20, 4))), k=20)),
+            ("Search", pb.SearchRequest(index="digits", vectors=to_tensor(np.zeros((4096, 4))), k=1000))]
+    v = to_tensor(np.zeros((2, 4)))
     for keys, payloads in ((["a", "a"], []), (["", "b"], []), (["k" * 5000, "b"], []), (["a"], []), (["a", "b"], ["{}"]),
                            (["a", "b"], ["[]", "{}"]), (["a", "b"], ['{"x": NaN}', "{}"]), (["a", "b"], [deep, "{}"]),
                            (["a", "b"], ['{"x": "' + "y" * 70000 + '"}', "{}"]), (["a", "b"], ["not json", "{}"])):
         out.append(("Upsert", pb.UpsertRequest(index="digits", vectors=v, keys=keys, payloads_json=payloads)))
-    out += [("Upsert", pb.UpsertRequest(index="digits", keys=["a"])), ("Upsert", pb.UpsertRequest(index="digits", vectors=tensor(np.full((1, 4), np.inf)), keys=["a"])),
+    out += [("Upsert", pb.UpsertRequest(index="digits", keys=["a"])), ("Upsert", pb.UpsertRequest(index="digits", vectors=to_tensor(np.full((1, 4), np.inf)), keys=["a"])),
             ("Delete", pb.DeleteRequest(index="digits", keys=[])), ("Delete", pb.DeleteRequest(index="digits", keys=["missing"])),
             ("Delete", pb.DeleteRequest(index="digits", keys=[""])), ("GetItem", pb.GetItemRequest(index="digits", key="")),
             ("GetItem", pb.GetItemRequest(index="digits", key="k" * 20000)), ("GetItem", pb.GetItemRequest(index="nope", key="a")),
@@ -136,7 +145,7 @@ def bad_input_phase(target: str, seconds: float) -> dict:
             stub = pb_grpc.ZSpaceStub(channel)
             while not stop.is_set() and good_calls[0] < 100_000:
                 try:
-                    stub.Encode(pb.EncodeRequest(model=pb.ModelRef(name="digits"), inputs=pb.Inputs(tensor=tensor(x))), timeout=10)
+                    stub.Encode(pb.EncodeRequest(model=pb.ModelRef(name="digits"), inputs=pb.Inputs(tensor=to_tensor(x))), timeout=10)
                     stub.Search(pb.SearchRequest(index="digits", key="digits/test/1", k=5), timeout=10)
                     good_calls[0] += 2
                 except grpc.RpcError as exc:
@@ -185,7 +194,7 @@ def kill_phase(work: Path, kills: int) -> dict:
                     key = f"kill/{n}"
                     n += 1
                     try:
-                        stub.Upsert(pb.UpsertRequest(index="digits", keys=[key], vectors=tensor(rng.standard_normal((1, 4)))), timeout=5)
+                        stub.Upsert(pb.UpsertRequest(index="digits", keys=[key], vectors=to_tensor(rng.standard_normal((1, 4)))), timeout=5)
                         acked.append(key)
                     except grpc.RpcError:
                         return  # the server died under this call: not acknowledged
@@ -223,8 +232,8 @@ def amplification_phase(child: ServerChild) -> dict:
     out = {"peak_rss_mb_before": before}
     with grpc.insecure_channel(child.target, options=[("grpc.max_receive_message_length", 64 << 20)]) as channel:
         stub = pb_grpc.ZSpaceStub(channel)
-        for name, request in (("20q_k20_60KB_payloads", pb.SearchRequest(index="heavy", vectors=tensor(np.zeros((20, 4))), k=20)),
-                              ("4096q_k1000", pb.SearchRequest(index="digits", vectors=tensor(np.zeros((4096, 4))), k=1000))):
+        for name, request in (("20q_k20_60KB_payloads", pb.SearchRequest(index="heavy", vectors=to_tensor(np.zeros((20, 4))), k=20)),
+                              ("4096q_k1000", pb.SearchRequest(index="digits", vectors=to_tensor(np.zeros((4096, 4))), k=1000))):
             t0 = time.monotonic()
             try:
                 stub.Search(request, timeout=60)
@@ -236,15 +245,7 @@ def amplification_phase(child: ServerChild) -> dict:
 
 
 def starvation_phase(child: ServerChild, seconds: float) -> dict:
-    import io
-
-    from PIL import Image
-
-    side = 6000
-    a = np.add.outer(np.arange(side) % 256, np.arange(side) % 256).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(np.stack([a, a.T, a // 2], -1)).save(buf, "PNG", compress_level=1)
-    request = pb.EncodeRequest(model=pb.ModelRef(name="digits"), inputs=pb.Inputs(images=pb.ImageList(images=[buf.getvalue()])))
+    request = pb.EncodeRequest(model=pb.ModelRef(name="digits"), inputs=pb.Inputs(images=pb.ImageList(images=[big_png()])))
     with grpc.insecure_channel(child.target, options=[("grpc.max_send_message_length", 64 << 20)]) as channel:
         stub = pb_grpc.ZSpaceStub(channel)
         flood = [stub.Encode.future(request, timeout=5) for _ in range(24)]  # short deadlines, as the red team sent

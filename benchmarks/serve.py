@@ -93,7 +93,8 @@ class Setup:
     threads: int
 
 
-async def encode_load(target: str, rows: np.ndarray, clients: int, seconds: float, max_requests: int) -> dict:
+async def encode_load(target: str, rows: np.ndarray, clients: int, seconds: float, max_requests: int,
+                      model: str = "mnist-ae") -> dict:
     """Closed-loop Encode of `rows` per request from `clients` concurrent callers on one channel."""
     import grpc
 
@@ -101,7 +102,7 @@ async def encode_load(target: str, rows: np.ndarray, clients: int, seconds: floa
     from zspace.v1 import zspace_pb2 as pb
     from zspace.v1 import zspace_pb2_grpc as pb_grpc
 
-    request = pb.EncodeRequest(model=pb.ModelRef(name="mnist-ae"), inputs=pb.Inputs(tensor=to_tensor(rows)))
+    request = pb.EncodeRequest(model=pb.ModelRef(name=model), inputs=pb.Inputs(tensor=to_tensor(rows)))
     async with grpc.aio.insecure_channel(target, options=GRPC_OPTIONS) as channel:
         stub = pb_grpc.ZSpaceStub(channel)
         for _ in range(20):  # warm the connection and the server's code paths

@@ -61,8 +61,9 @@ def payload_json(payload: dict, field: str = "payload") -> str:
         raise IndexError_(f"{field}: nested too deeply") from None
     except TypeError as exc:
         raise IndexError_(f"{field}: not JSON ({exc})") from None
-    if len(text.encode()) > MAX_PAYLOAD_BYTES:
-        raise IndexError_(f"{field}: {len(text.encode())} bytes of JSON, over the limit of {MAX_PAYLOAD_BYTES}")
+    size = len(text.encode())
+    if size > MAX_PAYLOAD_BYTES:
+        raise IndexError_(f"{field}: {size} bytes of JSON, over the limit of {MAX_PAYLOAD_BYTES}")
     return text
 
 

@@ -85,9 +85,7 @@ class IndexRpcs(RpcHandlers):
         which = request.WhichOneof("query")
         if which in ("inputs", "vectors"):
             q = await self._query_codes(index, request, which)
-        elif which == "key":
-            if not request.key:
-                raise InvalidArgument("key: must be a non-empty string")
+        elif which == "key":  # LatentIndex.get checks the key (empty, too long) and names the field
             q = (await asyncio.to_thread(index.get, request.key)).vector[None]
         else:
             raise InvalidArgument("query: set one of inputs, vectors or key")
@@ -133,16 +131,11 @@ class IndexRpcs(RpcHandlers):
         keys = list(request.keys)
         if not keys:
             raise InvalidArgument("keys: give at least one key")
-        for i, key in enumerate(keys):
-            if not key:
-                raise InvalidArgument(f"keys[{i}]: must be a non-empty string")
-        await asyncio.to_thread(index.delete, keys)
+        await asyncio.to_thread(index.delete, keys)  # checks each key and names it
         return pb.DeleteResponse(count=index.stats()["count"])
 
     @rpc
     async def GetItem(self, request, context):
         index = self._index(request.index)
-        if not request.key:
-            raise InvalidArgument("key: must be a non-empty string")
-        item = await asyncio.to_thread(index.get, request.key)
+        item = await asyncio.to_thread(index.get, request.key)  # checks the key
         return pb.Item(key=item.key, vector=array_to_tensor(item.vector[None]), payload_json=json.dumps(item.payload))

@@ -220,21 +220,10 @@ def test_big_requests_beyond_the_byte_budget_are_refused_at_once_and_small_ones_
             assert first.result().mean.shape == [4096, 4]
 
 
-
-def big_png(side: int = 6000) -> bytes:
-    """A 36-megapixel PNG of a smooth pattern: 1 MB on the wire, a few hundred ms to decode."""
-    import io
-
-    from PIL import Image
-
-    a = np.add.outer(np.arange(side) % 256, np.arange(side) % 256).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(np.stack([a, a.T, a // 2], -1)).save(buf, "PNG", compress_level=1)
-    return buf.getvalue()
-
-
 def test_image_floods_neither_starve_index_reads_nor_pass_the_pixel_cap(served):
     """Decoding runs in a pool of its own: GetItem stays fast while huge images decode (bounded: 24 requests)."""
+    from benchmarks.redteam import big_png
+
     s, stub = served
     png = big_png()
     huge = pb.EncodeRequest(model=pb.ModelRef(name="digits"), inputs=pb.Inputs(images=pb.ImageList(images=[png] * 2)))
