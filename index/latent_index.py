@@ -30,7 +30,7 @@ from zspace.files import staged_folder, write_atomic
 from zspace.index.errors import IndexError_
 from zspace.index.factory import empty_index, search_parameters, traits
 from zspace.index.hits import HitTable
-from zspace.index.store import ItemStore, check_key, payload_json
+from zspace.index.store import ItemStore, Written, check_key, payload_json
 
 log = logging.getLogger("zspace.index")
 FORMAT_VERSION = 1
@@ -120,7 +120,13 @@ class IndexBusy(Exception):
 
 
 class LatentIndex:
-    def __init__(self, path: Path, manifest: dict):
+    """FAISS over one model version's codes, kept up to date with the item store.
+
+    snapshots=False: this process never writes FAISS snapshots (a server's workers share one
+    folder and one of them writes them). follow=True: other processes write the same store,
+    so every search first asks whether the store changed and replays what it missed."""
+
+    def __init__(self, path: Path, manifest: dict, snapshots: bool = True, follow: bool = False):
         import faiss
 
         self.faiss = faiss
@@ -137,8 +143,10 @@ class LatentIndex:
         self.index = None
         self.trained_kind = False  # False while an untrained factory is stood in for by a flat index
         self.seq = 0
+        self.snapshots, self.follow = snapshots, follow
+        self._seen_version = self.store.data_version()  # before loading: a commit meanwhile is replayed
         # id -> key and payload of every item: a search answers from memory, not from SQLite.
-        self.hits = HitTable(self.store.all_entries())
+        self.hits = HitTable()
         self._load()
 
     # ------------------------------------------------------------ create / open
@@ -172,7 +180,8 @@ class LatentIndex:
         return cls(path, manifest)
 
     @classmethod
-    def open(cls, path: Path, model_name: str | None = None, model_version: int | None = None) -> LatentIndex:
+    def open(cls, path: Path, model_name: str | None = None, model_version: int | None = None,
+             snapshots: bool = True, follow: bool = False) -> LatentIndex:
         path = Path(path)
         try:
             manifest = json.loads((path / "index.json").read_text())
@@ -185,14 +194,19 @@ class LatentIndex:
         if model_name is not None and (model["name"], model["version"]) != (model_name, model_version):
             raise IndexError_(f"{path}: this index holds codes of {model['name']}/{model['version']}, "
                               f"not {model_name}/{model_version}; codes mean nothing to another model")
-        return cls(path, manifest)
+        return cls(path, manifest, snapshots, follow)
 
     def _empty(self, trainable_now: bool):
         return empty_index(self.traits, self.dim, self.metric, trainable_now)
 
     def _load(self) -> None:
         meta = self.path / "snapshot.json"
-        if meta.exists():
+        for attempt in (1, 2):
+            if not meta.exists():
+                if self.store.count():
+                    log.warning("%s: snapshot missing; rebuilding from the item store", self.path)
+                self.rebuild()
+                return
             try:
                 info = json.loads(meta.read_text())
                 self.index = self.faiss.deserialize_index(np.fromfile(self.path / info["file"], dtype=np.uint8))
@@ -200,40 +214,71 @@ class LatentIndex:
                 self.tombstones = set(info.get("tombstones", []))
                 if self.index.d != self.dim:
                     raise ValueError(f"snapshot has dimension {self.index.d}, index.json says {self.dim}")
+                break
+            except FileNotFoundError:
+                if attempt == 1:  # another process replaced the snapshot between our two reads: read the new one
+                    continue
+                log.warning("%s: snapshot file missing; rebuilding from the item store", self.path)
+                self.rebuild()
+                return
             except Exception as exc:  # truncated, corrupt or foreign snapshot: the store is the truth
                 log.warning("%s: snapshot unusable (%s); rebuilding from the item store", self.path, exc)
                 self.rebuild()
                 return
-            self._replay()
-        else:
-            if self.store.count():
-                log.warning("%s: snapshot missing; rebuilding from the item store", self.path)
-            self.rebuild()
+        # The hit table holds the store as it is now, the snapshot an earlier state: replaying the
+        # changes after the snapshot brings FAISS level (for the table they are no-ops: ids are never reused).
+        _, _, _, entries = self.store.everything()
+        self.hits = HitTable(entries)
+        replayed = self._replay()
+        if replayed:
+            log.info("%s: replayed %d changes onto the snapshot", self.path, replayed)
 
-    def _replay(self) -> None:
+    def _replay(self) -> int:
+        """Apply the store's changes after self.seq to FAISS and the hit table; how many there were."""
         changes = self.store.changes_since(self.seq)
         if not changes:
-            return
-        gone = [old for _, old, _ in changes if old is not None]
+            return 0
         added = [new for _, _, new in changes if new is not None]
-        self._remove(gone)
-        ids, vecs = self.store.vectors_of(added)  # those replaced again later no longer exist
+        born = set(added)  # ids made after self.seq were never in FAISS: removing them would leave false tombstones
+        gone = [old for _, old, _ in changes if old is not None]
+        for i in gone:
+            self.hits.pop(i)
+        self._remove([i for i in gone if i not in born])
+        ids, vecs, entries = self.store.entries_of(added)  # those replaced or deleted again later no longer exist
+        for i, (key, text) in zip(ids.tolist(), entries):
+            self.hits.put(i, key, text)
         self._add(ids, vecs)
         self.seq = changes[-1][0]
         self._maybe_train()
-        log.info("%s: replayed %d changes onto the snapshot", self.path, len(changes))
+        return len(changes)
+
+    def catch_up(self, blocking: bool = True) -> None:
+        """Replay what other processes wrote to the store since this index last looked (follow=True).
+
+        Cheap when nothing changed (one PRAGMA); blocking=False raises IndexBusy instead of
+        taking the write lock, so an event loop hands the search to a thread."""
+        version = self.store.data_version()
+        if version == self._seen_version:
+            return
+        if not blocking:
+            raise IndexBusy("the item store changed: catching up first")
+        with self.lock.write():
+            version = self.store.data_version()  # read before the changes: a commit after it is seen next time
+            self._replay()
+            self._seen_version = version
 
     def rebuild(self) -> None:
-        """Build the FAISS index afresh from the store (also clears HNSW tombstones)."""
-        seq = self.store.last_seq()
-        ids, vecs = self.store.all_vectors()
+        """Build the FAISS index and the hit table afresh from the store (also clears HNSW tombstones)."""
+        seq, ids, vecs, entries = self.store.everything()
         self.index, self.trained_kind = self._empty(len(ids) >= self.traits.min_points)
         if self.trained_kind and not self.index.is_trained:
             self.index.train(self._prep(vecs))
         self.tombstones = set()
+        self.hits = HitTable(entries)
         self._add(ids, vecs)
         self.seq = seq
-        self._write_snapshot()
+        if self.snapshots:
+            self._write_snapshot()
 
     # ------------------------------------------------------------ internals
 
@@ -286,26 +331,35 @@ class LatentIndex:
         if not np.isfinite(vectors).all():
             raise IndexError_("vectors: contain NaN or infinity")
         with self.lock.write():
-            pairs = self.store.upsert(keys, vectors, texts)
-            for (old, new), key, text in zip(pairs, keys, texts):
-                if old is not None:
-                    self.hits.pop(old)
-                self.hits.put(new, key, text)
-            self._remove([old for old, _ in pairs if old is not None])
-            self._add(np.array([new for _, new in pairs], dtype=np.int64), vectors)
-            self.seq = self.store.last_seq()
-            if maintain:
-                self._maybe_train()
+            self._apply(self.store.upsert(keys, vectors, texts), keys, vectors, texts, maintain)
 
     def delete(self, keys: list[str]) -> None:
         for i, key in enumerate(keys):
             check_key(key, f"keys[{i}]")
         with self.lock.write():
-            ids = self.store.delete(keys)
-            for i in ids:
-                self.hits.pop(i)
-            self._remove(ids)
-            self.seq = self.store.last_seq()
+            self._apply(self.store.delete(keys))
+
+    def _apply(self, written: Written, keys: list[str] = (), vectors: np.ndarray | None = None,
+               texts: list[str] = (), maintain: bool = True) -> None:
+        """Bring FAISS and the hit table level with a write just committed (the write lock is held).
+
+        When this index was level with the store before the write, the write's own rows are
+        applied as they are; when another process wrote in between, the log is replayed instead
+        (it holds that write and ours, in commit order)."""
+        if written.before != self.seq:
+            self._replay()
+            return
+        gone = [old for old, _ in written.pairs if old is not None]
+        for i in gone:
+            self.hits.pop(i)
+        self._remove(gone)
+        if vectors is not None:
+            new = np.array([n for _, n in written.pairs], dtype=np.int64)
+            for i, key, text in zip(new.tolist(), keys, texts):
+                self.hits.put(i, key, text)
+            self._add(new, vectors)
+        self.seq = written.after
+        if maintain:
             self._maybe_train()
 
     def get(self, key: str):
@@ -329,6 +383,8 @@ class LatentIndex:
             raise IndexError_(f"queries: expected shape [n, {self.dim}], got {list(queries.shape)}")
         if k < 1:
             raise IndexError_(f"k: must be at least 1, got {k}")
+        if self.follow:
+            self.catch_up(blocking)
         lock = self.lock
         lock.acquire_read(blocking)  # not `with lock.read()`: the generator costs a microsecond here
         try:
@@ -401,6 +457,8 @@ class LatentIndex:
         return bool(self.trained_family)
 
     def stats(self) -> dict:
+        if self.follow:
+            self.catch_up()
         need = self.traits.min_points
         count = self.store.count()
         return {"model": self.manifest["model"], "dim": self.dim, "metric": self.metric, "factory": self.factory,
@@ -424,5 +482,6 @@ class LatentIndex:
                 old.unlink(missing_ok=True)
 
     def close(self) -> None:
-        self.snapshot()
+        if self.snapshots:
+            self.snapshot()
         self.store.close()

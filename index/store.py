@@ -13,6 +13,8 @@ import json
 import math
 import sqlite3
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,6 +91,17 @@ CREATE TABLE IF NOT EXISTS changes (
 """
 
 
+@dataclass(frozen=True)
+class Written:
+    """What one write transaction did: the change-log position before and after it, and per item
+    (old id or None, new id or None). An index that was at `before` can apply `pairs` directly;
+    one that was not has missed another process's writes and replays the log instead."""
+
+    before: int
+    after: int
+    pairs: list[tuple[int | None, int | None]]
+
+
 @dataclass
 class Item:
     id: int
@@ -116,6 +129,7 @@ class ItemStore:
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
+        self._watch = self._connect()
 
     def _connect(self) -> sqlite3.Connection:
         return sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -135,16 +149,17 @@ class ItemStore:
             for conn in self._readers:
                 conn.close()
             self._readers.clear()
+        self._watch.close()
         self.db.close()
 
     def _vector(self, blob: bytes) -> np.ndarray:
         return np.frombuffer(blob, dtype="<f4")
 
-    def upsert(self, keys: list[str], vectors: np.ndarray, texts: list[str]) -> list[tuple[int | None, int]]:
+    def upsert(self, keys: list[str], vectors: np.ndarray, texts: list[str]) -> Written:
         """Insert or replace items (payloads as JSON texts) in one transaction; (old id or None, new id) per item."""
-        out = []
+        pairs = []
         vectors = np.ascontiguousarray(vectors, dtype="<f4")
-        with self._transaction():
+        with self._transaction() as before:
             for key, vec, text in zip(keys, vectors, texts):
                 row = self.db.execute("SELECT id FROM items WHERE key = ?", (key,)).fetchone()
                 old = row[0] if row else None
@@ -153,12 +168,13 @@ class ItemStore:
                 cur = self.db.execute("INSERT INTO items (key, vector, payload) VALUES (?, ?, ?)",
                                       (key, vec.tobytes(), text))
                 self.db.execute("INSERT INTO changes (old_id, new_id) VALUES (?, ?)", (old, cur.lastrowid))
-                out.append((old, cur.lastrowid))
-        return out
+                pairs.append((old, cur.lastrowid))
+            after = self._last_seq(self.db)
+        return Written(before, after, pairs)
 
-    def delete(self, keys: list[str]) -> list[int]:
-        """Delete items by key in one transaction; returns the removed ids. Unknown keys raise NotFound first."""
-        with self._transaction():
+    def delete(self, keys: list[str]) -> Written:
+        """Delete items by key in one transaction (pairs: removed id, None). Unknown keys raise NotFound first."""
+        with self._transaction() as before:
             ids = []
             for key in keys:
                 row = self.db.execute("SELECT id FROM items WHERE key = ?", (key,)).fetchone()
@@ -168,38 +184,65 @@ class ItemStore:
             for i in ids:
                 self.db.execute("DELETE FROM items WHERE id = ?", (i,))
                 self.db.execute("INSERT INTO changes (old_id, new_id) VALUES (?, NULL)", (i,))
-        return ids
+            after = self._last_seq(self.db)
+        return Written(before, after, [(i, None) for i in ids])
 
-    def _transaction(self):
-        db = self.db
+    @contextmanager
+    def _transaction(self) -> Iterator[int]:
+        """A write transaction; yields the change-log position before it. BEGIN IMMEDIATE takes SQLite's
+        write lock at once, so writers in other processes (a server's workers) are serialised here."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._last_seq(self.db)
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
 
-        class Tx:
-            def __enter__(self):
-                db.execute("BEGIN IMMEDIATE")
+    @staticmethod
+    def _last_seq(conn: sqlite3.Connection) -> int:
+        return conn.execute("SELECT COALESCE(MAX(seq), 0) FROM changes").fetchone()[0]
 
-            def __exit__(self, exc_type, exc, tb):
-                db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+    def data_version(self) -> int:
+        """A number that changes whenever any connection, in any process, commits to the store.
 
-        return Tx()
+        SQLite's `PRAGMA data_version` on a connection that never writes: a few microseconds, no
+        table read, so a follower can ask it before every search (read-your-writes across
+        processes). The connection is shared by threads: the module is built serialised."""
+        return self._watch.execute("PRAGMA data_version").fetchone()[0]
 
     def get(self, key: str) -> Item | None:
         row = self.reader.execute("SELECT id, key, vector, payload FROM items WHERE key = ?", (key,)).fetchone()
         return None if row is None else Item(row[0], row[1], self._vector(row[2]), json.loads(row[3]))
 
-    def all_entries(self) -> dict[int, tuple[str, str]]:
-        """id -> (key, payload as JSON) for every item: the index keeps this in memory for searches."""
-        return {i: (k, p) for i, k, p in self.reader.execute("SELECT id, key, payload FROM items")}
+    def everything(self) -> tuple[int, np.ndarray, np.ndarray, dict[int, tuple[str, str]]]:
+        """(change-log position, ids, vectors, id -> (key, payload JSON)) as of one moment.
 
-    def vectors_of(self, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
-        """(ids that still exist, their vectors)."""
+        One read transaction: another process may commit between two plain SELECTs, and an
+        index rebuilt from a mix would replay a change it already holds (a duplicate id)."""
+        conn = self.reader
+        conn.execute("BEGIN")
+        try:
+            seq = self._last_seq(conn)
+            rows = conn.execute("SELECT id, key, vector, payload FROM items ORDER BY id").fetchall()
+        finally:
+            conn.execute("COMMIT")
+        ids, vectors = self._stack([(r[0], r[2]) for r in rows])
+        return seq, ids, vectors, {r[0]: (r[1], r[3]) for r in rows}
+
+    def entries_of(self, ids: list[int]) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
+        """(ids that still exist, their vectors, their (key, payload JSON)): what a replay adds."""
         if not ids:
-            return np.zeros(0, np.int64), np.zeros((0, self.dim), np.float32)
-        marks = ",".join("?" * len(ids))
-        rows = self.reader.execute(f"SELECT id, vector FROM items WHERE id IN ({marks})", list(ids)).fetchall()
-        return self._stack(rows)
-
-    def all_vectors(self) -> tuple[np.ndarray, np.ndarray]:
-        return self._stack(self.reader.execute("SELECT id, vector FROM items ORDER BY id").fetchall())
+            return np.zeros(0, np.int64), np.zeros((0, self.dim), np.float32), []
+        found = []
+        for start in range(0, len(ids), 500):  # SQLite caps the parameters of one statement
+            chunk = list(ids[start:start + 500])
+            marks = ",".join("?" * len(chunk))
+            found += self.reader.execute(f"SELECT id, key, vector, payload FROM items WHERE id IN ({marks}) ORDER BY id",
+                                         chunk).fetchall()
+        found.sort()
+        i, v = self._stack([(r[0], r[2]) for r in found])
+        return i, v, [(r[1], r[3]) for r in found]
 
     def _stack(self, rows) -> tuple[np.ndarray, np.ndarray]:
         if not rows:
@@ -238,7 +281,7 @@ class ItemStore:
         return self.reader.execute("SELECT seq, old_id, new_id FROM changes WHERE seq > ? ORDER BY seq", (seq,)).fetchall()
 
     def last_seq(self) -> int:
-        return self.reader.execute("SELECT COALESCE(MAX(seq), 0) FROM changes").fetchone()[0]
+        return self._last_seq(self.reader)
 
     def count(self) -> int:
         return self.reader.execute("SELECT COUNT(*) FROM items").fetchone()[0]

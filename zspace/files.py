@@ -17,6 +17,11 @@ from pathlib import Path
 
 from zspace.errors import UserError
 
+# The process's umask, read once at import: reading it means setting it, and setting it while other
+# threads create files would give theirs the wrong mode.
+UMASK = os.umask(0o022)
+os.umask(UMASK)
+
 
 def fsync_dir(folder: Path) -> None:
     """Make a rename (or a new file) in `folder` durable: the directory entry is data too."""
@@ -32,9 +37,13 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
     path = Path(path)
     if isinstance(data, str):
         data = data.encode("utf-8")
-    tmp = path.with_name(f".{path.name}.tmp")
+    # A temp name of its own (mkstemp): two processes writing the same file (a server's workers) must
+    # never write into one temp file. mkstemp makes it 0600; the file gets the mode open() would give.
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(tmp_name)
     try:
-        with open(tmp, "wb") as f:
+        os.fchmod(fd, 0o666 & ~UMASK)
+        with open(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -59,9 +68,7 @@ def staged_folder(final: str | os.PathLike) -> Iterator[Path]:
         raise UserError(f"{final}: already exists")
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.staging-", dir=final.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700: a server running as another user could not read it
+    os.chmod(tmp, 0o777 & ~UMASK)  # mkdtemp makes it 0700: a server running as another user could not read it
     try:
         yield tmp
         os.rename(tmp, final)  # over an empty folder too (POSIX rename), never over a non-empty one
