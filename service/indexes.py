@@ -22,8 +22,11 @@ log = logging.getLogger("zspace.serve")
 
 
 class IndexRegistry:
-    def __init__(self, root: Path | None, repo: ModelRepository, search: SearchConfig = SearchConfig()):
+    def __init__(self, root: Path | None, repo: ModelRepository, search: SearchConfig = SearchConfig(),
+                 snapshots: bool = True, follow: bool = False):
+        """snapshots, follow: as LatentIndex's (a server's workers share the index folders)."""
         self.root, self.repo, self.search_config = (Path(root) if root else None), repo, search
+        self.snapshots, self.follow = snapshots, follow
         self.indexes: dict[str, LatentIndex] = {}
         self.broken: dict[str, str] = {}
         self.batchers: dict[tuple[str, int], DynamicBatcher] = {}
@@ -84,7 +87,7 @@ class IndexRegistry:
                 continue
             index = None
             try:
-                index = LatentIndex.open(folder)
+                index = LatentIndex.open(folder, snapshots=self.snapshots, follow=self.follow)
                 rt = self.repo.get(*index.model)  # NotFound if not loaded
                 if rt.latent_dim != index.dim:
                     raise ValueError(f"model {rt.name}/{rt.version} has {rt.latent_dim}-d codes, the index {index.dim}")

@@ -18,6 +18,7 @@ import signal
 import socket
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -35,6 +36,9 @@ from zspace.service.repository import ModelRepository
 from zspace.service.rpc import Admission
 from zspace.service.servicer import ModelRpcs, add_zspace_service
 from zspace.v1 import zspace_pb2 as pb
+
+if TYPE_CHECKING:
+    from zspace.service.workers import WorkerLink
 
 log = logging.getLogger("zspace.serve")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ZSpace"].full_name
@@ -90,6 +94,25 @@ def read_token(token_file: str | None, token_env: str) -> str | None:
     return os.environ.get(token_env) or None
 
 
+def check_config(cfg: ServeConfig) -> None:
+    """What can be checked before anything loads: a mistake named now, not after minutes of loading
+    (and, with --workers, in the supervisor, not once per worker)."""
+    if not Path(cfg.models).is_dir():
+        raise UserError(f"--models: {cfg.models} is not a folder")
+    if bool(cfg.tls_cert) != bool(cfg.tls_key):
+        raise UserError("--tls-cert and --tls-key go together")
+    for option, path, marker in (("--tls-cert", cfg.tls_cert, b"-----BEGIN CERTIFICATE-----"),
+                                 ("--tls-key", cfg.tls_key, b"PRIVATE KEY-----")):
+        if path is None:
+            continue
+        try:
+            text = Path(path).read_bytes()
+        except OSError as exc:
+            raise UserError(f"{option}: cannot read {path} ({exc.strerror})") from None
+        if marker not in text:
+            raise UserError(f"{option}: {path} is not PEM (no {marker.decode().strip('-')} block)")
+
+
 class BearerAuth(grpc.aio.ServerInterceptor):
     """Every RPC but health checks needs `authorization: Bearer <token>`."""
 
@@ -114,17 +137,20 @@ class BearerAuth(grpc.aio.ServerInterceptor):
 class Server:
     """The running service; `start()` then `wait()`, or `run()` for both with signal handling."""
 
-    def __init__(self, cfg: ServeConfig):
-        self.cfg = cfg
-        if not Path(cfg.models).is_dir():
-            raise UserError(f"--models: {cfg.models} is not a folder")
-        if bool(cfg.tls_cert) != bool(cfg.tls_key):
-            raise UserError("--tls-cert and --tls-key go together")
+    def __init__(self, cfg: ServeConfig, link: WorkerLink | None = None):
+        """link: this server is one worker of `zspace serve --workers N` (service.workers)."""
+        self.cfg, self.link = cfg, link
+        check_config(cfg)
         self.metrics = Metrics()
-        onnx_threads = cfg.onnx_threads or max(1, (os.cpu_count() or 1) // cfg.batch.instances)
-        set_faiss_threads(cfg.faiss_threads)
+        # The cores are shared out among the workers, then among a model graph's instances.
+        workers = link.count if link else 1
+        cores = os.cpu_count() or 1
+        onnx_threads = cfg.onnx_threads or max(1, cores // workers // cfg.batch.instances)
+        set_faiss_threads(cfg.faiss_threads or (max(1, cores // workers) if link else 0))
         self.repo = ModelRepository(cfg.models, cfg.device, onnx_threads, cfg.batch, self.metrics.on_batch, cfg.cuda_tf32)
-        self.indexes = IndexRegistry(cfg.indexes, self.repo, cfg.search)
+        # Workers share each index folder: every one follows the item store, worker 0 writes the snapshots.
+        self.indexes = IndexRegistry(cfg.indexes, self.repo, cfg.search, snapshots=not link or link.index == 0,
+                                     follow=link is not None)
         self.health = health.aio.HealthServicer()
         self.stopping = asyncio.Event()
         self.server: grpc.aio.Server | None = None
@@ -147,8 +173,9 @@ class Server:
 
     async def _start(self) -> None:
         cfg = self.cfg
-        check_port_free(cfg.host, cfg.port, "--port")  # before minutes of loading, not after
-        check_port_free(cfg.host, cfg.metrics_port, "--metrics-port")
+        if self.link is None:  # a worker's ports were checked (and its port reserved) by the supervisor
+            check_port_free(cfg.host, cfg.port, "--port")  # before minutes of loading, not after
+            check_port_free(cfg.host, cfg.metrics_port, "--metrics-port")
         await self.rescan()
         if not version_dirs(cfg.models):
             log.warning("--models %s: %s", cfg.models, repository_hint(Path(cfg.models)))
@@ -156,7 +183,7 @@ class Server:
         self.started = True
         limit = cfg.max_message_mb * 1024 * 1024
         options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
-                   ("grpc.so_reuseport", 0)]
+                   ("grpc.so_reuseport", 1 if self.link else 0)]  # one port for a group's workers; else a busy port is an error
         interceptors = [BearerAuth(cfg.token)] if cfg.token else []
         self.server = grpc.aio.server(migration_thread_pool=None, options=options, interceptors=interceptors,
                                       maximum_concurrent_rpcs=cfg.max_concurrent_rpcs)
@@ -177,12 +204,17 @@ class Server:
                 self.port = self.server.add_insecure_port(address)
         except RuntimeError:  # grpc: "Failed to bind to address"
             self.port = 0
+        if self.port == 0 and cfg.tls_cert:  # the port was free a moment ago (check_port_free): the TLS files failed
+            raise UserError(f"--tls-cert/--tls-key: gRPC could not use {cfg.tls_cert} and {cfg.tls_key} (see its "
+                            "log line above: a PEM certificate chain and the matching private key are expected)")
         if self.port == 0:
             raise UserError(f"--port: cannot listen on {address} (in use by another process, or not an address of "
                             "this machine); choose another --port, or 0 for any free one")
         if cfg.metrics_port:  # before the gRPC server starts: a failure here leaves nothing running
+            # A worker's metrics go to its supervisor, which serves the group's on --metrics-port.
+            host, port = ("127.0.0.1", 0) if self.link else (cfg.host, cfg.metrics_port)
             try:
-                self.metrics_port = self.metrics.serve_http(cfg.host, cfg.metrics_port)
+                self.metrics_port = self.metrics.serve_http(host, port)
             except OSError as exc:
                 raise UserError(f"--metrics-port: cannot listen on {cfg.host}:{cfg.metrics_port} ({exc.strerror}); "
                                 "choose another --metrics-port, or 0 to turn metrics off") from None
@@ -194,6 +226,8 @@ class Server:
         metrics = f"metrics on {cfg.host}:{self.metrics_port}" if self.metrics_port else "metrics off"
         log.info("serving on %s:%d%s (%s loop), %s; models: %s", cfg.host, self.port,
                  " (TLS)" if cfg.tls_cert else "", loop, metrics, models)
+        if self.link:
+            self.link.send(serving=bool(self.repo.loaded()), metrics_port=self.metrics_port)
 
     async def rescan(self) -> None:
         changes, retired = await asyncio.to_thread(self.repo.scan)
@@ -205,10 +239,18 @@ class Server:
             self.indexes.retire_removed()
             await asyncio.to_thread(self.indexes.open_all, bool(changes))
         self.metrics.set_models(len(self.repo.loaded()), len(self.repo.broken))
-        if not self.stopping.is_set():
-            status = health_pb2.HealthCheckResponse.SERVING if self.repo.loaded() else health_pb2.HealthCheckResponse.NOT_SERVING
-            await self.health.set("", status)
-            await self.health.set(SERVICE_NAME, status)
+        if self.link and self.started:
+            self.link.send(serving=bool(self.repo.loaded()))
+        await self.set_health()
+
+    async def set_health(self) -> None:
+        """SERVING while models are loaded and, in a group of workers, while every worker serves."""
+        if self.stopping.is_set():
+            return
+        serving = bool(self.repo.loaded()) and (self.link is None or self.link.group_serving)
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        await self.health.set("", status)
+        await self.health.set(SERVICE_NAME, status)
 
     async def _poll(self) -> None:
         while not self.stopping.is_set():
@@ -241,6 +283,8 @@ class Server:
         """Start, serve until SIGTERM/SIGINT, drain. The signals are handled from the first moment:
         one that comes while models are still loading ends the start-up cleanly (exit 0)."""
         loop = asyncio.get_running_loop()
+        if self.link:
+            await self.link.connect()
         done = asyncio.Event()
         loop.add_signal_handler(signal.SIGTERM, done.set)
         loop.add_signal_handler(signal.SIGINT, done.set)
@@ -254,18 +298,21 @@ class Server:
             log.info("stopped during start-up")
             return 0
         starting.result()  # a failed start raises here (a busy port, say)
+        if self.link:  # a worker: the supervisor's word on the group; its going away means drain
+            loop.create_task(self.link.listen(self.set_health, done.set))
         await signalled
         await self.stop()
         return 0
 
 
-def serve(cfg: ServeConfig) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def serve(cfg: ServeConfig, link: WorkerLink | None = None) -> int:
+    who = f"worker{link.index}[{os.getpid()}] " if link else ""
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s {who}%(name)s: %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # it narrates which CPU build it tried
     keep_freed_memory()
     runner = asyncio.Runner(loop_factory=event_loop_factory(cfg.loop))
     try:
-        code = runner.run(Server(cfg).run())
+        code = runner.run(Server(cfg, link).run())
     except BaseException:
         runner.close()
         raise

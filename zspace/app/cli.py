@@ -155,6 +155,9 @@ def serve_options(f):
         click.option("--host", default=d.host, help="Address to bind; 0.0.0.0 in containers."),
         click.option("--port", type=click.IntRange(0, 65535), default=d.port, help="gRPC port (0: any free port)."),
         click.option("--metrics-port", type=click.IntRange(0, 65535), default=d.metrics_port, help="Prometheus /metrics port (0: off)."),
+        click.option("--workers", default="1", envvar=["ZSPACE_WORKERS", "ZSPACE_SERVE_WORKERS"],
+                     help="Server processes sharing the port (SO_REUSEPORT), supervised and restarted; auto: one per "
+                          "core, at most 16. Env: ZSPACE_WORKERS."),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=d.device, help="auto: CUDA only when onnxruntime-gpu can use a GPU here."),
         click.option("--cuda-tf32", is_flag=True, default=d.cuda_tf32,
                      help="CUDA: TF32 matmuls, faster but inexact (codes move ~1e-3); reported in ListModels. Off: exact."),
@@ -192,7 +195,7 @@ def serve_options(f):
 
 @main.command()
 @serve_options
-def serve(models, indexes, threads, instances, max_batch, max_delay_ms, max_queue, search_max_batch, max_rows,
+def serve(models, indexes, workers, threads, instances, max_batch, max_delay_ms, max_queue, search_max_batch, max_rows,
           token_file, token_env, **opts) -> None:
     """Serve every bundle under --models over gRPC (health, reflection, metrics, hot reload)."""
     # Until the server's own handlers are in place (after the heavy imports below), SIGTERM ends the
@@ -202,12 +205,16 @@ def serve(models, indexes, threads, instances, max_batch, max_delay_ms, max_queu
         from zspace.service.config import BatchConfig, Limits, SearchConfig, ServeConfig
         from zspace.service.server import read_token
         from zspace.service.server import serve as run_server
+        from zspace.service.workers import supervise, worker_count
 
         cfg = ServeConfig(models=Path(models), indexes=Path(indexes) if indexes else None, onnx_threads=threads,
                           batch=BatchConfig(max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue_rows=max_queue,
                                             instances=instances),
                           search=SearchConfig(max_batch=search_max_batch), limits=Limits(max_rows=max_rows),
                           token=read_token(token_file, token_env), **opts)
+        workers = worker_count(workers)
+        if workers > 1:
+            sys.exit(supervise(cfg, workers))
         sys.exit(run_server(cfg))  # on success the process ends in there (service.server.serve)
     finally:
         signal.signal(signal.SIGTERM, previous)  # back to the caller's, when serve returns an error
