@@ -25,7 +25,7 @@ RUN python3 -m venv /opt/zspace \
 USER zspace
 ENV PATH=/opt/zspace/bin:$PATH \
     ZSPACE_SERVE_MODELS=/models ZSPACE_SERVE_INDEXES=/indexes ZSPACE_SERVE_HOST=0.0.0.0 \
-    ZSPACE_SERVE_PORT=50051 ZSPACE_SERVE_METRICS_PORT=9100
+    ZSPACE_SERVE_PORT=50051 ZSPACE_SERVE_METRICS_PORT=9100 ZSPACE_WORKERS=1
 EXPOSE 50051 9100
 HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
   CMD ["python", "-m", "zspace.service.healthcheck"]

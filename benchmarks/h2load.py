@@ -70,3 +70,26 @@ def closed_loop(target: str, method: str, messages: list, seconds: float, work: 
     return {"clients": len(messages), "requests": int(len(rows)), "req_s": len(rows) / span_s,
             "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
             "not_200": int((status != 200).sum())}
+
+
+def same_request(target: str, method: str, message, clients: int, seconds: float, work: Path) -> dict:
+    """`clients` connections from one h2load process, each sending `message` again as soon as its answer
+    came, for `seconds`: the cheapest load there is. Each connection is its own TCP connection, so a
+    server of several worker processes on one SO_REUSEPORT port gets them spread by the kernel."""
+    work.mkdir(parents=True, exist_ok=True)
+    body, log = work / "same.bin", work / "same.log"
+    body.write_bytes(grpc_frame(message))
+    log.unlink(missing_ok=True)
+    cmd = ["h2load", f"--clients={clients}", "--threads=1", "--max-concurrent-streams=1", f"--duration={seconds:g}",
+           f"--data={body}", "--header=content-type: application/grpc", "--header=te: trailers", f"--log-file={log}",
+           f"http://{target}{method}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
+    if proc.returncode != 0 or not log.is_file():
+        raise RuntimeError(f"h2load failed (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-2000:]}")
+    rows = np.loadtxt(log, dtype=np.int64, ndmin=2)[:, :3]
+    start, status, took = rows[:, 0], rows[:, 1], rows[:, 2]
+    span_s = (int((start + took).max()) - int(start.min())) / 1e6
+    ms = took / 1000.0
+    return {"clients": clients, "requests": int(len(rows)), "req_s": len(rows) / span_s,
+            "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
+            "not_200": int((status != 200).sum())}

@@ -106,7 +106,8 @@ class ServerChild:
 
 
 async def closed_loop(call: Callable[[int], Awaitable[object]], clients: int, seconds: float,
-                      max_requests: int = 200_000, errors: tuple[type[BaseException], ...] = ()) -> dict:
+                      max_requests: int = 200_000, errors: tuple[type[BaseException], ...] = (),
+                      keep_latencies: bool = False) -> dict:
     """`clients` concurrent callers, each calling `call(i)` again as soon as it returns, for `seconds`
     or `max_requests` calls in all; `i` counts each caller's calls from its own offset (i % clients == caller).
     Exceptions in `errors` are counted, anything else propagates."""
@@ -132,7 +133,7 @@ async def closed_loop(call: Callable[[int], Awaitable[object]], clients: int, se
     ms = np.asarray(latencies or [float("nan")]) * 1000
     return {"clients": clients, "requests": len(latencies), "errors": failed, "req_s": len(latencies) / elapsed,
             "p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
-            "p99_ms": float(np.percentile(ms, 99))}
+            "p99_ms": float(np.percentile(ms, 99)), **({"latencies_ms": ms.tolist()} if keep_latencies else {})}
 
 
 def median_round(rounds: list[dict], key: str) -> dict:

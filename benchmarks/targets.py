@@ -12,6 +12,13 @@ TARGETS: dict[str, dict[str, tuple[str, float]]] = {
         "rows256_vs_in_process_ort": (">=", 0.70),    # 256-row requests vs ONNX Runtime in-process
         "p99_ms_8_clients": ("<=", 10.0),             # 1-row Encode at 8 clients
     },
+    "workers": {
+        "workers_n_vs_1_64x1_h2load": (">=", 1.0),     # 2-core machine: --workers 2 no slower than 1 (h2load clients)
+        "rows8x256_vs_in_process": (">=", 0.60),       # CUDA, 16 cores: 8 clients x 256 rows vs in-process ORT CUDA
+        "rows16x4096_vs_in_process": (">=", 0.60),     # CUDA: 16 clients x 4096 rows
+        "req_s_64x1": (">=", 15000.0),                 # CUDA: 64 clients x 1 row, requests/s
+        "p99_ms_8x1": ("<=", 3.0),                     # CUDA: 8 clients x 1 row, p99
+    },
     "retrieval": {
         "mnist_ae_precision@10": (">=", 0.97),         # 30-d AE codes, test -> train, same digit = relevant
         "news_ae10_beats_lsa10": (">", 0.0),           # 10-d AE codes vs 10-d LSA, smallest margin at 1/10/100

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -50,12 +51,13 @@ def deployment(tmp_path_factory):
     name = f"zspace-smoke-{os.getpid()}"
     env = {**os.environ, "ZSPACE_MODELS": str(work / "models"), "ZSPACE_INDEXES": str(work / "indexes"),
            "ZSPACE_PORT": str(port), "ZSPACE_METRICS_PORT": str(metrics), "ZSPACE_CONTAINER": name,
-           "ZSPACE_MAX_DELAY_MS": "1500", "ZSPACE_THREADS": "1", "BUILDAH_FORMAT": "docker"}
+           "ZSPACE_MAX_DELAY_MS": "1500", "ZSPACE_THREADS": "1", "BUILDAH_FORMAT": "docker",
+           "ZSPACE_WORKERS": "2"}  # the supervised group in the container: drain and health go through the parent
     compose = compose_cmd() + ["-p", name]
     subprocess.run(compose + ["build"], cwd=ROOT, env=env, check=True)
     subprocess.run(compose + ["up", "-d"], cwd=ROOT, env=env, check=True)
     try:
-        yield {"target": f"127.0.0.1:{port}", "bundle": bundle, "name": name, "compose": compose, "env": env}
+        yield {"target": f"127.0.0.1:{port}", "metrics": metrics, "bundle": bundle, "name": name, "compose": compose, "env": env}
     finally:
         subprocess.run(compose + ["down"], cwd=ROOT, env=env)
 
@@ -95,6 +97,8 @@ def test_encode_generate_search_then_drain(deployment):
         assert all(len(row) == 3 for row in hits) and hits[0][0][0].startswith("digits/train/")
         info = c.get_model("digits")
         assert info.execution_provider == "CPUExecutionProvider"
+        with urllib.request.urlopen(f"http://127.0.0.1:{deployment['metrics']}/metrics", timeout=10) as r:
+            assert "zspace_workers_serving 2.0" in r.read().decode(), "ZSPACE_WORKERS=2 reached the container"
 
         # SIGTERM with a request in flight: the request (held ~1.5 s in the batch queue) still succeeds.
         result = {}

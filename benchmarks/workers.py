@@ -1,0 +1,262 @@
+"""Worker processes: `zspace serve --workers N` side by side with --workers 1, and with in-process ONNX Runtime.
+
+    python -m benchmarks.workers                                  # this machine: --workers 2 vs 1, h2load 64 x 1 row
+    python -m benchmarks.workers --device cuda --workers 8 --matrix   # a GPU machine: the load matrix of issue 12
+
+Part one (always): two servers run at once on two ports, `--workers 1` and
+`--workers N`, and h2load (C, ≈50 µs of CPU per call: benchmarks/h2load.py) sends
+64 connections x 1-row Encode to each in turn, `--rounds` times; the median
+round's ratio of requests/s is the figure. Every answer h2load counts is checked
+against the servers' own count of Encodes answered OK (h2load sees HTTP 200 for a
+failed RPC too).
+
+Part two (--matrix): Encode loads 64x1, 8x1, 8x256 and 16x4096 (clients x rows)
+from Python grpc.aio clients in several processes (one connection per caller, so
+the kernel spreads them over the workers), each side by side with in-process ONNX
+Runtime on the same device with the same layout (as many threads as clients, each
+running the same batch on one session). On CUDA the targets of issue 12 are
+checked (targets.py "workers_cuda"); on the CPU the figures are for information.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import threading
+import time
+import urllib.request
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+import click
+import numpy as np
+
+from benchmarks import h2load
+from benchmarks.harness import (
+    GRPC_OPTIONS,
+    ServerChild,
+    closed_loop,
+    free_port,
+    machine,
+    median_round,
+    serve_command,
+    side_by_side,
+    table,
+    write_json,
+)
+from benchmarks.serve import bundle_for
+from benchmarks.targets import check
+
+MATRIX = ((64, 1), (8, 1), (8, 256), (16, 4096))  # (clients, rows per request)
+
+
+def encodes_answered(metrics_port: int) -> int:
+    """The server's own count of Encodes answered OK, summed over its workers."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return sum(int(float(line.split()[-1])) for line in text.splitlines()
+               if line.startswith("zspace_requests_total{") and 'method="Encode"' in line and 'code="OK"' in line)
+
+
+def start(models: Path, workers: int, device: str, extra: list[str]) -> tuple[ServerChild, int]:
+    port, metrics_port = free_port(), free_port()
+    child = ServerChild(serve_command(models, port, "--workers", str(workers), "--device", device, "--poll-s", "0",
+                                      "--metrics-port", str(metrics_port), *extra), port)
+    return child.wait_serving(300), metrics_port
+
+
+def encode_request(rows: int, dim: int):
+    from zspace.service.client import to_tensor
+    from zspace.v1 import zspace_pb2 as pb
+
+    x = np.random.default_rng(0).random((rows, dim), dtype=np.float32)
+    return pb.EncodeRequest(model=pb.ModelRef(name="mnist-ae"), inputs=pb.Inputs(tensor=to_tensor(x)))
+
+
+# ------------------------------------------------------------------ part one: --workers N vs 1, h2load
+
+
+def h2load_side(name: str, server: tuple[ServerChild, int], clients: int, seconds: float, work: Path):
+    child, metrics_port = server
+    request = encode_request(1, 784)
+
+    def run() -> dict:
+        before = encodes_answered(metrics_port)
+        r = h2load.same_request(child.target, "/zspace.v1.ZSpace/Encode", request, clients, seconds, work / name)
+        ok = encodes_answered(metrics_port) - before
+        print(f"  {name:<12} {r['req_s']:8.0f} req/s  p50 {r['p50_ms']:6.2f} p99 {r['p99_ms']:6.2f} ms  "
+              f"answered OK {ok}/{r['requests']}", flush=True)
+        # The server may count up to one more answer per connection: calls cut off when h2load's time ran out.
+        if not 0 <= ok - r["requests"] <= clients or r["not_200"]:
+            raise RuntimeError(f"{name}: h2load counted {r['requests']} answers ({r['not_200']} not HTTP 200), "
+                               f"the server {ok} OK ones")
+        return {"setup": name, **r, "value": r["req_s"]}
+
+    return run
+
+
+def workers_vs_one(models: Path, workers: int, device: str, clients: int, seconds: float, rounds: int,
+                   extra: list[str]) -> dict:
+    if not h2load.available():
+        raise click.ClickException("h2load not found: apt-get install nghttp2-client")
+    work = Path(tempfile.mkdtemp(prefix="zspace-workers-bench-"))
+    one, many = start(models, 1, device, extra), start(models, workers, device, extra)
+    try:
+        for server in (one, many):  # warm both: first calls pay for lazy set-up
+            h2load.same_request(server[0].target, "/zspace.v1.ZSpace/Encode", encode_request(1, 784), clients, 1.0, work / "warm")
+        got = side_by_side(f"{clients} x 1 row, --workers {workers} / --workers 1",
+                           h2load_side(f"--workers {workers}", many, clients, seconds, work),
+                           h2load_side("--workers 1", one, clients, seconds, work), rounds)
+    finally:
+        one[0].stop()
+        many[0].stop()
+    return got
+
+
+# ------------------------------------------------------------------ part two: the matrix
+
+
+def client_process(target: str, rows: int, callers: int, seconds: float, max_requests: int) -> dict:
+    """One load process: `callers` closed-loop callers, each on its own connection."""
+    import grpc
+
+    from zspace.v1 import zspace_pb2_grpc as pb_grpc
+
+    request = encode_request(rows, 784)
+
+    async def main() -> dict:
+        channels = [grpc.aio.insecure_channel(target, options=[*GRPC_OPTIONS, ("grpc.use_local_subchannel_pool", 1)])
+                    for _ in range(callers)]
+        stubs = [pb_grpc.ZSpaceStub(c) for c in channels]
+        for stub in stubs:
+            await stub.Encode(request, timeout=60)
+        r = await closed_loop(lambda i: stubs[i % callers].Encode(request, timeout=60), callers, seconds, max_requests,
+                              errors=(grpc.aio.AioRpcError,), keep_latencies=True)
+        for c in channels:
+            await c.close()
+        return r
+
+    return asyncio.run(main())
+
+
+def served(target: str, clients: int, rows: int, seconds: float, max_requests: int, processes: int) -> dict:
+    per = [clients // processes + (i < clients % processes) for i in range(processes)]
+    per = [n for n in per if n]
+    with ProcessPoolExecutor(len(per), mp_context=get_context("spawn")) as pool:
+        parts = list(pool.map(client_process, [target] * len(per), [rows] * len(per), per, [seconds] * len(per),
+                              [max_requests // len(per)] * len(per)))
+    ms = np.concatenate([p["latencies_ms"] for p in parts])
+    req_s = sum(p["req_s"] for p in parts)
+    return {"req_s": req_s, "rows_s": req_s * rows, "p50_ms": float(np.percentile(ms, 50)),
+            "p99_ms": float(np.percentile(ms, 99)), "errors": sum(p["errors"] for p in parts)}
+
+
+def in_process(bundle: Path, device: str, clients: int, rows: int, seconds: float) -> dict:
+    """The same layout in one process: `clients` threads, each running its batch again and again on one session."""
+    from zspace.bundle import load_bundle
+    from zspace.runtime import open_runtime
+
+    runtime = open_runtime(load_bundle(bundle), device)
+    x = np.random.default_rng(0).random((rows, 784), dtype=np.float32)
+    for _ in range(5):
+        runtime.encode(x)
+    counts, stop_at = [0] * clients, time.perf_counter() + seconds
+
+    def worker(i: int) -> None:  # ONNX Runtime releases the GIL: the runs really overlap
+        while time.perf_counter() < stop_at:
+            runtime.encode(x)
+            counts[i] += 1
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - t0
+    return {"req_s": sum(counts) / elapsed, "rows_s": sum(counts) * rows / elapsed, "provider": runtime.provider}
+
+
+def matrix(models: Path, bundle: Path, workers: int, device: str, seconds: float, rounds: int, processes: int,
+           max_requests: int, extra: list[str]) -> dict:
+    # 16 clients x 4096 rows queue 64k rows at once: past the default --max-queue (4096 rows per lane), which
+    # would answer most of them RESOURCE_EXHAUSTED, as it should for a server that is not sized for it.
+    child, _ = start(models, workers, device, ["--max-queue", "65536", *extra])
+    rows_out = []
+    try:
+        for clients, rows in MATRIX:
+            def server_side(clients=clients, rows=rows) -> dict:
+                r = served(child.target, clients, rows, seconds, max_requests, min(processes, clients))
+                print(f"  served     {clients:>3} x {rows:<5} {r['req_s']:9.0f} req/s {r['rows_s']:11.0f} rows/s "
+                      f"p50 {r['p50_ms']:6.2f} p99 {r['p99_ms']:6.2f} ms errors {r['errors']}", flush=True)
+                return {**r, "value": r["rows_s"]}
+
+            def reference(clients=clients, rows=rows) -> dict:
+                r = in_process(bundle, device, clients, rows, seconds)
+                print(f"  in-process {clients:>3} x {rows:<5} {r['req_s']:9.0f} req/s {r['rows_s']:11.0f} rows/s "
+                      f"({r['provider']})", flush=True)
+                return {**r, "value": r["rows_s"]}
+
+            got = side_by_side(f"{clients} x {rows}, served / in-process", server_side, reference, rounds)
+            median = median_round(got["rounds"], "ratio")
+            rows_out.append({"clients": clients, "rows": rows, "served_req_s": median["first"]["req_s"],
+                             "served_rows_s": median["first"]["rows_s"], "p50_ms": median["first"]["p50_ms"],
+                             "p99_ms": median["first"]["p99_ms"], "in_process_rows_s": median["second"]["rows_s"],
+                             "share": got["ratio"], "errors": median["first"]["errors"]})
+    finally:
+        child.stop()
+    return {"rows": rows_out}
+
+
+@click.command()
+@click.option("--run", type=click.Path(exists=True, file_okay=False), default=None, help="MNIST AE run to export (default: train 1 epoch).")
+@click.option("--bundle", "bundle_path", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Or an exported mnist-ae bundle folder (models/mnist-ae/N) to serve as it is.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", help="Server and in-process reference device.")
+@click.option("--workers", default=2, help="Worker processes of the server measured against --workers 1.")
+@click.option("--clients", default=64, help="Part one: h2load connections, 1-row Encode each.")
+@click.option("--seconds", default=4.0, help="Load duration per side of a round.")
+@click.option("--rounds", default=3, help="Side-by-side rounds; the median round's ratio is the figure.")
+@click.option("--matrix", "with_matrix", is_flag=True, help="Also the 64x1, 8x1, 8x256, 16x4096 matrix against in-process ORT.")
+@click.option("--client-processes", default=4, help="Part two: load processes (Python clients).")
+@click.option("--max-requests", default=2_000_000, help="Part two: request cap per side of a round.")
+@click.option("--server-option", "extra", multiple=True, help="Passed to both servers, e.g. --server-option=--max-batch=128.")
+@click.option("--json", "json_path", default="benchmarks/results/workers.json", help="Where the figures go.")
+def main(run, bundle_path, device, workers, clients, seconds, rounds, with_matrix, client_processes, max_requests, extra, json_path):
+    from zspace.memory import keep_freed_memory
+
+    keep_freed_memory()
+    extra = list(extra)
+    bundle = Path(bundle_path) if bundle_path else bundle_for(Path(run) if run else None,
+                                                              Path(tempfile.mkdtemp(prefix="zspace-workers-bench-")))
+    print(f"bundle: {bundle}", flush=True)
+    models = bundle.parents[1]
+    print(f"part one: h2load {clients} x 1-row Encode, --workers {workers} vs --workers 1 ({device})", flush=True)
+    ratio = workers_vs_one(models, workers, device, clients, seconds, rounds, extra)
+    rounds_table = [{"round": d["round"], f"workers{workers}_req_s": d["first"]["req_s"],
+                     "workers1_req_s": d["second"]["req_s"], "ratio": d["ratio"],
+                     f"workers{workers}_p99_ms": d["first"]["p99_ms"], "workers1_p99_ms": d["second"]["p99_ms"]}
+                    for d in ratio["rounds"]]
+    print(table(rounds_table, list(rounds_table[0]), f"{clients} x 1 row (h2load): --workers {workers} vs 1, side by side"))
+    record = {"benchmark": "workers", "device": device, "workers": workers, "machine": machine(),
+              "seconds_per_side": seconds, "server_options": extra,
+              "workers_vs_one": {"clients": clients, "rounds": rounds_table, "median_round": ratio["median_round"],
+                                 "ratio": ratio["ratio"]}}
+    targets = {"workers_n_vs_1_64x1_h2load": ratio["ratio"]}
+    if with_matrix:
+        print(f"part two: the load matrix, --workers {workers} ({device}) vs in-process ORT", flush=True)
+        record["matrix"] = matrix(models, bundle, workers, device, seconds, rounds, client_processes, max_requests, extra)
+        cols = ["clients", "rows", "served_req_s", "served_rows_s", "p50_ms", "p99_ms", "in_process_rows_s", "share", "errors"]
+        print(table(record["matrix"]["rows"], cols, f"Encode, --workers {workers} on {device}, vs in-process ORT side by side"))
+        by = {(r["clients"], r["rows"]): r for r in record["matrix"]["rows"]}
+        if device == "cuda":
+            targets.update({"rows8x256_vs_in_process": by[(8, 256)]["share"],
+                            "rows16x4096_vs_in_process": by[(16, 4096)]["share"],
+                            "req_s_64x1": by[(64, 1)]["served_req_s"], "p99_ms_8x1": by[(8, 1)]["p99_ms"]})
+    record["targets"] = check("workers", targets)
+    write_json(Path(json_path), record)
+
+
+if __name__ == "__main__":
+    main()
