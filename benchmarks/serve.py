@@ -254,10 +254,19 @@ def print_tables(rows: list[dict], ratios: dict) -> dict:
 @click.option("--instances", default=os.cpu_count() or 1, help="Server: ONNX Runtime runs in flight per graph.")
 @click.option("--threads", default=0, help="Server: ONNX Runtime threads per run (0: cores / instances).")
 @click.option("--json", "json_path", default="benchmarks/results/serve.json", help="Where the figures go.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu",
+              help="cuda, or --workers above 1: the worker benchmark's load matrix instead (benchmarks/workers.py).")
+@click.option("--workers", default=1, help="Server worker processes (above 1: benchmarks/workers.py's matrix).")
 @click.option("--echo-port", type=int, default=None, hidden=True)
-def main(run, seconds, max_requests, rounds, instances, threads, json_path, echo_port):
+def main(run, seconds, max_requests, rounds, instances, threads, json_path, device, workers, echo_port):
     if echo_port:
         return run_echo(echo_port)
+    if device != "cpu" or workers > 1:
+        # 64x1, 8x1, 8x256, 16x4096 against in-process ORT on the same device, plus --workers N vs 1 (h2load).
+        from benchmarks.workers import measure as measure_workers
+
+        out = json_path if json_path != "benchmarks/results/serve.json" else f"benchmarks/results/workers-{device}.json"
+        return measure_workers(run, None, device, workers, 64, seconds, rounds, True, 4, 2_000_000, [], out)
     from zspace.memory import keep_freed_memory
 
     keep_freed_memory()  # the load generator and the in-process reference get the server's tuning too

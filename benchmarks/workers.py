@@ -223,11 +223,19 @@ def matrix(models: Path, bundle: Path, workers: int, device: str, seconds: float
 @click.option("--max-requests", default=2_000_000, help="Part two: request cap per side of a round.")
 @click.option("--server-option", "extra", multiple=True, help="Passed to both servers, e.g. --server-option=--max-batch=128.")
 @click.option("--json", "json_path", default="benchmarks/results/workers.json", help="Where the figures go.")
-def main(run, bundle_path, device, workers, clients, seconds, rounds, with_matrix, client_processes, max_requests, extra, json_path):
+def main(run, bundle_path, device, workers, clients, seconds, rounds, with_matrix, client_processes, max_requests, extra,
+         json_path):
+    measure(run, bundle_path, device, workers, clients, seconds, rounds, with_matrix, client_processes, max_requests,
+            list(extra), json_path)
+
+
+def measure(run: str | None, bundle_path: str | None, device: str, workers: int, clients: int, seconds: float,
+            rounds: int, with_matrix: bool, client_processes: int, max_requests: int, extra: list[str],
+            json_path: str) -> dict:
+    """Both parts; also what `python -m benchmarks.serve --device D --workers N` runs."""
     from zspace.memory import keep_freed_memory
 
     keep_freed_memory()
-    extra = list(extra)
     bundle = Path(bundle_path) if bundle_path else bundle_for(Path(run) if run else None,
                                                               Path(tempfile.mkdtemp(prefix="zspace-workers-bench-")))
     print(f"bundle: {bundle}", flush=True)
@@ -256,6 +264,7 @@ def main(run, bundle_path, device, workers, clients, seconds, rounds, with_matri
                             "req_s_64x1": by[(64, 1)]["served_req_s"], "p99_ms_8x1": by[(8, 1)]["p99_ms"]})
     record["targets"] = check("workers", targets)
     write_json(Path(json_path), record)
+    return record
 
 
 if __name__ == "__main__":
