@@ -36,9 +36,11 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-# Regenerate zspace/v1 from proto/ (the committed generated code; a test fails on drift).
+# Regenerate zspace/v1 and zspace/kserve from proto/ (the committed generated code; a test fails on drift).
+# grpcio-tools is pinned (dev extra) to 1.75.1: its protobuf 6.31 gencode imports under protobuf 6 and 7.
 proto: $(STAMP)
-	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. proto/zspace/v1/zspace.proto
+	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. \
+	  proto/zspace/v1/zspace.proto proto/zspace/kserve/grpc_service.proto
 
 clean:
 	rm -rf $(VENV) runs models indexes

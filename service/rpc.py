@@ -170,3 +170,28 @@ def rpc(method):
         await context.abort(code, message)
 
     return handler
+
+
+def add_service(server, service, messages, *parts: RpcHandlers) -> None:
+    """Serve the gRPC `service` (a service descriptor; `messages` the generated module holding its
+    message classes) on `server`, its methods taken from the parts.
+
+    Every RPC of the service must come from exactly one part: a missing one would
+    answer UNIMPLEMENTED, two would be ambiguous. The handlers are registered here
+    rather than by the generated add_*Servicer_to_server so that a request whose
+    bytes are not a valid message reaches `@rpc` as `Undecodable` and is answered
+    INVALID_ARGUMENT, where gRPC's own path would say UNKNOWN."""
+    given = [name for part in parts for name in part.RPCS]
+    if sorted(given) != sorted(service.methods_by_name):
+        raise ValueError(f"RPCs not served: {sorted(set(service.methods_by_name) - set(given))}; served twice or unknown: "
+                         f"{sorted(n for n in set(given) if given.count(n) > 1 or n not in service.methods_by_name)}")
+    handlers = {}
+    for part in parts:
+        for name in part.RPCS:
+            method = service.methods_by_name[name]
+            request, response = getattr(messages, method.input_type.name), getattr(messages, method.output_type.name)
+            handlers[name] = grpc.unary_unary_rpc_method_handler(
+                getattr(part, name), request_deserializer=tolerant(request.FromString),
+                response_serializer=response.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)

@@ -27,13 +27,15 @@ from grpc_reflection.v1alpha import reflection
 from zspace.bundle import repository_hint, version_dirs
 from zspace.errors import UserError
 from zspace.index.factory import set_threads as set_faiss_threads
+from zspace.kserve import grpc_service_pb2 as kpb
 from zspace.memory import keep_freed_memory
 from zspace.service.config import ServeConfig
 from zspace.service.index_rpcs import IndexRpcs
 from zspace.service.indexes import IndexRegistry
+from zspace.service.kserve import KServeRpcs
 from zspace.service.metrics import Metrics
 from zspace.service.repository import ModelRepository
-from zspace.service.rpc import Admission
+from zspace.service.rpc import Admission, add_service
 from zspace.service.servicer import ModelRpcs, add_zspace_service
 from zspace.v1 import zspace_pb2 as pb
 
@@ -42,7 +44,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("zspace.serve")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ZSpace"].full_name
-HEALTH_PREFIX = "/grpc.health.v1.Health/"
+KSERVE = kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+# Probes need no token: gRPC health, and KServe's liveness and readiness (they say nothing about the models).
+OPEN_METHODS = ("/grpc.health.v1.Health/", f"/{KSERVE.full_name}/ServerLive", f"/{KSERVE.full_name}/ServerReady")
 
 
 def event_loop_factory(choice: str):
@@ -94,6 +98,15 @@ def read_token(token_file: str | None, token_env: str) -> str | None:
     return os.environ.get(token_env) or None
 
 
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("zspace")
+    except PackageNotFoundError:  # run from a checkout that is not installed
+        return "unknown"
+
+
 def check_config(cfg: ServeConfig) -> None:
     """What can be checked before anything loads: a mistake named now, not after minutes of loading
     (and, with --workers, in the supervisor, not once per worker)."""
@@ -114,7 +127,7 @@ def check_config(cfg: ServeConfig) -> None:
 
 
 class BearerAuth(grpc.aio.ServerInterceptor):
-    """Every RPC but health checks needs `authorization: Bearer <token>`."""
+    """Every RPC but the probes (OPEN_METHODS) needs `authorization: Bearer <token>`."""
 
     def __init__(self, token: str):
         self.expected = f"Bearer {token}".encode()
@@ -125,7 +138,7 @@ class BearerAuth(grpc.aio.ServerInterceptor):
         self.deny = grpc.unary_unary_rpc_method_handler(deny)
 
     async def intercept_service(self, continuation, details):
-        if details.method.startswith(HEALTH_PREFIX):
+        if details.method.startswith(OPEN_METHODS):
             return await continuation(details)
         got = dict(details.invocation_metadata or ()).get("authorization", "")
         got = got.encode() if isinstance(got, str) else got
@@ -192,9 +205,13 @@ class Server:
         admission = Admission(cfg.max_inflight_mb << 20)
         add_zspace_service(self.server, ModelRpcs(self.repo, limits, self.metrics, admission),
                            IndexRpcs(self.indexes, self.repo, limits, self.metrics, admission))
+        # KServe v2 beside zspace.v1: the same models, batchers, limits and byte budget.
+        add_service(self.server, KSERVE, kpb, KServeRpcs(self.repo, limits, self.serving, package_version(),
+                                                         self.metrics, admission))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), self.server)
+            (SERVICE_NAME, KSERVE.full_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME), self.server)
         address = f"{cfg.host}:{cfg.port}"
         try:
             if cfg.tls_cert:
@@ -243,11 +260,16 @@ class Server:
             self.link.send(serving=bool(self.repo.loaded()))
         await self.set_health()
 
+    def serving(self) -> bool:
+        """Models loaded, not draining, and in a group of workers every worker serving: health's SERVING,
+        and KServe's ServerReady."""
+        return bool(self.repo.loaded()) and not self.stopping.is_set() and (self.link is None or self.link.group_serving)
+
     async def set_health(self) -> None:
         """SERVING while models are loaded and, in a group of workers, while every worker serves."""
         if self.stopping.is_set():
             return
-        serving = bool(self.repo.loaded()) and (self.link is None or self.link.group_serving)
+        serving = self.serving()
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         await self.health.set("", status)
         await self.health.set(SERVICE_NAME, status)

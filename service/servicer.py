@@ -12,14 +12,13 @@ from __future__ import annotations
 import asyncio
 import json
 
-import grpc
 import numpy as np
 
 from zspace.likelihood import kl_standard_normal, log_likelihood, target_of
 from zspace.service.config import Limits
 from zspace.service.inputs import InvalidArgument, array_to_tensor, features, output_dtype, tensor_to_array
 from zspace.service.repository import ModelRepository, ModelRuntime
-from zspace.service.rpc import RpcHandlers, rpc, tolerant
+from zspace.service.rpc import RpcHandlers, add_service, rpc
 from zspace.v1 import zspace_pb2 as pb
 
 
@@ -151,25 +150,5 @@ class ModelRpcs(RpcHandlers):
 
 
 def add_zspace_service(server, *parts: RpcHandlers) -> None:
-    """Serve zspace.v1.ZSpace on `server`, its methods taken from the parts (model RPCs, index RPCs).
-
-    Every RPC of the service must come from exactly one part: a missing one would
-    answer UNIMPLEMENTED, two would be ambiguous. The handlers are registered here
-    rather than by the generated add_ZSpaceServicer_to_server so that a request
-    whose bytes are not a valid message reaches `@rpc` as `Undecodable` and is
-    answered INVALID_ARGUMENT, where gRPC's own path would say UNKNOWN."""
-    service = pb.DESCRIPTOR.services_by_name["ZSpace"]
-    given = [name for part in parts for name in part.RPCS]
-    if sorted(given) != sorted(service.methods_by_name):
-        raise ValueError(f"RPCs not served: {sorted(set(service.methods_by_name) - set(given))}; served twice or unknown: "
-                         f"{sorted(n for n in set(given) if given.count(n) > 1 or n not in service.methods_by_name)}")
-    handlers = {}
-    for part in parts:
-        for name in part.RPCS:
-            method = service.methods_by_name[name]
-            request, response = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
-            handlers[name] = grpc.unary_unary_rpc_method_handler(
-                getattr(part, name), request_deserializer=tolerant(request.FromString),
-                response_serializer=response.SerializeToString)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
-    server.add_registered_method_handlers(service.full_name, handlers)
+    """Serve zspace.v1.ZSpace on `server`, its methods taken from the parts (model RPCs, index RPCs)."""
+    add_service(server, pb.DESCRIPTOR.services_by_name["ZSpace"], pb, *parts)

@@ -146,7 +146,7 @@ class DecodeRequest(_message.Message):
     latents: Tensor
     return_png: bool
     output_dtype: DType
-    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., latents: _Optional[_Union[Tensor, _Mapping]] = ..., return_png: _Optional[bool] = ..., output_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., latents: _Optional[_Union[Tensor, _Mapping]] = ..., return_png: bool = ..., output_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
 
 class ReconstructRequest(_message.Message):
     __slots__ = ("model", "inputs", "return_png", "output_dtype")
@@ -158,7 +158,7 @@ class ReconstructRequest(_message.Message):
     inputs: Inputs
     return_png: bool
     output_dtype: DType
-    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., inputs: _Optional[_Union[Inputs, _Mapping]] = ..., return_png: _Optional[bool] = ..., output_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., inputs: _Optional[_Union[Inputs, _Mapping]] = ..., return_png: bool = ..., output_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("model", "count", "seed", "temperature", "return_png", "output_dtype")
@@ -174,7 +174,7 @@ class GenerateRequest(_message.Message):
     temperature: float
     return_png: bool
     output_dtype: DType
-    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., count: _Optional[int] = ..., seed: _Optional[int] = ..., temperature: _Optional[float] = ..., return_png: _Optional[bool] = ..., output_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., count: _Optional[int] = ..., seed: _Optional[int] = ..., temperature: _Optional[float] = ..., return_png: bool = ..., output_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
 
 class InterpolateRequest(_message.Message):
     __slots__ = ("model", "inputs", "latents", "steps", "spherical", "return_png", "output_dtype")
@@ -192,7 +192,7 @@ class InterpolateRequest(_message.Message):
     spherical: bool
     return_png: bool
     output_dtype: DType
-    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., inputs: _Optional[_Union[Inputs, _Mapping]] = ..., latents: _Optional[_Union[Tensor, _Mapping]] = ..., steps: _Optional[int] = ..., spherical: _Optional[bool] = ..., return_png: _Optional[bool] = ..., output_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., inputs: _Optional[_Union[Inputs, _Mapping]] = ..., latents: _Optional[_Union[Tensor, _Mapping]] = ..., steps: _Optional[int] = ..., spherical: bool = ..., return_png: bool = ..., output_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
 
 class DecodeResponse(_message.Message):
     __slots__ = ("outputs", "latents", "version")
@@ -242,7 +242,7 @@ class IndexInfo(_message.Message):
     count: int
     trained: bool
     note: str
-    def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[int] = ..., dim: _Optional[int] = ..., metric: _Optional[str] = ..., factory: _Optional[str] = ..., count: _Optional[int] = ..., trained: _Optional[bool] = ..., note: _Optional[str] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[int] = ..., dim: _Optional[int] = ..., metric: _Optional[str] = ..., factory: _Optional[str] = ..., count: _Optional[int] = ..., trained: bool = ..., note: _Optional[str] = ...) -> None: ...
 
 class ListIndexesRequest(_message.Message):
     __slots__ = ()

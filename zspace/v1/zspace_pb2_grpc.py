@@ -5,7 +5,7 @@ import warnings
 
 from zspace.v1 import zspace_pb2 as zspace_dot_v1_dot_zspace__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.75.1'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -18,14 +18,14 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in zspace/v1/zspace_pb2_grpc.py depends on'
+        + f' but the generated code in zspace/v1/zspace_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
 
 
-class ZSpaceStub:
+class ZSpaceStub(object):
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -106,7 +106,7 @@ class ZSpaceStub:
                 _registered_method=True)
 
 
-class ZSpaceServicer:
+class ZSpaceServicer(object):
     """Missing associated documentation comment in .proto file."""
 
     def ListModels(self, request, context):
@@ -274,7 +274,7 @@ def add_ZSpaceServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class ZSpace:
+class ZSpace(object):
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
