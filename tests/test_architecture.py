@@ -2,9 +2,10 @@
 
     zspace (core)      bundle, transforms, data, runtime, files, errors, ...: no other layer
     zspace.v1          the generated protocol code: nothing of ours
+    zspace.kserve      the generated KServe v2 protocol code: nothing of ours
     zspace.training    core                      (the only layer with torch)
     zspace.index       core
-    zspace.service     core, index, v1
+    zspace.service     core, index, v1, kserve
     zspace.app         everything: the composition root (CLI, client CLI, index CLI, quickstart)
 
 Imports inside functions count too: a lazy import is still a dependency.
@@ -22,14 +23,16 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # Layer -> its folder in the repository.
-FOLDERS = {"zspace": ROOT / "zspace", "zspace.v1": ROOT / "zspace" / "v1", "zspace.training": ROOT / "training",
+FOLDERS = {"zspace": ROOT / "zspace", "zspace.v1": ROOT / "zspace" / "v1", "zspace.kserve": ROOT / "zspace" / "kserve",
+           "zspace.training": ROOT / "training",
            "zspace.index": ROOT / "index", "zspace.service": ROOT / "service", "zspace.app": ROOT / "zspace" / "app"}
 MAY_IMPORT = {
     "zspace": {"zspace"},
     "zspace.v1": {"zspace.v1"},
+    "zspace.kserve": {"zspace.kserve"},
     "zspace.training": {"zspace", "zspace.training"},
     "zspace.index": {"zspace", "zspace.index"},
-    "zspace.service": {"zspace", "zspace.v1", "zspace.index", "zspace.service"},
+    "zspace.service": {"zspace", "zspace.v1", "zspace.kserve", "zspace.index", "zspace.service"},
     "zspace.app": set(FOLDERS),
 }
 # Third-party packages a layer must not import: the serving image has no torch, the core stays light.
@@ -46,7 +49,7 @@ def layer_of_module(name: str) -> str | None:
         return "bare"  # the old top-level names: they no longer exist once installed
     if name != "zspace" and not name.startswith("zspace."):
         return None
-    for layer in ("zspace.app", "zspace.v1", "zspace.training", "zspace.index", "zspace.service"):
+    for layer in ("zspace.app", "zspace.v1", "zspace.kserve", "zspace.training", "zspace.index", "zspace.service"):
         if name == layer or name.startswith(layer + "."):
             return layer
     return "zspace"
@@ -54,7 +57,7 @@ def layer_of_module(name: str) -> str | None:
 
 def modules() -> list[tuple[str, Path]]:
     """(layer, file) for every module of the package."""
-    nested = [FOLDERS["zspace.app"], FOLDERS["zspace.v1"]]  # layers inside the core's folder
+    nested = [FOLDERS["zspace.app"], FOLDERS["zspace.v1"], FOLDERS["zspace.kserve"]]  # layers inside the core's folder
     out = []
     for layer, folder in FOLDERS.items():
         for path in sorted(folder.rglob("*.py")):
