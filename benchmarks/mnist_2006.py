@@ -105,7 +105,7 @@ def main(data, minutes, vae_minutes, augment_shift, activation, lr, batch_size, 
 
     shutil.rmtree(work / "pca", ignore_errors=True)
     pca_run = train(TrainConfig(model="pca", **common), work / "pca")
-    pca = evaluate_coder(coder_from_run(pca_run), ds, k=0, at=(10,), raw_baseline=True, progress=False)
+    pca = evaluate_coder(coder_from_run(pca_run), ds, k=0, at=(10,), baselines=("pca", "raw"), map_queries=None, progress=False)
     rows.append({"model": "PCA-30", "test_sq_error": pca["model"]["sq_error"], "paper": PAPER["pca_30"],
                  "precision@10": pca["model"]["precision@10"], "mAP": pca["model"]["mAP"],
                  "5nn_accuracy": pca["model"]["5nn_accuracy"]})
@@ -113,7 +113,7 @@ def main(data, minutes, vae_minutes, augment_shift, activation, lr, batch_size, 
 
     ae_cfg = TrainConfig(model="ae", augment_shift=augment_shift, **common)
     ae_run, ae_s = run_model(ae_cfg, work / "ae", minutes * 60, n_fit, ds.dim, ae_epochs, reuse_runs)
-    ae = evaluate_coder(coder_from_run(ae_run), ds, k=0, at=(10,), raw_baseline=False, progress=False)
+    ae = evaluate_coder(coder_from_run(ae_run), ds, k=0, at=(10,), baselines=("pca",), map_queries=None, progress=False)
     rows.insert(1, {"model": "deep AE 784-1000-500-250-30", "test_sq_error": ae["model"]["sq_error"],
                     "paper": PAPER["deep_ae_30"], "train_minutes": ae_s / 60,
                     **{m: ae["model"][m] for m in ("precision@10", "mAP", "5nn_accuracy")}})
@@ -122,7 +122,7 @@ def main(data, minutes, vae_minutes, augment_shift, activation, lr, batch_size, 
     if not skip_vae:
         vae_cfg = TrainConfig(model="vae", binarize=True, **common)
         vae_run, vae_s = run_model(vae_cfg, work / "vae", vae_minutes * 60, n_fit, ds.dim, reuse=reuse_runs)
-        vae = evaluate_coder(coder_from_run(vae_run), ds, k=k, nll_examples=nll_examples, at=(10,), raw_baseline=False)
+        vae = evaluate_coder(coder_from_run(vae_run), ds, k=k, nll_examples=nll_examples, at=(10,), baselines=("pca",), map_queries=None)
         rows.append({"model": "VAE 784-1000-500-250-30 (binarised)", "nll_is": vae["model"]["nll_is"],
                      "neg_elbo": vae["model"]["neg_elbo"], "train_minutes": vae_s / 60,
                      "test_sq_error": vae["model"]["sq_error"],

@@ -34,6 +34,25 @@ def test_train_evaluate_export_round_trip(tmp_path, cli):
     assert code == 0, text
 
 
+def test_evaluate_options_and_a_time_limited_run_that_resumes(tmp_path, cli):
+    out = tmp_path / "run"
+    code, text = cli("train", "--data", "digits", "--model", "vae", "--latent-dim", "3", "--hidden", "32",
+                     "--epochs", "40", "--time-limit", "0.0001", "--out", out)
+    assert code == 0 and "time limit" in text, text
+    epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(epochs) < 40, "stopped early"
+    code, text = cli("train", "--data", "digits", "--model", "vae", "--latent-dim", "3", "--hidden", "32",
+                     "--epochs", "3", "--resume", "--out", out)
+    assert code == 0, text
+    code, text = cli("evaluate", out, "--baselines", "none", "--queries", "50", "--k", "5", "--json", tmp_path / "e.json")
+    assert code == 0, text
+    report = json.loads((tmp_path / "e.json").read_text())
+    assert "pca" not in report and "raw" not in report and report["model"]["mAP_queries"] == 50
+    assert "cross-entropies" in text, "a Bernoulli decoder on grey levels is not called a likelihood"
+    code, text = cli("evaluate", out, "--baselines", "pca,pixels")
+    assert code == 2 and "--baselines: unknown pixels" in text
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -75,15 +75,17 @@ def main() -> None:
 @click.option("--weighting", type=click.Choice(["counts", "binary", "log1p", "tfidf"]), default="log1p", help="Texts: word weighting.")
 @click.option("--threads", type=click.IntRange(min=0), default=0, help="CPU threads for torch (0: torch's default).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Minutes: stop after the epoch that passes it (checkpoint kept); --resume continues the schedule.")
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Run folder to write.")
-def train(kind, out, resume, **opts) -> None:
+def train(kind, out, resume, time_limit, **opts) -> None:
     """Train a model and write checkpoints, metrics and plots into a run folder."""
     from zspace.training.plots import run_plots
     from zspace.training.train import TrainConfig
     from zspace.training.train import train as run_training
 
     cfg = TrainConfig(model=kind.replace("-", "_"), **opts)
-    run = run_training(cfg, Path(out), resume=resume)
+    run = run_training(cfg, Path(out), resume=resume, time_limit_s=time_limit * 60 if time_limit else None)
     pngs = run_plots(run)
     click.echo(f"run: {run}  (best.pt, metrics.jsonl, {', '.join(p.name for p in pngs)})")
 
@@ -94,12 +96,18 @@ def train(kind, out, resume, **opts) -> None:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write the report here.")
 @click.option("--k", "k", type=click.IntRange(min=0), default=1000, help="VAE kinds: importance samples per example (0: skip).")
 @click.option("--nll-examples", type=click.IntRange(min=1), default=None, help="VAE kinds: IS-NLL on the first N test rows only (default: all).")
-def evaluate(target, data, json_path, k, nll_examples) -> None:
-    """Evaluate a run folder or a bundle on a data set's test split, beside PCA."""
+@click.option("--queries", type=click.IntRange(min=1), default=1000,
+              help="mAP on this many test queries drawn with a fixed seed (precision@10 and k-NN always take all).")
+@click.option("--full", is_flag=True, help="mAP on every test query (ranks the whole training set for each: slow).")
+@click.option("--baselines", default="pca,raw", help="Baselines beside the model: a comma list of pca, raw; or none.")
+def evaluate(target, data, json_path, k, nll_examples, queries, full, baselines) -> None:
+    """Evaluate a run folder or a bundle on a data set's test split, beside PCA and the raw input."""
     from zspace.training.evaluate import evaluate as run_eval
     from zspace.training.evaluate import format_table, write_json
 
-    report = run_eval(Path(target), data, k=k, nll_examples=nll_examples)
+    chosen = tuple(b.strip() for b in baselines.split(",") if b.strip() and b.strip() != "none")
+    report = run_eval(Path(target), data, k=k, nll_examples=nll_examples, baselines=chosen,
+                      map_queries=None if full else queries)
     click.echo(format_table(report))
     if (Path(target) / "run.json").is_file():
         write_json(report, Path(target) / "evaluation.json")
