@@ -154,3 +154,24 @@ def test_importance_sampling_with_one_sample_is_the_elbo(vae_run):
     x = load_dataset("digits").x_test[:20]
     r = importance_sampled(coder, x, k=1, progress=False)
     assert r["nll_is"] == pytest.approx(r["neg_elbo"])
+
+
+def test_small_data_gets_a_smaller_batch_and_enough_steps():
+    from zspace.training.train import MIN_STEPS, TrainConfig, sized_for
+
+    small, note = sized_for(TrainConfig(epochs=0, batch_size=0), 540)  # ~600 images, 10% held out
+    assert small.batch_size == 16 and small.epochs * -(-540 // 16) >= MIN_STEPS
+    assert "batch 16 (auto" in note and "epochs (auto" in note
+    mnist, _ = sized_for(TrainConfig(epochs=0, batch_size=0), 54_000)
+    assert (mnist.batch_size, mnist.epochs) == (128, 30), "large data: the 2006 recipe's sizes, unchanged"
+    given, note = sized_for(TrainConfig(epochs=7, batch_size=64), 540)
+    assert (given.batch_size, given.epochs, note) == (64, 7, None), "explicit values are kept"
+
+
+def test_the_cli_says_what_it_chose(idx_dir, tmp_path, cli):
+    code, text = cli("train", "--data", f"idx:{idx_dir}", "--model", "ae", "--latent-dim", "2", "--hidden", "8",
+                     "--out", tmp_path / "run")
+    assert code == 0, text
+    assert "train: 54 rows: batch 16 (auto" in text and "750 epochs (auto" in text
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert (info["config"]["batch_size"], info["config"]["epochs"]) == (16, 750)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +29,8 @@ class TrainConfig:
     hidden: tuple[int, ...] = (1000, 500, 250)
     activation: str = "relu"
     likelihood: str = "auto"  # auto: bernoulli for images, multinomial for texts, gaussian otherwise
-    epochs: int = 30
-    batch_size: int = 128
+    epochs: int = 30      # 0: auto (sized_for)
+    batch_size: int = 128  # 0: auto (sized_for)
     lr: float = 2e-3
     weight_decay: float = 0.0
     warmup_frac: float = 0.05
@@ -162,6 +162,26 @@ class Session:
     best: float = float("inf")
 
 
+MIN_STEPS = 3000  # optimisation steps an auto-sized run takes at least
+
+
+def sized_for(cfg: TrainConfig, n_fit: int) -> tuple[TrainConfig, str | None]:
+    """Fill in an auto batch size and epoch count (0) for `n_fit` training rows; a line saying what was chosen.
+
+    Why: with ~600 images a batch of 128 makes 4 steps an epoch, and 40 epochs (160 steps)
+    left a VAE collapsed (precision@10 0.42 against PCA's 0.76; batch 32 and 60 epochs
+    gave 0.74). So the batch shrinks with the data (a 32nd of it, 16 to 128 rows) and
+    the epochs grow until the run takes at least MIN_STEPS steps (30 at the least)."""
+    if cfg.batch_size and cfg.epochs:
+        return cfg, None
+    batch = cfg.batch_size or min(128, max(16, n_fit // 32))
+    steps = math.ceil(n_fit / batch)
+    epochs = cfg.epochs or max(30, math.ceil(MIN_STEPS / steps))
+    said = [f"batch {batch}" + (" (auto: a 32nd of the rows, 16 to 128)" if not cfg.batch_size else ""),
+            f"{epochs} epochs" + (f" (auto: at least 30 and {MIN_STEPS} steps)" if not cfg.epochs else "")]
+    return replace(cfg, batch_size=batch, epochs=epochs), f"train: {n_fit} rows: {', '.join(said)}, {steps} steps an epoch"
+
+
 def setup(cfg: TrainConfig, out: Path, resume: bool, log) -> Session:
     """Data (the run's own transform when resuming, a fresh fit otherwise), model and run folder."""
     if cfg.threads:
@@ -175,8 +195,9 @@ def setup(cfg: TrainConfig, out: Path, resume: bool, log) -> Session:
         if (out / LAST).exists():
             raise UserError(f"--out: {out} already holds a run; pass --resume to continue it or pick another folder")
         ds = load_dataset(cfg.data, vocab_size=cfg.vocab_size, weighting=cfg.weighting)
-    mcfg = check_config(cfg, ds)
     tr_idx, val_idx = validation_split(len(ds.x_train), cfg.val_fraction)
+    cfg, note = sized_for(cfg, len(tr_idx))
+    mcfg = check_config(cfg, ds)
     x_train = torch.from_numpy(ds.x_train[tr_idx]).to(device)
     x_val = torch.from_numpy(ds.x_train[val_idx] if len(val_idx) else ds.x_test).to(device)
     if cfg.binarize:
@@ -191,6 +212,8 @@ def setup(cfg: TrainConfig, out: Path, resume: bool, log) -> Session:
         (out / METRICS).write_text("")
     log(f"train: {cfg.model} on {ds.name} ({len(tr_idx)} fit / {len(val_idx)} val / {len(ds.x_test)} test, "
         f"{ds.dim}-d -> {cfg.latent_dim}-d, {mcfg.likelihood}) on {device}")
+    if note:
+        log(note)
     return Session(cfg=cfg, out=out, device=device, ds=ds, model=model, x_train=x_train, x_val=x_val)
 
 
@@ -258,6 +281,7 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False, quiet: bool = False
     out, started = Path(out), time.monotonic()
     log = (lambda msg: None) if quiet else (lambda msg: print(msg, flush=True))
     s = setup(cfg, out, resume, log)
+    cfg = s.cfg  # with an auto batch size and epoch count filled in
     if cfg.model == "pca":
         return _fit_pca(s.model, s.x_train, s.x_val, out)
     restore(s, log)

@@ -58,8 +58,10 @@ def main() -> None:
 @click.option("--activation", type=click.Choice(["relu", "silu", "gelu", "elu", "sigmoid", "tanh"]), default="relu", help="Hidden unit.")
 @click.option("--likelihood", type=click.Choice(["auto", "bernoulli", "gaussian", "multinomial"]), default="auto",
               help="Decoder distribution; auto: bernoulli for [0,1] images, multinomial (softmax over words) for texts, gaussian otherwise.")
-@click.option("--epochs", type=click.IntRange(min=1), default=30, help="Training epochs (total, also when resuming).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=128, help="Examples per step.")
+@click.option("--epochs", type=click.IntRange(min=0), default=0,
+              help="Training epochs (total, also when resuming); 0: auto, 30 or more so that small data sets still get 3000 steps.")
+@click.option("--batch-size", type=click.IntRange(min=0), default=0,
+              help="Examples per step; 0: auto, a 32nd of the training rows, 16 to 128 (128 from 4096 rows on).")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-3, help="Peak learning rate (warm-up then cosine).")
 @click.option("--weight-decay", type=click.FloatRange(min=0), default=0.0, help="AdamW weight decay.")
 @click.option("--seed", type=int, default=0, help="Seed for initialisation, shuffling and sampling.")
