@@ -10,6 +10,7 @@ leaves nothing behind.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -33,11 +34,24 @@ def parse_dataset_key(key: str) -> tuple[str, str, int]:
     return dataset, split, int(row)
 
 
-def build_index(model_ref: Path, data_spec: str, out: Path, factory: str = "Flat", metric: str | None = None,
-                split: str = "train", batch_size: int = 1024, device: str = "auto", quiet: bool = False) -> LatentIndex:
+def build_index(model_ref: Path, data_spec: str, out: Path, factory: str | None = None, metric: str | None = None,
+                split: str = "train", batch_size: int = 1024, device: str = "auto", quiet: bool = False,
+                backend: str = "faiss", uri: str | None = None, collection: str | None = None):
+    """Encode a data set's split and store the codes in a new index of either backend.
+
+    FAISS (default factory Flat): assembled in a hidden folder, renamed into place whole.
+    Milvus (default factory HNSW32, `uri` required): the collection is filled first and
+    index.json written last, so a watcher sees no index until it is complete; a failed
+    build drops the collection and removes what it wrote."""
     out = Path(out)
     if (out / "index.json").exists():
         raise IndexError_(f"{out}: an index already exists here")
+    if backend not in ("faiss", "milvus"):
+        raise IndexError_(f"--backend: expected faiss or milvus, got {backend!r}")
+    if backend == "faiss" and (uri or collection):
+        raise IndexError_("--uri and --collection are for --backend milvus")
+    if backend == "milvus" and not uri:
+        raise IndexError_("--backend milvus needs --uri: a milvus-lite file (e.g. indexes/NAME/milvus.db) or http://host:19530")
     runtime = open_runtime(load_bundle(resolve_bundle(model_ref)), device)
     bundle = runtime.bundle
     ds = load_dataset(data_spec, transform=runtime.transform)
@@ -45,27 +59,47 @@ def build_index(model_ref: Path, data_spec: str, out: Path, factory: str = "Flat
     splits = {"train": [("train", ds.x_train, ds.y_train, ds.sources_train)],
               "test": [("test", ds.x_test, ds.y_test, ds.sources_test)]}
     splits["all"] = splits["train"] + splits["test"]
-    manifest = LatentIndex.new_manifest(bundle.name, bundle.version, bundle.latent_dim, factory, metric)
+
+    def fill(index) -> None:
+        for name, x, y, sources in splits[split]:
+            bar = None if quiet else Progress(-(-len(x) // batch_size), f"index {name}")
+            for start in range(0, len(x), batch_size):
+                rows = range(start, min(start + batch_size, len(x)))
+                codes = runtime.encode(np.ascontiguousarray(x[start : rows.stop]))[0]  # VAE kinds: the means
+                # The user's own ids when the data carries them (a .jsonl's `id`), else <dataset>/<split>/<row>.
+                keys = [sources[i] if ds.sources_are_ids else dataset_key(ds.name, name, i) for i in rows]
+                payloads = [{"split": name, "source": sources[i] if sources else None,
+                             **({"label": ds.classes[int(y[i])] if ds.classes else int(y[i])} if y is not None else {})}
+                            for i in rows]
+                index.upsert(keys, codes, payloads, maintain=False)
+                if bar:
+                    bar.update()
+            if bar:
+                bar.close(f"{index.stats()['count']} items")
+        index.finish_build()
+
+    if backend == "milvus":
+        from zspace.index.milvus_index import MilvusIndex
+
+        existed = out.exists()
+        index = MilvusIndex.create(out, bundle.name, bundle.version, bundle.latent_dim, uri, collection,
+                                   factory or "HNSW32", metric, deferred=True)
+        try:
+            fill(index)
+            index.publish()
+        except BaseException:
+            index.client.drop_collection(index.collection)
+            index.close()
+            (out / "index.json").unlink(missing_ok=True)
+            if not existed:
+                shutil.rmtree(out, ignore_errors=True)
+            raise
+        return index
+    manifest = LatentIndex.new_manifest(bundle.name, bundle.version, bundle.latent_dim, factory or "Flat", metric)
     with staged_folder(out) as tmp:
         index = LatentIndex.initialise(tmp, manifest)
         try:
-            for name, x, y, sources in splits[split]:
-                bar = None if quiet else Progress(-(-len(x) // batch_size), f"index {name}")
-                for start in range(0, len(x), batch_size):
-                    rows = range(start, min(start + batch_size, len(x)))
-                    codes = runtime.encode(np.ascontiguousarray(x[start : rows.stop]))[0]  # VAE kinds: the means
-                    # The user's own ids when the data carries them (a .jsonl's `id`), else <dataset>/<split>/<row>.
-                    keys = [sources[i] if ds.sources_are_ids else dataset_key(ds.name, name, i) for i in rows]
-                    payloads = [{"split": name, "source": sources[i] if sources else None,
-                                 **({"label": ds.classes[int(y[i])] if ds.classes else int(y[i])} if y is not None else {})}
-                                for i in rows]
-                    index.upsert(keys, codes, payloads, maintain=False)
-                    if bar:
-                        bar.update()
-                if bar:
-                    bar.close(f"{index.stats()['count']} items")
-            if index.traits.needs_training:
-                index.rebuild()  # trains on every code at once (FAISS warns below 39 per IVF list)
+            fill(index)
         finally:
             index.close()  # a snapshot of the finished index, so opening it replays nothing
     return LatentIndex.open(out)

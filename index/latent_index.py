@@ -35,6 +35,7 @@ from zspace.index.store import ItemStore, Written, check_key, payload_json
 log = logging.getLogger("zspace.index")
 FORMAT_VERSION = 1
 METRICS = ("l2", "cosine")
+BACKENDS = ("faiss", "milvus")
 TOMBSTONE_FRACTION = 0.2
 
 
@@ -52,6 +53,37 @@ def check_manifest(m: object, path: Path) -> None:
         raise IndexError_(f"{where}: field 'metric' must be l2 or cosine, got {m.get('metric')!r}")
     if not isinstance(m.get("factory"), str):
         raise IndexError_(f"{where}: field 'factory' must be a FAISS factory string, got {m.get('factory')!r}")
+    if m.get("backend", "faiss") not in BACKENDS:
+        raise IndexError_(f"{where}: field 'backend' must be one of {', '.join(BACKENDS)}, got {m.get('backend')!r}")
+
+
+def read_manifest(path: Path) -> dict:
+    """An index folder's index.json, checked field by field."""
+    try:
+        manifest = json.loads((Path(path) / "index.json").read_text())
+    except FileNotFoundError:
+        raise IndexError_(f"{path}: not an index (no index.json)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise IndexError_(f"{path}/index.json: unreadable ({exc})") from None
+    check_manifest(manifest, Path(path))
+    return manifest
+
+
+def open_index(path: Path, model_name: str | None = None, model_version: int | None = None,
+               snapshots: bool = True, follow: bool = False):
+    """Open an index folder of either backend: FAISS here (LatentIndex) or Milvus (milvus_index.MilvusIndex).
+
+    snapshots and follow concern the FAISS backend only (Milvus keeps no local copy)."""
+    manifest = read_manifest(path)
+    model = manifest["model"]
+    if model_name is not None and (model["name"], model["version"]) != (model_name, model_version):
+        raise IndexError_(f"{path}: this index holds codes of {model['name']}/{model['version']}, "
+                          f"not {model_name}/{model_version}; codes mean nothing to another model")
+    if manifest.get("backend", "faiss") == "milvus":
+        from zspace.index.milvus_index import MilvusIndex
+
+        return MilvusIndex.open(Path(path), manifest)
+    return LatentIndex(Path(path), manifest, snapshots, follow)
 
 
 class RWLock:
@@ -182,19 +214,12 @@ class LatentIndex:
     @classmethod
     def open(cls, path: Path, model_name: str | None = None, model_version: int | None = None,
              snapshots: bool = True, follow: bool = False) -> LatentIndex:
-        path = Path(path)
-        try:
-            manifest = json.loads((path / "index.json").read_text())
-        except FileNotFoundError:
-            raise IndexError_(f"{path}: not an index (no index.json)") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise IndexError_(f"{path}/index.json: unreadable ({exc})") from None
-        check_manifest(manifest, path)
-        model = manifest["model"]
-        if model_name is not None and (model["name"], model["version"]) != (model_name, model_version):
-            raise IndexError_(f"{path}: this index holds codes of {model['name']}/{model['version']}, "
-                              f"not {model_name}/{model_version}; codes mean nothing to another model")
-        return cls(path, manifest, snapshots, follow)
+        """A FAISS index folder (open_index opens either backend)."""
+        index = open_index(path, model_name, model_version, snapshots, follow)
+        if not isinstance(index, LatentIndex):
+            index.close()
+            raise IndexError_(f"{path}: a {index.manifest['backend']} index; open it with open_index")
+        return index
 
     def _empty(self, trainable_now: bool):
         return empty_index(self.traits, self.dim, self.metric, trainable_now)
@@ -480,6 +505,15 @@ class LatentIndex:
         for old in self.path.glob("index-*.faiss"):
             if old.name != name:
                 old.unlink(missing_ok=True)
+
+    def finish_build(self) -> None:
+        """After a bulk load (upserts with maintain=False): train on every code at once where the factory needs it."""
+        if self.traits.needs_training:
+            self.rebuild()  # FAISS warns below 39 codes per IVF list
+
+    def release(self) -> None:
+        """Let go of the store without a snapshot (an index that will not be served)."""
+        self.store.close()
 
     def close(self) -> None:
         if self.snapshots:

@@ -20,6 +20,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from zspace.errors import UserError
 from zspace.index.hits import Hit
 from zspace.v1 import zspace_pb2 as pb
 from zspace.v1 import zspace_pb2_grpc as pb_grpc
@@ -74,6 +75,38 @@ def _decoded(resp: pb.DecodeResponse) -> Decoded:
     return Decoded(from_tensor(resp.outputs.tensor), from_tensor(resp.latents), list(resp.outputs.png), resp.version)
 
 
+def channel_target(target: str) -> tuple[str, bool]:
+    """(the gRPC target, whether calls should be balanced over several servers).
+
+    "HOST:PORT" is one server. "H1:P1,H2:P2,..." lists replicas: their addresses go into
+    gRPC's own `ipv4:`/`ipv6:` target (names are resolved once, here), and the channel
+    balances calls round robin over them, without a proxy. "dns:///NAME:PORT" asks DNS,
+    which gRPC re-resolves (a Kubernetes headless service, compose's service name), and
+    is balanced round robin too."""
+    import socket
+
+    if target.startswith("dns:"):
+        return target, True
+    parts = [p.strip() for p in target.split(",") if p.strip()]
+    if len(parts) < 2:
+        return target, False
+    families, addresses = set(), []
+    for part in parts:
+        host, sep, port = part.rpartition(":")
+        if not sep or not port.isdigit():
+            raise UserError(f"--target: {part!r} is not HOST:PORT")
+        try:
+            family, _, _, _, sockaddr = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM)[0]
+        except socket.gaierror as exc:
+            raise UserError(f"--target: cannot resolve {host!r} ({exc.strerror})") from None
+        families.add(family)
+        addresses.append(f"[{sockaddr[0]}]:{port}" if family == socket.AF_INET6 else f"{sockaddr[0]}:{port}")
+    if len(families) > 1:
+        raise UserError("--target: a mix of IPv4 and IPv6 replicas; list one family, or use dns:///NAME:PORT")
+    scheme = "ipv6" if families == {socket.AF_INET6} else "ipv4"
+    return f"{scheme}:{','.join(addresses)}", True
+
+
 def retry_config(attempts: int) -> str:
     return json.dumps({"methodConfig": [{
         "name": [{"service": "zspace.v1.ZSpace"}, {"service": "grpc.health.v1.Health"}],
@@ -88,6 +121,9 @@ class ZSpaceClient:
                  options: list[tuple[str, object]] | None = None, tls_server_name: str | None = None):
         limit = max_message_mb * 1024 * 1024
         opts = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+        target, balanced = channel_target(target)  # several replicas: round robin over them (see channel_target)
+        if balanced:
+            opts.append(("grpc.lb_policy_name", "round_robin"))
         if retries > 1:  # gRPC wants at least 2 attempts in a retry policy; 1 means no retries
             opts += [("grpc.enable_retries", 1), ("grpc.service_config", retry_config(retries))]
         else:

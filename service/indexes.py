@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from zspace.errors import NotFound, shown
-from zspace.index.latent_index import IndexBusy, LatentIndex
+from zspace.index.latent_index import IndexBusy, LatentIndex, open_index
 from zspace.service.batcher import DynamicBatcher, WouldBlock
 from zspace.service.config import SearchConfig
 from zspace.service.repository import ModelRepository
@@ -87,13 +87,13 @@ class IndexRegistry:
                 continue
             index = None
             try:
-                index = LatentIndex.open(folder, snapshots=self.snapshots, follow=self.follow)
+                index = open_index(folder, snapshots=self.snapshots, follow=self.follow)
                 rt = self.repo.get(*index.model)  # NotFound if not loaded
                 if rt.latent_dim != index.dim:
                     raise ValueError(f"model {rt.name}/{rt.version} has {rt.latent_dim}-d codes, the index {index.dim}")
             except Exception as exc:
                 if index is not None:
-                    index.store.close()  # not served: let go of its SQLite file
+                    index.release()  # not served: let go of its SQLite file or Milvus connection
                 reason = str(exc)
                 broken[str(folder)] = f"not served: {reason}"
                 if self.broken.get(str(folder)) != broken[str(folder)]:  # say it once, not at every rescan

@@ -1,4 +1,7 @@
-"""Indexes end to end: built by the CLI from an exported encoder, served over gRPC on loopback."""
+"""Indexes end to end: built by the CLI from an exported encoder, served over gRPC on loopback.
+
+Every test runs on both backends with the same body: FAISS + SQLite in the folder, and
+Milvus (a milvus-lite file in the folder, through the real pymilvus client)."""
 
 from __future__ import annotations
 
@@ -11,21 +14,37 @@ import pytest
 from serving import start_thread
 
 from zspace.data import load_dataset
-from zspace.index.latent_index import LatentIndex
+from zspace.index.latent_index import LatentIndex, open_index
 from zspace.service.client import ZSpaceClient, to_tensor
 from zspace.training.export import export_run
 from zspace.v1 import zspace_pb2 as pb
 
 
-@pytest.fixture(scope="module")
-def layout(vae_run, tmp_path_factory, cli):
-    root = tmp_path_factory.mktemp("deploy")
+def backend_options(backend: str) -> list[str]:
+    """`zspace index build` options of a backend: milvus keeps its items in a milvus-lite file in the folder."""
+    return ["--backend", "milvus", "--uri", "milvus.db"] if backend == "milvus" else []
+
+
+def create_index(backend: str, folder, model: str, version: int, dim: int) -> None:
+    if backend == "milvus":
+        from zspace.index.milvus_index import MilvusIndex
+
+        MilvusIndex.create(folder, model, version, dim, "milvus.db", factory="Flat").close()
+    else:
+        LatentIndex.create(folder, model, version, dim).close()
+
+
+@pytest.fixture(scope="module", params=["faiss", "milvus"])
+def layout(request, vae_run, tmp_path_factory, cli):
+    root = tmp_path_factory.mktemp(f"deploy-{request.param}")
+    root.joinpath("backend").write_text(request.param)
     export_run(vae_run, root / "models", "digits")
     code, out = cli("index", "build", "--model", root / "models" / "digits", "--data", "digits",
-                    "--out", root / "indexes" / "digits")
+                    "--out", root / "indexes" / "digits", "--factory", "Flat", *backend_options(request.param))
     assert code == 0, out
     code, out = cli("index", "build", "--model", root / "models" / "digits" / "1", "--data", "digits",
-                    "--out", root / "indexes" / "digits-hnsw", "--factory", "HNSW32", "--split", "test")
+                    "--out", root / "indexes" / "digits-hnsw", "--factory", "HNSW32", "--split", "test",
+                    *backend_options(request.param))
     assert code == 0, out
     return root
 
@@ -65,7 +84,7 @@ def test_search_by_tensor_image_and_key_equals_local(client, layout):
     by_vector = client.search("digits", vectors=codes, k=5)
     assert by_input == by_vector
     assert [row[0][0] for row in by_input] == [f"digits/train/{i}" for i in range(4)], "each item finds itself"
-    local = LatentIndex.open(layout / "indexes" / "digits").search(codes, 5)
+    local = open_index(layout / "indexes" / "digits").search(codes, 5)
     assert [[h[0] for h in r] for r in local] == [[h[0] for h in r] for r in by_input]
     by_key = client.search("digits", key="digits/train/2", k=5)
     assert [h[0] for h in by_key[0]] == [h[0] for h in by_input[2]]
@@ -115,8 +134,9 @@ def test_index_bad_input(client):
 def test_empty_index_and_model_pairing(layout, tmp_path):
     models = tmp_path / "models"
     shutil.copytree(layout / "models" / "digits", models / "digits")
-    LatentIndex.create(tmp_path / "indexes" / "empty", "digits", 1, 4).close()
-    LatentIndex.create(tmp_path / "indexes" / "orphan", "digits", 7, 4).close()
+    backend = (layout / "backend").read_text()
+    create_index(backend, tmp_path / "indexes" / "empty", "digits", 1, 4)
+    create_index(backend, tmp_path / "indexes" / "orphan", "digits", 7, 4)
     s = start_thread(models, indexes=tmp_path / "indexes")
     try:
         with ZSpaceClient(s.target) as c:

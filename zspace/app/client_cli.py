@@ -29,7 +29,8 @@ class RpcGroup(click.Group):
 
 
 @click.group(cls=RpcGroup, context_settings={"show_default": True})
-@click.option("--target", default="127.0.0.1:50051", help="Server address HOST:PORT.")
+@click.option("--target", default="127.0.0.1:50051",
+              help="Server address HOST:PORT; replicas as H1:P1,H2:P2 or dns:///NAME:PORT (calls balanced round robin).")
 @click.option("--token-env", default="ZSPACE_TOKEN", help="Send the bearer token from this environment variable, when set.")
 @click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False), default=None, help="PEM CA certificate: use TLS.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=30.0, help="Deadline per call, seconds.")

@@ -50,16 +50,23 @@ def index_group() -> None:
               help="models/NAME (highest version) or models/NAME/VERSION.")
 @click.option("--data", required=True, help=f"Data set: {SPEC_HELP}.")
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Index folder to create, e.g. indexes/NAME.")
-@click.option("--factory", default="Flat", help="FAISS factory string: Flat, HNSW32, IVF256,Flat, IVF256,PQ8 ...")
+@click.option("--factory", default=None,
+              help="FAISS factory string: Flat, HNSW32, IVF256,Flat, IVF256,PQ8 ... (milvus: Flat, HNSW<M>, IVF<n>,Flat). "
+                   "Default: Flat (faiss), HNSW32 (milvus).")
 @click.option("--metric", type=click.Choice(["auto", "l2", "cosine"]), default="auto", help="auto: cosine for texts, l2 otherwise.")
 @click.option("--split", type=click.Choice(["train", "test", "all"]), default="train", help="Which split to store.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1024, help="Rows per encoder call.")
-def build(model_ref, data, out, factory, metric, split, batch_size) -> None:
+@click.option("--backend", type=click.Choice(["faiss", "milvus"]), default="faiss",
+              help="faiss: FAISS + SQLite in the folder; milvus: a Milvus collection the folder names.")
+@click.option("--uri", default=None, help="milvus: a milvus-lite file (relative to the index folder if not absolute) "
+                                          "or a server, e.g. http://host:19530.")
+@click.option("--collection", default=None, help="milvus: the collection name (default: the folder's name).")
+def build(model_ref, data, out, factory, metric, split, batch_size, backend, uri, collection) -> None:
     """Encode a data set's split with the exported encoder and store the codes."""
     from zspace.index.build import build_index
 
     index = build_index(Path(model_ref), data, Path(out), factory=factory, metric=None if metric == "auto" else metric,
-                        split=split, batch_size=batch_size)
+                        split=split, batch_size=batch_size, backend=backend, uri=uri, collection=collection)
     click.echo(json.dumps({"index": out, **index.stats()}, indent=1))
     index.close()
 
@@ -71,9 +78,9 @@ def build(model_ref, data, out, factory, metric, split, batch_size) -> None:
 def search(index_dir, key, pngs, texts, npy, k, where, models) -> None:
     """Nearest stored items to a stored key, raw inputs, or codes; JSON out."""
     from zspace.index.build import query_codes
-    from zspace.index.latent_index import LatentIndex
+    from zspace.index.latent_index import open_index
 
-    index = LatentIndex.open(Path(index_dir))
+    index = open_index(Path(index_dir))
     if key is not None:
         try:
             queries = index.get(key).vector[None]
@@ -93,6 +100,8 @@ def search(index_dir, key, pngs, texts, npy, k, where, models) -> None:
 @click.argument("index_dir", type=click.Path(exists=True, file_okay=False))
 def stats(index_dir) -> None:
     """Model, metric, factory, count and training state of an index."""
-    from zspace.index.latent_index import LatentIndex
+    from zspace.index.latent_index import open_index
 
-    click.echo(json.dumps(LatentIndex.open(Path(index_dir)).stats(), indent=1))
+    index = open_index(Path(index_dir))
+    click.echo(json.dumps(index.stats(), indent=1))
+    index.release()

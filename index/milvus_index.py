@@ -1,0 +1,280 @@
+"""A latent index kept in Milvus (pymilvus's MilvusClient): the distributed backend.
+
+The index folder holds only index.json, with `"backend": "milvus"`, the URI and
+the collection; the items live in Milvus. A URI is a Milvus standalone or cluster
+(`http://host:19530`), a `milvus-lite server` (the same protocol), or a local
+milvus-lite file (`*.db`: one process at a time; a relative path is read from the
+index folder, so the folder can move).
+
+Same contract as the FAISS backend (latent_index.LatentIndex): caller-given
+string keys, JSON object payloads, the model version bound to the index and
+checked on open (it is also stored as a collection property, so two index
+folders cannot disagree about one collection), equality filters on payload fields.
+
+What Milvus decides: the collection is created with consistency level Strong, so
+a search sees every write acknowledged before it (read-your-writes, also across
+replicas); a write is acknowledged once Milvus has logged it (its write-ahead log:
+a kill -9 of zspace loses nothing acknowledged; Milvus's own durability is its
+deployment's). Upsert replaces by primary key; delete is by key.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from zspace.errors import NotFound, shown
+from zspace.index.errors import FactoryError, IndexError_
+from zspace.index.hits import Hit
+from zspace.index.store import FilterError, Item, check_filter, check_key, payload_json
+
+MODEL_PROPERTY = "zspace.model"
+_LITE_USERS: dict[str, int] = {}  # milvus-lite file -> clients open on it in this process
+_LITE_LOCK = threading.Lock()
+KEY_BYTES = 4096  # Milvus VARCHAR bounds bytes; a key is at most 1,024 characters of up to 4 bytes each
+METRICS = {"l2": "L2", "cosine": "COSINE"}
+
+
+def index_params(factory: str) -> tuple[str, dict]:
+    """A FAISS-style factory string as a Milvus index: Flat, HNSW<M>, IVF<nlist>,Flat (or a Milvus type name)."""
+    f = factory.strip()
+    if f.upper() in ("FLAT", "AUTOINDEX"):
+        return f.upper(), {}
+    if m := re.fullmatch(r"HNSW(\d*)", f, re.IGNORECASE):
+        return "HNSW", {"M": int(m.group(1) or 16), "efConstruction": 64}
+    if m := re.fullmatch(r"IVF(\d+)(,Flat)?", f, re.IGNORECASE):
+        return "IVF_FLAT", {"nlist": int(m.group(1))}
+    raise FactoryError(f"factory: {factory!r} has no Milvus counterpart here; use Flat, HNSW<M> or IVF<nlist>,Flat")
+
+
+def literal(value) -> str:
+    """A JSON scalar as a Milvus expression literal: strings quoted and escaped, so a value never becomes syntax."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if any(ord(c) < 32 for c in value):
+        raise FilterError("filter value: control characters cannot be matched by the milvus backend")
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def filter_expression(field: str, value) -> str:
+    """`payload["field"] == value`, with the FAISS backend's number/string tolerance: 7 matches 7 and "7"."""
+    check_filter(field, value)  # the field has no quotes, backslashes or control characters
+    if value is None:
+        raise FilterError("filter value: null is not supported by the milvus backend")
+    path = f'payload["{field}"]'
+    same = f"{path} == {literal(value)}"
+    if isinstance(value, bool):
+        return same
+    if isinstance(value, (int, float)):
+        return f"({same} or {path} == {literal(json.dumps(value))})"
+    try:
+        number = json.loads(value)
+    except ValueError:
+        return same
+    if isinstance(number, (int, float)) and not isinstance(number, bool) and math.isfinite(number):
+        return f"({same} or {path} == {literal(number)})"
+    return same
+
+
+def resolve_uri(uri: str, folder: Path) -> str:
+    """A local milvus-lite file is read relative to the index folder; a server URI is used as it is."""
+    if "://" in uri:
+        return uri
+    path = Path(uri)
+    return str(path if path.is_absolute() else (Path(folder) / path).resolve())
+
+
+class MilvusIndex:
+    """The Milvus backend: the LatentIndex surface the service and the CLI use."""
+
+    cheap_queries = False  # every search is a network call: never on the event loop
+
+    def __init__(self, path: Path, manifest: dict, client, collection: str):
+        self.path, self.manifest, self.client, self.collection = Path(path), manifest, client, collection
+        self.dim, self.metric, self.factory = int(manifest["dim"]), manifest["metric"], manifest["factory"]
+
+    # ------------------------------------------------------------ create / open
+
+    @staticmethod
+    def connect(uri: str, folder: Path):
+        from pymilvus import MilvusClient
+
+        resolved = resolve_uri(uri, folder)
+        try:
+            client = MilvusClient(resolved)
+            if "://" not in resolved:
+                with _LITE_LOCK:
+                    _LITE_USERS[resolved] = _LITE_USERS.get(resolved, 0) + 1
+                client.zspace_lite_file = resolved
+            return client
+        except Exception as exc:  # pymilvus raises its own exception types for an unreachable or locked URI
+            hint = " (a milvus-lite file serves one process at a time: run `milvus-lite server` for several)" \
+                if "://" not in uri else ""
+            raise IndexError_(f"milvus: cannot open {uri} ({getattr(exc, 'message', exc)}){hint}") from None
+
+    @classmethod
+    def create(cls, path: Path, model_name: str, model_version: int, dim: int, uri: str, collection: str | None = None,
+               factory: str = "HNSW32", metric: str = "l2", deferred: bool = False) -> MilvusIndex:
+        """A new collection and the folder's index.json naming it. deferred: index.json waits for publish()
+        (a build fills the collection first: a folder without index.json is no index to a server)."""
+        from pymilvus import DataType
+
+        from zspace.files import write_atomic
+
+        path = Path(path)
+        if (path / "index.json").exists():
+            raise IndexError_(f"{path}: an index already exists here")
+        if metric not in METRICS:
+            raise IndexError_(f"metric: expected l2 or cosine, got {metric!r}")
+        kind, params = index_params(factory)
+        collection = collection or re.sub(r"[^A-Za-z0-9_]", "_", path.name)
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,254}", collection):
+            raise IndexError_(f"--collection: {collection!r} is not a Milvus collection name (letters, digits, _)")
+        path.mkdir(parents=True, exist_ok=True)
+        client = cls.connect(uri, path)
+        if client.has_collection(collection):
+            raise IndexError_(f"milvus: collection {collection!r} already exists at {uri}; pick another --collection")
+        schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field("key", DataType.VARCHAR, is_primary=True, max_length=KEY_BYTES)
+        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=int(dim))
+        schema.add_field("payload", DataType.JSON)
+        index = client.prepare_index_params()
+        index.add_index(field_name="vector", index_type=kind, metric_type=METRICS[metric], params=params)
+        client.create_collection(collection, schema=schema, index_params=index, consistency_level="Strong",
+                                 properties={MODEL_PROPERTY: f"{model_name}/{int(model_version)}"})
+        manifest = {"format_version": 1, "backend": "milvus", "uri": uri, "collection": collection,
+                    "model": {"name": model_name, "version": int(model_version)}, "dim": int(dim), "metric": metric,
+                    "factory": factory}
+        index = cls(path, manifest, client, collection)
+        index.publish = lambda: write_atomic(path / "index.json", json.dumps(manifest, indent=1))
+        if not deferred:
+            index.publish()
+        return index
+
+    @classmethod
+    def open(cls, path: Path, manifest: dict) -> MilvusIndex:
+        for field in ("uri", "collection"):
+            if not isinstance(manifest.get(field), str) or not manifest[field]:
+                raise IndexError_(f"{path}/index.json: field {field!r} must name the Milvus {field}")
+        client = cls.connect(manifest["uri"], path)
+        collection = manifest["collection"]
+        try:
+            if not client.has_collection(collection):
+                raise IndexError_(f"{path}: collection {collection!r} does not exist at {manifest['uri']}")
+            bound = str(client.describe_collection(collection).get("properties", {}).get(MODEL_PROPERTY, ""))
+            want = f"{manifest['model']['name']}/{manifest['model']['version']}"
+            if bound != want:
+                raise IndexError_(f"{path}: collection {collection!r} holds codes of {bound or 'an unknown model'}, "
+                                  f"index.json says {want}; codes mean nothing to another model")
+            client.load_collection(collection)  # a collection must be loaded to be searched, also after a restart
+        except BaseException:
+            disconnect(client)
+            raise
+        return cls(path, manifest, client, collection)
+
+    # ------------------------------------------------------------ the LatentIndex surface
+
+    @property
+    def model(self) -> tuple[str, int]:
+        return self.manifest["model"]["name"], int(self.manifest["model"]["version"])
+
+    def upsert(self, keys: list[str], vectors: np.ndarray, payloads: list[dict], maintain: bool = True) -> None:
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or vectors.shape[1] != self.dim:
+            raise IndexError_(f"vectors: expected shape [n, {self.dim}], got {list(vectors.shape)}")
+        if len(keys) != len(vectors) or len(payloads) != len(vectors):
+            raise IndexError_(f"keys, vectors and payloads must have the same length ({len(keys)}, {len(vectors)}, {len(payloads)})")
+        first: dict[str, int] = {}
+        for i, key in enumerate(keys):
+            check_key(key, f"keys[{i}]")
+            if key in first:
+                raise IndexError_(f"keys[{i}]: {shown(key)} repeats keys[{first[key]}]; give each key once per request")
+            first[key] = i
+        texts = [payload_json(p, f"payloads[{i}]") for i, p in enumerate(payloads)]
+        if not np.isfinite(vectors).all():
+            raise IndexError_("vectors: contain NaN or infinity")
+        rows = [{"key": k, "vector": v, "payload": json.loads(t)} for k, v, t in zip(keys, vectors.tolist(), texts)]
+        self.client.upsert(self.collection, rows)
+
+    def delete(self, keys: list[str]) -> None:
+        for i, key in enumerate(keys):
+            check_key(key, f"keys[{i}]")
+        found = {r["key"] for r in self.client.get(self.collection, ids=list(keys), output_fields=["key"])}
+        for key in keys:
+            if key not in found:
+                raise NotFound(f"key {shown(key)} is not in the index")
+        self.client.delete(self.collection, ids=list(keys))
+
+    def get(self, key: str) -> Item:
+        check_key(key, "key")
+        rows = self.client.get(self.collection, ids=[key], output_fields=["vector", "payload"])
+        if not rows:
+            raise NotFound(f"key {shown(key)} is not in the index")
+        return Item(0, key, np.asarray(rows[0]["vector"], np.float32), rows[0]["payload"])
+
+    def search(self, queries: np.ndarray, k: int, where: tuple[str, object] | None = None, nprobe: int = 16,
+               ef_search: int = 16, blocking: bool = True, one_thread: bool | None = None, as_json: bool = False):
+        """-> per query a list of Hit(key, distance, payload), nearest first (cosine distance = 1 - cos, as FAISS's)."""
+        queries = np.asarray(queries, dtype=np.float32)
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            raise IndexError_(f"queries: expected shape [n, {self.dim}], got {list(queries.shape)}")
+        if k < 1:
+            raise IndexError_(f"k: must be at least 1, got {k}")
+        expr = filter_expression(*where) if where is not None else ""
+        found = self.client.search(self.collection, data=queries.tolist(), limit=int(k), filter=expr,
+                                   output_fields=["payload"],
+                                   search_params={"params": {"ef": max(ef_search, k), "nprobe": nprobe}})
+        cosine = self.metric == "cosine"
+        out = []
+        for row in found:
+            hits = []
+            for h in row:
+                payload = h["entity"]["payload"]
+                distance = 1.0 - h["distance"] if cosine else h["distance"]
+                hits.append(Hit(h["key"] if "key" in h else h["id"], float(distance),
+                                json.dumps(payload, sort_keys=True) if as_json else payload))
+            out.append(hits)
+        return out
+
+    def count(self) -> int:
+        return int(self.client.query(self.collection, filter="", output_fields=["count(*)"])[0]["count(*)"])
+
+    def stats(self) -> dict:
+        return {"model": self.manifest["model"], "dim": self.dim, "metric": self.metric, "factory": self.factory,
+                "backend": "milvus", "uri": self.manifest["uri"], "collection": self.collection,
+                "count": self.count(), "trained": True, "training_note": None}
+
+    def finish_build(self) -> None:
+        self.client.flush(self.collection)  # sealed segments, indexed: the first searches do not build them
+
+    def release(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        disconnect(self.client)
+
+
+def disconnect(client) -> None:
+    """Close a client; the last one of a milvus-lite file in this process also stops the file's in-process
+    server (milvus-lite keeps it, and the file's lock, until the process exits otherwise)."""
+    client.close()
+    path = getattr(client, "zspace_lite_file", None)
+    if path is None:
+        return
+    client.zspace_lite_file = None
+    with _LITE_LOCK:
+        _LITE_USERS[path] -= 1
+        last = _LITE_USERS[path] == 0
+        if last:
+            del _LITE_USERS[path]
+    if last:
+        from milvus_lite.server_manager import server_manager_instance
+
+        server_manager_instance.release_server(path)
