@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import threading
 from pathlib import Path
@@ -34,6 +35,7 @@ from zspace.index.hits import Hit
 from zspace.index.store import FilterError, Item, check_filter, check_key, payload_json
 
 MODEL_PROPERTY = "zspace.model"
+MILVUS_URI_ENV = "ZSPACE_MILVUS_URI"
 _LITE_USERS: dict[str, int] = {}  # milvus-lite file -> clients open on it in this process
 _LITE_LOCK = threading.Lock()
 KEY_BYTES = 4096  # Milvus VARCHAR bounds bytes; a key is at most 1,024 characters of up to 4 bytes each
@@ -163,11 +165,16 @@ class MilvusIndex:
         for field in ("uri", "collection"):
             if not isinstance(manifest.get(field), str) or not manifest[field]:
                 raise IndexError_(f"{path}/index.json: field {field!r} must name the Milvus {field}")
-        client = cls.connect(manifest["uri"], path)
+        # A deployment may say where its Milvus is (compose: http://standalone:19530), whatever address
+        # the index was built against; a milvus-lite file is the folder's own and is kept.
+        uri = manifest["uri"]
+        if "://" in uri and os.environ.get(MILVUS_URI_ENV):
+            uri = os.environ[MILVUS_URI_ENV]
+        client = cls.connect(uri, path)
         collection = manifest["collection"]
         try:
             if not client.has_collection(collection):
-                raise IndexError_(f"{path}: collection {collection!r} does not exist at {manifest['uri']}")
+                raise IndexError_(f"{path}: collection {collection!r} does not exist at {uri}")
             bound = str(client.describe_collection(collection).get("properties", {}).get(MODEL_PROPERTY, ""))
             want = f"{manifest['model']['name']}/{manifest['model']['version']}"
             if bound != want:
