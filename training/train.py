@@ -160,6 +160,14 @@ class Session:
     start_epoch: int = 0
     step: int = 0
     best: float = float("inf")
+    rank: int = 0          # data-parallel: this process's rank among `world` (distributed.py)
+    world: int = 1
+    step_module: torch.nn.Module | None = None  # what a step calls: the model's loss, or DDP around it
+
+    @property
+    def lead(self) -> bool:
+        """Rank 0 (or the only process): it alone validates and writes the run folder."""
+        return self.rank == 0
 
 
 MIN_STEPS = 3000  # optimisation steps an auto-sized run takes at least
@@ -182,11 +190,13 @@ def sized_for(cfg: TrainConfig, n_fit: int) -> tuple[TrainConfig, str | None]:
     return replace(cfg, batch_size=batch, epochs=epochs), f"train: {n_fit} rows: {', '.join(said)}, {steps} steps an epoch"
 
 
-def setup(cfg: TrainConfig, out: Path, resume: bool, log) -> Session:
+def setup(cfg: TrainConfig, out: Path, resume: bool, log, rank: int = 0, world: int = 1) -> Session:
     """Data (the run's own transform when resuming, a fresh fit otherwise), model and run folder."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", rank % torch.cuda.device_count())
     if resume:
         if not (out / LAST).is_file():
             raise UserError(f"--resume: {out} has no {LAST} to resume from")
@@ -204,17 +214,18 @@ def setup(cfg: TrainConfig, out: Path, resume: bool, log) -> Session:
         x_val = torch.bernoulli(x_val, generator=torch.Generator(device).manual_seed(1))
     torch.manual_seed(cfg.seed)
     model = build_model(mcfg).to(device)
-    out.mkdir(parents=True, exist_ok=True)
-    if not resume:
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    if not resume and rank == 0:
         write_run(out, {"config": {**asdict(cfg), "hidden": list(cfg.hidden)}, "model": {**asdict(mcfg), "hidden": list(mcfg.hidden)},
                         "data": ds.describe(), "transform": ds.transform.to_dict(), "device": str(device),
-                        "n_fit": len(tr_idx), "n_val": len(val_idx)})
+                        "n_fit": len(tr_idx), "n_val": len(val_idx), "processes": world})
         (out / METRICS).write_text("")
     log(f"train: {cfg.model} on {ds.name} ({len(tr_idx)} fit / {len(val_idx)} val / {len(ds.x_test)} test, "
         f"{ds.dim}-d -> {cfg.latent_dim}-d, {mcfg.likelihood}) on {device}")
     if note:
         log(note)
-    return Session(cfg=cfg, out=out, device=device, ds=ds, model=model, x_train=x_train, x_val=x_val)
+    return Session(cfg=cfg, out=out, device=device, ds=ds, model=model, x_train=x_train, x_val=x_val, rank=rank, world=world)
 
 
 def restore(s: Session, log) -> None:
@@ -230,33 +241,61 @@ def restore(s: Session, log) -> None:
         log(f"train: resuming after epoch {s.start_epoch} (best validation loss {s.best:.4f})")
 
 
-def run_epoch(s: Session, epoch: int, quiet: bool) -> dict:
-    """One pass over the training rows, then validation; saves best.pt on improvement and last.pt always."""
+class LossOf(torch.nn.Module):
+    """The model's training loss as a forward pass: what DistributedDataParallel wraps (its gradient
+    all-reduce hooks into forward), since the models' own forward is not their loss."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, step: int):
+        return self.model.loss(x, step)
+
+
+def run_epoch(s: Session, epoch: int, quiet: bool) -> dict | None:
+    """One pass over the training rows, then validation; saves best.pt on improvement and last.pt always.
+
+    Data-parallel (s.world > 1): every rank draws the same permutation, so the global batches
+    are the single-process ones, and takes its slice of each; DDP averages the gradients, and
+    each rank's loss is weighted by its share of the batch, so a step equals the single-process
+    step on the same global batch. Noise (VAE samples, binarisation, shifts) is seeded per rank.
+    Only rank 0 validates and writes; the others return None."""
     cfg, model = s.cfg, s.model
     model.train()
     t0 = time.monotonic()
     # Seed per epoch: the shuffle and the VAE noise are the same with or without a resume.
     torch.manual_seed(cfg.seed * 100_003 + epoch)
     perm = torch.randperm(len(s.x_train), device=s.device)
-    bar = None if quiet else Progress(s.steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}")
-    running = 0.0
+    if s.world > 1:
+        torch.manual_seed(cfg.seed * 100_003 + epoch + 7_919 * s.rank)
+    bar = None if quiet or not s.lead else Progress(s.steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}")
+    running = torch.zeros((), dtype=torch.float64, device=s.device)
     for i in range(0, len(s.x_train), cfg.batch_size):
-        xb = s.x_train[perm[i : i + cfg.batch_size]]
+        batch = perm[i : i + cfg.batch_size]
+        xb = s.x_train[batch.tensor_split(s.world)[s.rank]] if s.world > 1 else s.x_train[batch]
         if cfg.augment_shift:
             xb = random_shift(xb, s.ds.transform.shape, cfg.augment_shift)
         if cfg.binarize:
             xb = torch.bernoulli(xb)
         for group in s.opt.param_groups:
             group["lr"] = lr_at(s.step, s.total_steps, cfg)
-        loss, _ = model.loss(xb, s.step)
+        loss, _ = s.step_module(xb, s.step)
+        share = len(xb) * s.world / len(batch)  # DDP divides by world: weight each rank by its rows
         s.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * share).backward()
         s.opt.step()
         s.step += 1
-        running += loss.item() * len(xb)
+        running += loss.detach().double() * len(xb)
         if bar:
             bar.update(1, f"loss {loss.item():.3f}")
-    train_loss = running / len(s.x_train)
+    if s.world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(running)
+    train_loss = float(running) / len(s.x_train)
+    if not s.lead:
+        return None
     val = evaluate_split(model, s.x_val)
     val_loss = selection_loss(val)
     improved = val_loss < s.best
@@ -274,23 +313,38 @@ def run_epoch(s: Session, epoch: int, quiet: bool) -> dict:
 
 
 def train(cfg: TrainConfig, out: Path, resume: bool = False, quiet: bool = False,
-          stop_after: int | None = None, time_limit_s: float | None = None) -> Path:
+          stop_after: int | None = None, time_limit_s: float | None = None, rank: int = 0, world: int = 1) -> Path:
     """Train into OUT. The schedule always spans cfg.epochs; `stop_after` (an epoch
     number) and `time_limit_s` end this call early, leaving a run that --resume
-    continues exactly where it stopped."""
+    continues exactly where it stopped. rank/world: one process of a data-parallel
+    run (distributed.py starts them; torch.distributed is initialised)."""
     out, started = Path(out), time.monotonic()
-    log = (lambda msg: None) if quiet else (lambda msg: print(msg, flush=True))
-    s = setup(cfg, out, resume, log)
+    log = (lambda msg: None) if quiet or rank else (lambda msg: print(msg, flush=True))
+    s = setup(cfg, out, resume, log, rank, world)
     cfg = s.cfg  # with an auto batch size and epoch count filled in
     if cfg.model == "pca":
+        if world > 1:
+            raise UserError("--nproc: PCA is fitted in one step; train it with --nproc 1")
         return _fit_pca(s.model, s.x_train, s.x_val, out)
     restore(s, log)
+    s.step_module = LossOf(s.model)
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        s.step_module = DistributedDataParallel(s.step_module, device_ids=[s.device.index] if s.device.type == "cuda" else None)
     for epoch in range(s.start_epoch, cfg.epochs):
         run_epoch(s, epoch, quiet)
-        if stop_after is not None and epoch + 1 >= stop_after:
-            break
+        stop = stop_after is not None and epoch + 1 >= stop_after
         if time_limit_s is not None and time.monotonic() - started > time_limit_s and epoch + 1 < cfg.epochs:
             log(f"train: time limit of {time_limit_s:.0f}s reached after epoch {epoch + 1}; --resume continues")
+            stop = True
+        if world > 1:  # every rank stops after the same epoch: rank 0's clock decides
+            import torch.distributed as dist
+
+            flag = torch.tensor([1.0 if stop else 0.0], device=s.device)
+            dist.broadcast(flag, 0)
+            stop = bool(flag.item())
+        if stop:
             break
     return out
 

@@ -79,15 +79,33 @@ def main() -> None:
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Minutes: stop after the epoch that passes it (checkpoint kept); --resume continues the schedule.")
+@click.option("--nproc", type=click.IntRange(min=1), default=1,
+              help="Data-parallel processes on this machine (torch.distributed DDP: gloo on CPU, nccl on CUDA, "
+                   "one GPU each); same global batch. Or run under torchrun.")
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Run folder to write.")
-def train(kind, out, resume, time_limit, **opts) -> None:
+def train(kind, out, resume, time_limit, nproc, **opts) -> None:
     """Train a model and write checkpoints, metrics and plots into a run folder."""
+    import os
+
     from zspace.training.plots import run_plots
     from zspace.training.train import TrainConfig
     from zspace.training.train import train as run_training
 
     cfg = TrainConfig(model=kind.replace("-", "_"), **opts)
-    run = run_training(cfg, Path(out), resume=resume, time_limit_s=time_limit * 60 if time_limit else None)
+    limit_s = time_limit * 60 if time_limit else None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun: this process is one rank
+        from zspace.training.distributed import train_under_torchrun
+
+        train_under_torchrun(cfg, Path(out), resume=resume, time_limit_s=limit_s)
+        if int(os.environ["RANK"]):
+            return  # rank 0 draws the plots
+        run = Path(out)
+    elif nproc > 1:
+        from zspace.training.distributed import train_parallel
+
+        run = train_parallel(cfg, Path(out), nproc, resume=resume, time_limit_s=limit_s)
+    else:
+        run = run_training(cfg, Path(out), resume=resume, time_limit_s=limit_s)
     pngs = run_plots(run)
     click.echo(f"run: {run}  (best.pt, metrics.jsonl, {', '.join(p.name for p in pngs)})")
 
