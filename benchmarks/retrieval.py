@@ -202,7 +202,15 @@ def service_search(ae_run: Path, work: Path, test_codes: np.ndarray, seconds: fl
 @click.option("--seconds", default=5.0, help="Timing window per measurement (split into rounds where rates are compared).")
 @click.option("--json", "json_path", default=str(RESULTS / "retrieval.json"), help="Where the figures go.")
 @click.option("--threads", default=2, help="torch/FAISS threads.")
-def main(mnist_runs, news_run, seconds, json_path, threads):
+@click.option("--backends", "backends_only", is_flag=True,
+              help="Only the index backends side by side: FAISS vs Milvus on 60k MNIST codes (benchmarks/backends.py).")
+@click.option("--bundle", default=None, help="--backends: an exported MNIST bundle (default: train a 1-epoch AE).")
+def main(mnist_runs, news_run, seconds, json_path, threads, backends_only, bundle):
+    if backends_only:
+        from benchmarks.backends import run as run_backends
+
+        out = json_path if json_path != str(RESULTS / "retrieval.json") else str(RESULTS / "backends.json")
+        return run_backends(bundle, seconds, out)
     import faiss
     import torch
 
