@@ -32,20 +32,30 @@ def _backend(cfg: TrainConfig) -> str:
 
 
 def _rank_main(rank: int, world: int, init: str, cfg: TrainConfig, out: Path, resume: bool, quiet: bool,
-               time_limit_s: float | None) -> None:
+               time_limit_s: float | None, spawned: bool = True) -> None:
     import torch.distributed as dist
 
     # The cores are shared out among the ranks (gloo's all-reduce needs a core of its own too).
     cfg = replace(cfg, threads=cfg.threads or max(1, (os.cpu_count() or 1) // world))
     dist.init_process_group(_backend(cfg), init_method=init, rank=rank, world_size=world)
+    code = 0
     try:
         train(cfg, out, resume=resume, quiet=quiet, time_limit_s=time_limit_s, rank=rank, world=world)
+        dist.barrier()  # every rank done communicating before any tears the group down
     except UserError as exc:
         if rank == 0:
             print(f"Error: {exc}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        code = 2
     finally:
         dist.destroy_process_group()
+    if spawned:
+        # Leave without running interpreter-exit destructors: gloo's threads, torn down there, once in a
+        # few runs ended a finished rank with "terminate called without an active exception".
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    if code:
+        sys.exit(code)
 
 
 def train_parallel(cfg: TrainConfig, out: Path, nproc: int, resume: bool = False, quiet: bool = False,
@@ -76,5 +86,5 @@ def train_under_torchrun(cfg: TrainConfig, out: Path, resume: bool = False, quie
                          time_limit_s: float | None = None) -> Path:
     """`torchrun --nproc-per-node N -m zspace.app.cli train ...`: the rank and world come from torchrun's environment."""
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    _rank_main(rank, world, "env://", cfg, Path(out), resume, quiet, time_limit_s)
+    _rank_main(rank, world, "env://", cfg, Path(out), resume, quiet, time_limit_s, spawned=False)
     return Path(out)
