@@ -51,7 +51,7 @@ def build_index(model_ref: Path, data_spec: str, out: Path, factory: str | None 
     if backend == "faiss" and (uri or collection):
         raise IndexError_("--uri and --collection are for --backend milvus")
     if backend == "milvus" and not uri:
-        raise IndexError_("--backend milvus needs --uri: a milvus-lite file (e.g. indexes/NAME/milvus.db) or http://host:19530")
+        raise IndexError_(f"--backend milvus needs --uri: a milvus-lite file (e.g. {out}/milvus.db) or http://host:19530")
     runtime = open_runtime(load_bundle(resolve_bundle(model_ref)), device)
     bundle = runtime.bundle
     ds = load_dataset(data_spec, transform=runtime.transform)

@@ -3,8 +3,9 @@
 The index folder holds only index.json, with `"backend": "milvus"`, the URI and
 the collection; the items live in Milvus. A URI is a Milvus standalone or cluster
 (`http://host:19530`), a `milvus-lite server` (the same protocol), or a local
-milvus-lite file (`*.db`: one process at a time; a relative path is read from the
-index folder, so the folder can move).
+milvus-lite file (`*.db`: one process at a time; given as a path from the current
+folder, e.g. `indexes/NAME/milvus.db`, and recorded relative to the index folder
+when inside it, so the folder can move).
 
 Same contract as the FAISS backend (latent_index.LatentIndex): caller-given
 string keys, JSON object payloads, the model version bound to the index and
@@ -85,6 +86,16 @@ def filter_expression(field: str, value) -> str:
     return same
 
 
+def stored_uri(uri: str, folder: Path) -> str:
+    """What index.json records for a URI given on the command line: a server URI as it is; a milvus-lite
+    file (a path from the current folder, as a user types it) relative to the index folder when inside it,
+    so the folder can move, else absolute."""
+    if "://" in uri:
+        return uri
+    file, home = Path(uri).resolve(), Path(folder).resolve()
+    return str(file.relative_to(home)) if file.is_relative_to(home) else str(file)
+
+
 def resolve_uri(uri: str, folder: Path) -> str:
     """A local milvus-lite file is read relative to the index folder; a server URI is used as it is."""
     if "://" in uri:
@@ -140,6 +151,7 @@ class MilvusIndex:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,254}", collection):
             raise IndexError_(f"--collection: {collection!r} is not a Milvus collection name (letters, digits, _)")
         path.mkdir(parents=True, exist_ok=True)
+        uri = stored_uri(uri, path)
         client = cls.connect(uri, path)
         if client.has_collection(collection):
             raise IndexError_(f"milvus: collection {collection!r} already exists at {uri}; pick another --collection")

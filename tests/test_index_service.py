@@ -20,16 +20,17 @@ from zspace.training.export import export_run
 from zspace.v1 import zspace_pb2 as pb
 
 
-def backend_options(backend: str) -> list[str]:
-    """`zspace index build` options of a backend: milvus keeps its items in a milvus-lite file in the folder."""
-    return ["--backend", "milvus", "--uri", "milvus.db"] if backend == "milvus" else []
+def backend_options(backend: str, out) -> list[str]:
+    """`zspace index build` options of a backend: milvus keeps its items in a milvus-lite file in the folder
+    (given as the issue's command shape does: `--uri indexes/NAME/milvus.db`)."""
+    return ["--backend", "milvus", "--uri", out / "milvus.db"] if backend == "milvus" else []
 
 
 def create_index(backend: str, folder, model: str, version: int, dim: int) -> None:
     if backend == "milvus":
         from zspace.index.milvus_index import MilvusIndex
 
-        MilvusIndex.create(folder, model, version, dim, "milvus.db", factory="Flat").close()
+        MilvusIndex.create(folder, model, version, dim, str(folder / "milvus.db"), factory="Flat").close()
     else:
         LatentIndex.create(folder, model, version, dim).close()
 
@@ -40,11 +41,12 @@ def layout(request, vae_run, tmp_path_factory, cli):
     root.joinpath("backend").write_text(request.param)
     export_run(vae_run, root / "models", "digits")
     code, out = cli("index", "build", "--model", root / "models" / "digits", "--data", "digits",
-                    "--out", root / "indexes" / "digits", "--factory", "Flat", *backend_options(request.param))
+                    "--out", root / "indexes" / "digits", "--factory", "Flat",
+                    *backend_options(request.param, root / "indexes" / "digits"))
     assert code == 0, out
     code, out = cli("index", "build", "--model", root / "models" / "digits" / "1", "--data", "digits",
                     "--out", root / "indexes" / "digits-hnsw", "--factory", "HNSW32", "--split", "test",
-                    *backend_options(request.param))
+                    *backend_options(request.param, root / "indexes" / "digits-hnsw"))
     assert code == 0, out
     return root
 

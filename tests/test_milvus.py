@@ -37,7 +37,7 @@ def test_filter_values_are_literals_never_syntax():
 
 
 def test_a_value_with_quotes_or_operators_matches_itself_only(tmp_path):
-    index = MilvusIndex.create(tmp_path / "ix", "m", 1, 4, "milvus.db", factory="Flat")
+    index = MilvusIndex.create(tmp_path / "ix", "m", 1, 4, str(tmp_path / "ix" / "milvus.db"), factory="Flat")
     values = ["a", *TRICKY]
     x = np.eye(4, dtype=np.float32)[np.arange(len(values)) % 4] + np.arange(len(values))[:, None]
     index.upsert([f"k{i}" for i in range(len(values))], x, [{"label": v} for v in values])
@@ -70,7 +70,8 @@ print("opened")
 
 
 def test_a_milvus_lite_file_serves_one_process_and_the_second_is_told_why(tmp_path):
-    index = MilvusIndex.create(tmp_path / "ix", "m", 1, 4, "milvus.db")  # this process holds the file
+    index = MilvusIndex.create(tmp_path / "ix", "m", 1, 4, str(tmp_path / "ix" / "milvus.db"))  # this process holds it
+    assert '"uri": "milvus.db"' in (tmp_path / "ix" / "index.json").read_text(), "recorded relative to the folder"
     second = subprocess.run([sys.executable, "-c", OPEN, str(tmp_path / "ix")], capture_output=True, text=True, timeout=120)
     assert second.returncode != 0
     assert "milvus: cannot open milvus.db" in second.stderr and "milvus-lite server" in second.stderr

@@ -58,7 +58,7 @@ def index_group() -> None:
 @click.option("--batch-size", type=click.IntRange(min=1), default=1024, help="Rows per encoder call.")
 @click.option("--backend", type=click.Choice(["faiss", "milvus"]), default="faiss",
               help="faiss: FAISS + SQLite in the folder; milvus: a Milvus collection the folder names.")
-@click.option("--uri", default=None, help="milvus: a milvus-lite file (relative to the index folder if not absolute) "
+@click.option("--uri", default=None, help="milvus: a milvus-lite file, e.g. indexes/NAME/milvus.db (recorded relative to the index folder) "
                                           "or a server, e.g. http://host:19530.")
 @click.option("--collection", default=None, help="milvus: the collection name (default: the folder's name).")
 def build(model_ref, data, out, factory, metric, split, batch_size, backend, uri, collection) -> None:
