@@ -56,8 +56,9 @@ class KServeRpcs(RpcHandlers):
 
     def label(self, request) -> str:
         name = getattr(request, "model_name", None) or getattr(request, "name", "")
-        base = name.rpartition(".")[0]
-        return "" if not name else (name if base in self.repo.models else "unknown")
+        base, _, graph = name.rpartition(".")
+        # Only served names: a client must not grow the metric's series without bound.
+        return "" if not name else (name if base in self.repo.models and graph in GRAPHS else "unknown")
 
     def _graph(self, name: str, version: str) -> tuple[ModelRuntime, str]:
         base, dot, graph = name.rpartition(".")
