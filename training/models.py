@@ -52,6 +52,8 @@ class ModelConfig:
     capacity_max: float | None = None  # Burgess: C_max in nats; None = β form
     capacity_gamma: float = 100.0
     capacity_ramp_steps: int = 10000
+    kl_warmup_steps: int = 0  # VAE kinds: the KL weight rises linearly from 0 over these steps (0: off)
+    iw_samples: int = 1       # VAE: importance samples of the training bound; >1 is IWAE (Burda et al. 2015)
 
 
 def mlp(dims: list[int], activation: str) -> nn.Sequential:
@@ -190,16 +192,38 @@ class VAE(Codec):
         c = self.cfg
         return c.capacity_max * min(1.0, step / max(c.capacity_ramp_steps, 1)) if c.capacity_max is not None else 0.0
 
+    def kl_weight(self, step: int) -> float:
+        """KL warm-up (Sønderby et al. 2016): the weight rises from 0 to 1 over kl_warmup_steps, so the
+        decoder learns to use the code before the KL term can switch latent units off."""
+        warm = self.cfg.kl_warmup_steps
+        return min(1.0, (step + 1) / warm) if warm and self.training else 1.0
+
     def loss(self, x: torch.Tensor, step: int = 0):
         mu, logvar = self.encode(x)
+        k = self.cfg.iw_samples if self.training else 1
+        if k > 1:
+            return self._iwae_loss(x, mu, logvar, k, step)
         z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
         nll = self.recon_nll(x, z)
         kl = gaussian_kl(mu, logvar)
         if self.cfg.capacity_max is not None:
             total = nll + self.cfg.capacity_gamma * (kl - self.capacity(step)).abs()
         else:
-            total = nll + self.cfg.beta * kl
+            total = nll + self.cfg.beta * self.kl_weight(step) * kl
         return total.mean(), {"recon": nll, "kl": kl, "neg_elbo": nll + kl}
+
+    def _iwae_loss(self, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, k: int, step: int):
+        """−log (1/k Σ w_i), w_i = p(x, z_i) / q(z_i | x): the importance-weighted bound, tighter than the
+        ELBO for k > 1. During warm-up the prior and posterior terms of log w are scaled like the KL."""
+        eps = torch.randn(k, *mu.shape, device=mu.device, dtype=mu.dtype)
+        z = mu + torch.exp(0.5 * logvar) * eps                               # [k, b, K]
+        nll = self.recon_nll(x.expand(k, *x.shape).reshape(-1, x.shape[-1]), z.reshape(-1, z.shape[-1])).view(k, -1)
+        log_pz = -0.5 * (z.pow(2) + LOG_2PI).sum(-1)
+        log_qz = -0.5 * (eps.pow(2) + logvar + LOG_2PI).sum(-1)
+        log_w = -nll + self.kl_weight(step) * (log_pz - log_qz)
+        bound = -(torch.logsumexp(log_w, 0) - math.log(k))
+        kl = gaussian_kl(mu, logvar)
+        return bound.mean(), {"recon": nll.mean(0), "kl": kl, "neg_elbo": nll.mean(0) + kl, "neg_iwae": bound}
 
 
 def build_model(cfg: ModelConfig) -> Codec:

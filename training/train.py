@@ -43,6 +43,8 @@ class TrainConfig:
     capacity_max: float | None = None
     capacity_gamma: float = 100.0
     capacity_ramp_steps: int = 10000
+    kl_warmup_steps: int = 0  # VAE kinds: KL weight from 0 to 1 over these steps
+    iw_samples: int = 1       # VAE: importance samples of the training bound (>1: IWAE)
     vocab_size: int = 2000
     weighting: str = "log1p"
     threads: int = 0  # torch CPU threads; 0 = torch's default
@@ -75,6 +77,10 @@ def check_config(cfg: TrainConfig, ds: Dataset) -> ModelConfig:
         raise UserError(f"--hidden: layer sizes must be positive, got {list(cfg.hidden)}")
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise UserError("--epochs and --batch-size must be at least 1")
+    if cfg.iw_samples < 1 or cfg.kl_warmup_steps < 0:
+        raise UserError("--iw-samples must be at least 1 and --kl-warmup-steps at least 0")
+    if cfg.iw_samples > 1 and (cfg.model != "vae"):
+        raise UserError(f"--iw-samples: the importance-weighted bound is for --model vae, not {cfg.model.replace('_', '-')}")
     if cfg.augment_shift and ds.modality != "image":
         raise UserError(f"--augment-shift: only for image data, and {ds.name} holds {ds.modality}s")
     likelihood = default_likelihood(ds) if cfg.likelihood == "auto" else cfg.likelihood
@@ -92,6 +98,8 @@ def check_config(cfg: TrainConfig, ds: Dataset) -> ModelConfig:
         beta=cfg.beta if cfg.model == "beta_vae" else 1.0,
         capacity_max=cfg.capacity_max if cfg.model == "beta_vae" else None,
         capacity_gamma=cfg.capacity_gamma, capacity_ramp_steps=cfg.capacity_ramp_steps,
+        kl_warmup_steps=cfg.kl_warmup_steps if cfg.model in ("vae", "beta_vae") else 0,
+        iw_samples=cfg.iw_samples,
     )
 
 

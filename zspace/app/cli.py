@@ -73,6 +73,10 @@ def main() -> None:
 @click.option("--capacity-max", type=click.FloatRange(min=0), default=None, help="beta-vae: capacity C_max in nats; switches to Burgess et al.'s form.")
 @click.option("--capacity-gamma", type=click.FloatRange(min=0), default=100.0, help="beta-vae capacity form: gamma.")
 @click.option("--capacity-ramp-steps", type=click.IntRange(min=1), default=10000, help="beta-vae capacity form: steps to reach C_max.")
+@click.option("--kl-warmup-steps", type=click.IntRange(min=0), default=0,
+              help="VAE kinds: the KL weight rises linearly from 0 to its value over these steps (0: off).")
+@click.option("--iw-samples", type=click.IntRange(min=1), default=1,
+              help="VAE: importance samples of the training bound; above 1 trains the IWAE bound (Burda et al.).")
 @click.option("--vocab-size", type=click.IntRange(min=2), default=2000, help="Texts: words in the vocabulary.")
 @click.option("--weighting", type=click.Choice(["counts", "binary", "log1p", "tfidf"]), default="log1p", help="Texts: word weighting.")
 @click.option("--threads", type=click.IntRange(min=0), default=0, help="CPU threads for torch (0: torch's default).")
