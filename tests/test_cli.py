@@ -34,6 +34,17 @@ def test_train_evaluate_export_round_trip(tmp_path, cli):
     assert code == 0, text
 
 
+def test_iwae_and_warm_up_from_the_command_line(tmp_path, cli):
+    code, text = cli("train", "--data", "digits", "--model", "vae", "--latent-dim", "2", "--hidden", "16", "--epochs", "2",
+                     "--iw-samples", "4", "--kl-warmup-steps", "20", "--binarize", "--out", tmp_path / "iw")
+    assert code == 0, text
+    rows = [json.loads(line) for line in (tmp_path / "iw" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["val_neg_elbo"] > 0 for r in rows)
+    code, text = cli("train", "--data", "digits", "--model", "ae", "--latent-dim", "2", "--iw-samples", "4",
+                     "--out", tmp_path / "bad")
+    assert code == 2 and "--iw-samples: the importance-weighted bound is for --model vae" in text
+
+
 def test_evaluate_options_and_a_time_limited_run_that_resumes(tmp_path, cli):
     out = tmp_path / "run"
     code, text = cli("train", "--data", "digits", "--model", "vae", "--latent-dim", "3", "--hidden", "32",
