@@ -15,8 +15,6 @@ no bundle is given); their number and dimension do.
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,29 +30,11 @@ from benchmarks.harness import (
     free_port,
     machine,
     serve_command,
+    start_milvus_lite,
     table,
     write_json,
 )
 from benchmarks.serve import bundle_for
-
-
-def start_milvus(data_dir: Path) -> tuple[subprocess.Popen, str]:
-    from zspace.index.errors import IndexError_
-    from zspace.index.milvus_index import MilvusIndex
-
-    port = free_port()
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "milvus-lite"), "server", "--data-dir", str(data_dir),
-                             "--host", "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    uri, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 60
-    while True:
-        try:
-            MilvusIndex.connect(uri, data_dir).close()
-            return proc, uri
-        except IndexError_:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise RuntimeError("milvus-lite server did not start") from None
-            time.sleep(0.5)
 
 
 def recall_and_rate(index, queries: np.ndarray, exact: list[set], seconds: float) -> dict:
@@ -100,7 +80,7 @@ def compare(bundle: Path, seconds: float, work: Path) -> list[dict]:
     _, ids = flat.search(queries, 10)
     exact = [{f"mnist/train/{i}" for i in row} for row in ids]
     models = bundle.parents[1]
-    milvus, uri = start_milvus(work / "milvus-data")
+    milvus, uri = start_milvus_lite(work / "milvus-data")
     rows = []
     try:
         for backend, extra in (("faiss", {}), ("milvus", {"uri": uri, "collection": "mnist_milvus"})):

@@ -105,6 +105,64 @@ class ServerChild:
             self.proc.communicate()
 
 
+def requests_answered(metrics_port: int, method: str) -> dict[str, int]:
+    """The server's own count of `method` calls so far, by status code (summed over models and workers):
+    what a load generator that sees only HTTP statuses (h2load) cannot tell."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    counts: dict[str, int] = {}
+    for line in text.splitlines():
+        if line.startswith("zspace_requests_total{") and f'method="{method}"' in line:
+            code = line.split('code="', 1)[1].split('"', 1)[0]
+            counts[code] = counts.get(code, 0) + int(float(line.split()[-1]))
+    return counts
+
+
+def start_milvus_lite(data_dir: Path, timeout: float = 60) -> tuple[subprocess.Popen, str]:
+    """`milvus-lite server` on a free loopback port, waited for; (the process, its URI). The Milvus protocol,
+    as a deployment's standalone is reached, for tests and benchmarks where no Milvus image can run."""
+    from zspace.index.errors import IndexError_
+    from zspace.index.milvus_index import MilvusIndex
+
+    port = free_port()
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "milvus-lite"), "server", "--data-dir", str(data_dir),
+                             "--host", "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    uri, deadline = f"http://127.0.0.1:{port}", time.monotonic() + timeout
+    while True:
+        try:
+            MilvusIndex.connect(uri, data_dir).close()
+            return proc, uri
+        except IndexError_:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError(f"milvus-lite server did not start:\n{proc.communicate()[1][-2000:]}") from None
+            time.sleep(0.5)
+
+
+def run_in_threads(call: Callable[[], object], threads: int, seconds: float) -> tuple[int, float]:
+    """`call()` again and again on `threads` threads for `seconds`: (calls made, seconds taken).
+    For in-process references: ONNX Runtime releases the GIL, so the runs really overlap."""
+    import threading
+
+    counts, stop_at = [0] * threads, time.perf_counter() + seconds
+
+    def worker(i: int) -> None:
+        while time.perf_counter() < stop_at:
+            call()
+            counts[i] += 1
+
+    pool = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
+    t0 = time.perf_counter()
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    return sum(counts), time.perf_counter() - t0
+
+
 async def closed_loop(call: Callable[[int], Awaitable[object]], clients: int, seconds: float,
                       max_requests: int = 200_000, errors: tuple[type[BaseException], ...] = (),
                       keep_latencies: bool = False) -> dict:

@@ -32,6 +32,7 @@ from benchmarks.harness import (
     free_port,
     machine,
     median_round,
+    requests_answered,
     serve_command,
     table,
     write_json,
@@ -135,15 +136,9 @@ def search_requests(codes: np.ndarray) -> list:
 
 def searches_answered(metrics_port: int) -> np.ndarray:
     """The server's own count of Search RPCs answered [OK, not OK] (what h2load cannot see)."""
-    import urllib.request
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    counts = np.zeros(2, dtype=np.int64)
-    for line in text.splitlines():
-        if line.startswith("zspace_requests_total{") and 'method="Search"' in line:
-            counts[int('code="OK"' not in line)] += int(float(line.split()[-1]))
-    return counts
+    counts = requests_answered(metrics_port, "Search")
+    ok = counts.get("OK", 0)
+    return np.array([ok, sum(counts.values()) - ok], dtype=np.int64)
 
 
 def service_search(ae_run: Path, work: Path, test_codes: np.ndarray, seconds: float, rounds: int = 3) -> dict:

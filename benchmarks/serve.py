@@ -28,8 +28,6 @@ import asyncio
 import os
 import sys
 import tempfile
-import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +41,7 @@ from benchmarks.harness import (
     closed_loop,
     free_port,
     machine,
+    run_in_threads,
     serve_command,
     side_by_side,
     table,
@@ -137,21 +136,7 @@ def in_process_once(bundle: Path, batch: int, seconds: float, parallel: int, thr
     x = np.random.default_rng(0).random((batch, runtime.bundle.input_dim), dtype=np.float32)
     for _ in range(10):
         runtime.encode(x)
-    counts = [0] * parallel
-    stop_at = time.perf_counter() + seconds
-
-    def worker(i: int) -> None:  # ONNX Runtime releases the GIL: these runs really overlap
-        while time.perf_counter() < stop_at:
-            runtime.encode(x)
-            counts[i] += 1
-
-    workers = [threading.Thread(target=worker, args=(i,)) for i in range(parallel)]
-    t0 = time.perf_counter()
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    elapsed, n = time.perf_counter() - t0, sum(counts)
+    n, elapsed = run_in_threads(lambda: runtime.encode(x), parallel, seconds)
     return {"req_s": n / elapsed, "rows_s": n * batch / elapsed, "p50_ms": elapsed / n * parallel * 1000,
             "layout": f"{parallel} run(s) x {threads} thread(s){' spinning' if spin else ''}"}
 

@@ -22,9 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
-import threading
-import time
-import urllib.request
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
@@ -40,6 +37,8 @@ from benchmarks.harness import (
     free_port,
     machine,
     median_round,
+    requests_answered,
+    run_in_threads,
     serve_command,
     side_by_side,
     table,
@@ -49,14 +48,6 @@ from benchmarks.serve import bundle_for
 from benchmarks.targets import check
 
 MATRIX = ((64, 1), (8, 1), (8, 256), (16, 4096))  # (clients, rows per request)
-
-
-def encodes_answered(metrics_port: int) -> int:
-    """The server's own count of Encodes answered OK, summed over its workers."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    return sum(int(float(line.split()[-1])) for line in text.splitlines()
-               if line.startswith("zspace_requests_total{") and 'method="Encode"' in line and 'code="OK"' in line)
 
 
 def start(models: Path, workers: int, device: str, extra: list[str]) -> tuple[ServerChild, int]:
@@ -82,9 +73,9 @@ def h2load_side(name: str, server: tuple[ServerChild, int], clients: int, second
     request = encode_request(1, 784)
 
     def run() -> dict:
-        before = encodes_answered(metrics_port)
+        before = requests_answered(metrics_port, "Encode").get("OK", 0)
         r = h2load.same_request(child.target, "/zspace.v1.ZSpace/Encode", request, clients, seconds, work / name)
-        ok = encodes_answered(metrics_port) - before
+        ok = requests_answered(metrics_port, "Encode").get("OK", 0) - before
         print(f"  {name:<12} {r['req_s']:8.0f} req/s  p50 {r['p50_ms']:6.2f} p99 {r['p99_ms']:6.2f} ms  "
               f"answered OK {ok}/{r['requests']}", flush=True)
         # The server may count up to one more answer per connection: calls cut off when h2load's time ran out.
@@ -161,21 +152,8 @@ def in_process(bundle: Path, device: str, clients: int, rows: int, seconds: floa
     x = np.random.default_rng(0).random((rows, 784), dtype=np.float32)
     for _ in range(5):
         runtime.encode(x)
-    counts, stop_at = [0] * clients, time.perf_counter() + seconds
-
-    def worker(i: int) -> None:  # ONNX Runtime releases the GIL: the runs really overlap
-        while time.perf_counter() < stop_at:
-            runtime.encode(x)
-            counts[i] += 1
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - t0
-    return {"req_s": sum(counts) / elapsed, "rows_s": sum(counts) * rows / elapsed, "provider": runtime.provider}
+    n, elapsed = run_in_threads(lambda: runtime.encode(x), clients, seconds)
+    return {"req_s": n / elapsed, "rows_s": n * rows / elapsed, "provider": runtime.provider}
 
 
 def matrix(models: Path, bundle: Path, workers: int, device: str, seconds: float, rounds: int, processes: int,

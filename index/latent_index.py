@@ -30,7 +30,7 @@ from zspace.files import staged_folder, write_atomic
 from zspace.index.errors import IndexError_
 from zspace.index.factory import empty_index, search_parameters, traits
 from zspace.index.hits import HitTable
-from zspace.index.store import ItemStore, Written, check_key, payload_json
+from zspace.index.store import ItemStore, Written, check_items, check_key, check_queries
 
 log = logging.getLogger("zspace.index")
 FORMAT_VERSION = 1
@@ -341,20 +341,7 @@ class LatentIndex:
         maintain=False skips training/compaction checks, for bulk loads that call
         rebuild() once at the end (so IVF trains on all codes, not the first batch).
         """
-        vectors = np.asarray(vectors, dtype=np.float32)
-        if vectors.ndim != 2 or vectors.shape[1] != self.dim:
-            raise IndexError_(f"vectors: expected shape [n, {self.dim}], got {list(vectors.shape)}")
-        if len(keys) != len(vectors) or len(payloads) != len(vectors):
-            raise IndexError_(f"keys, vectors and payloads must have the same length ({len(keys)}, {len(vectors)}, {len(payloads)})")
-        first: dict[str, int] = {}
-        for i, key in enumerate(keys):
-            check_key(key, f"keys[{i}]")
-            if key in first:  # two rows for one key: which should win is the caller's to say, not ours
-                raise IndexError_(f"keys[{i}]: {shown(key)} repeats keys[{first[key]}]; give each key once per request")
-            first[key] = i
-        texts = [payload_json(p, f"payloads[{i}]") for i, p in enumerate(payloads)]
-        if not np.isfinite(vectors).all():
-            raise IndexError_("vectors: contain NaN or infinity")
+        vectors, texts = check_items(keys, vectors, payloads, self.dim)
         with self.lock.write():
             self._apply(self.store.upsert(keys, vectors, texts), keys, vectors, texts, maintain)
 
@@ -403,11 +390,7 @@ class LatentIndex:
         (an event loop) that must never block. one_thread runs FAISS on the calling
         thread alone; by default a single HNSW query does, since one graph walk
         gains nothing from OpenMP but pays its fork and join."""
-        queries = np.asarray(queries, dtype=np.float32)
-        if queries.ndim != 2 or queries.shape[1] != self.dim:
-            raise IndexError_(f"queries: expected shape [n, {self.dim}], got {list(queries.shape)}")
-        if k < 1:
-            raise IndexError_(f"k: must be at least 1, got {k}")
+        queries = check_queries(queries, k, self.dim)
         if self.follow:
             self.catch_up(blocking)
         lock = self.lock

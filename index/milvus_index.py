@@ -31,9 +31,10 @@ from pathlib import Path
 import numpy as np
 
 from zspace.errors import NotFound, shown
+from zspace.files import write_atomic
 from zspace.index.errors import FactoryError, IndexError_
 from zspace.index.hits import Hit
-from zspace.index.store import FilterError, Item, check_filter, check_key, payload_json
+from zspace.index.store import FilterError, Item, check_filter, check_items, check_key, check_queries
 
 MODEL_PROPERTY = "zspace.model"
 MILVUS_URI_ENV = "ZSPACE_MILVUS_URI"
@@ -139,8 +140,6 @@ class MilvusIndex:
         (a build fills the collection first: a folder without index.json is no index to a server)."""
         from pymilvus import DataType
 
-        from zspace.files import write_atomic
-
         path = Path(path)
         if (path / "index.json").exists():
             raise IndexError_(f"{path}: an index already exists here")
@@ -167,10 +166,13 @@ class MilvusIndex:
                     "model": {"name": model_name, "version": int(model_version)}, "dim": int(dim), "metric": metric,
                     "factory": factory}
         index = cls(path, manifest, client, collection)
-        index.publish = lambda: write_atomic(path / "index.json", json.dumps(manifest, indent=1))
         if not deferred:
             index.publish()
         return index
+
+    def publish(self) -> None:
+        """Write the folder's index.json: from now on the folder is an index a server serves."""
+        write_atomic(self.path / "index.json", json.dumps(self.manifest, indent=1))
 
     @classmethod
     def open(cls, path: Path, manifest: dict) -> MilvusIndex:
@@ -205,20 +207,7 @@ class MilvusIndex:
         return self.manifest["model"]["name"], int(self.manifest["model"]["version"])
 
     def upsert(self, keys: list[str], vectors: np.ndarray, payloads: list[dict], maintain: bool = True) -> None:
-        vectors = np.asarray(vectors, dtype=np.float32)
-        if vectors.ndim != 2 or vectors.shape[1] != self.dim:
-            raise IndexError_(f"vectors: expected shape [n, {self.dim}], got {list(vectors.shape)}")
-        if len(keys) != len(vectors) or len(payloads) != len(vectors):
-            raise IndexError_(f"keys, vectors and payloads must have the same length ({len(keys)}, {len(vectors)}, {len(payloads)})")
-        first: dict[str, int] = {}
-        for i, key in enumerate(keys):
-            check_key(key, f"keys[{i}]")
-            if key in first:
-                raise IndexError_(f"keys[{i}]: {shown(key)} repeats keys[{first[key]}]; give each key once per request")
-            first[key] = i
-        texts = [payload_json(p, f"payloads[{i}]") for i, p in enumerate(payloads)]
-        if not np.isfinite(vectors).all():
-            raise IndexError_("vectors: contain NaN or infinity")
+        vectors, texts = check_items(keys, vectors, payloads, self.dim)
         rows = [{"key": k, "vector": v, "payload": json.loads(t)} for k, v, t in zip(keys, vectors.tolist(), texts)]
         self.client.upsert(self.collection, rows)
 
@@ -241,11 +230,7 @@ class MilvusIndex:
     def search(self, queries: np.ndarray, k: int, where: tuple[str, object] | None = None, nprobe: int = 16,
                ef_search: int = 16, blocking: bool = True, one_thread: bool | None = None, as_json: bool = False):
         """-> per query a list of Hit(key, distance, payload), nearest first (cosine distance = 1 - cos, as FAISS's)."""
-        queries = np.asarray(queries, dtype=np.float32)
-        if queries.ndim != 2 or queries.shape[1] != self.dim:
-            raise IndexError_(f"queries: expected shape [n, {self.dim}], got {list(queries.shape)}")
-        if k < 1:
-            raise IndexError_(f"k: must be at least 1, got {k}")
+        queries = check_queries(queries, k, self.dim)
         expr = filter_expression(*where) if where is not None else ""
         found = self.client.search(self.collection, data=queries.tolist(), limit=int(k), filter=expr,
                                    output_fields=["payload"],

@@ -76,6 +76,38 @@ def check_key(key: object, field: str) -> str:
         raise IndexError_(f"{field}: {len(key)} characters, over the limit of {MAX_KEY_CHARS}")
     return key
 
+
+def check_items(keys: list[str], vectors, payloads: list[dict], dim: int) -> tuple[np.ndarray, list[str]]:
+    """An upsert's items checked, whatever the backend: (vectors as float32, payloads as their one JSON form).
+
+    Each field is named in the error; a key given twice is refused (which row should win is the
+    caller's to say, not ours)."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    if vectors.ndim != 2 or vectors.shape[1] != dim:
+        raise IndexError_(f"vectors: expected shape [n, {dim}], got {list(vectors.shape)}")
+    if len(keys) != len(vectors) or len(payloads) != len(vectors):
+        raise IndexError_(f"keys, vectors and payloads must have the same length ({len(keys)}, {len(vectors)}, {len(payloads)})")
+    first: dict[str, int] = {}
+    for i, key in enumerate(keys):
+        check_key(key, f"keys[{i}]")
+        if key in first:
+            raise IndexError_(f"keys[{i}]: {shown(key)} repeats keys[{first[key]}]; give each key once per request")
+        first[key] = i
+    texts = [payload_json(p, f"payloads[{i}]") for i, p in enumerate(payloads)]
+    if not np.isfinite(vectors).all():
+        raise IndexError_("vectors: contain NaN or infinity")
+    return vectors, texts
+
+
+def check_queries(queries, k: int, dim: int) -> np.ndarray:
+    """A search's queries as float32 [n, dim] and its k, checked, whatever the backend."""
+    queries = np.asarray(queries, dtype=np.float32)
+    if queries.ndim != 2 or queries.shape[1] != dim:
+        raise IndexError_(f"queries: expected shape [n, {dim}], got {list(queries.shape)}")
+    if k < 1:
+        raise IndexError_(f"k: must be at least 1, got {k}")
+    return queries
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
   id INTEGER PRIMARY KEY AUTOINCREMENT,

@@ -57,12 +57,18 @@ def tensor_to_array(t: pb.Tensor, field: str, ndim: int = 2, cols: int | None = 
     if len(data) != want:
         raise InvalidArgument(f"{field}.data: {len(data)} bytes do not match shape {shape} "
                               f"(expected {want} bytes of {pb.DType.Name(t.dtype).lower()})")
-    arr = np.frombuffer(data, dtype=wire).reshape(shape)
-    if t.dtype == pb.UINT8:
+    return as_float32(np.frombuffer(data, dtype=wire).reshape(shape), uint8_max if t.dtype == pb.UINT8 else None,
+                      f"{field}.data")
+
+
+def as_float32(arr: np.ndarray, uint8_max: float | None, field: str) -> np.ndarray:
+    """Wire values as the model's float32 features: 8-bit values divided by `uint8_max` (a given scale means
+    the values are uint8 and cannot be NaN), floats checked finite. Shared by zspace.v1 and KServe inputs."""
+    if uint8_max is not None:
         return arr.astype(np.float32) / np.float32(uint8_max)
     arr = arr.astype(np.float32, copy=False)
     if not np.isfinite(arr).all():
-        raise InvalidArgument(f"{field}.data: contains NaN or infinity")
+        raise InvalidArgument(f"{field}: contains NaN or infinity")
     return arr
 
 

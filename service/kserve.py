@@ -20,7 +20,7 @@ import numpy as np
 from zspace.errors import NotFound, shown
 from zspace.kserve import grpc_service_pb2 as kpb
 from zspace.service.config import Limits
-from zspace.service.inputs import InvalidArgument, uint8_max
+from zspace.service.inputs import InvalidArgument, as_float32, uint8_max
 from zspace.service.repository import ModelRepository, ModelRuntime
 from zspace.service.rpc import RpcHandlers, rpc
 
@@ -182,10 +182,4 @@ class KServeRpcs(RpcHandlers):
             arr = np.asarray(values, dtype=np.uint32 if t.datatype == "UINT8" else np.float32)
             if t.datatype == "UINT8" and arr.size and arr.max() > 255:
                 raise InvalidArgument(f"input '{in_name}': UINT8 values above 255 in contents.uint_contents")
-        arr = arr.reshape(shape)
-        if t.datatype == "UINT8":
-            return arr.astype(np.float32) / np.float32(scale)
-        arr = arr.astype(np.float32, copy=False)
-        if not np.isfinite(arr).all():
-            raise InvalidArgument(f"input '{in_name}': contains NaN or infinity")
-        return arr
+        return as_float32(arr.reshape(shape), scale if t.datatype == "UINT8" else None, f"input '{in_name}'")

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -231,8 +232,6 @@ class Supervisor:
                 await asyncio.wait_for(self.stopping.wait(), delay)
 
     async def _spawn(self, i: int) -> None:
-        import dataclasses
-
         parent_end, child_end = socket.socketpair()
         cfg = dataclasses.replace(self.cfg, port=self.port)
         hello = json.dumps({"worker": i, "workers": self.count,

@@ -7,14 +7,11 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-import time
-import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from benchmarks.harness import ServerChild, free_port, serve_command
+from benchmarks.harness import ServerChild, free_port, requests_answered, serve_command, start_milvus_lite
 from zspace.errors import UserError
 from zspace.index.errors import IndexError_
 from zspace.index.latent_index import open_index
@@ -89,33 +86,15 @@ def test_target_lists_are_balanced_and_checked():
         channel_target("127.0.0.1:1,nowhere")
 
 
-def searches_answered(metrics_port: int) -> int:
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    return sum(int(float(line.split()[-1])) for line in text.splitlines()
-               if line.startswith("zspace_requests_total{") and 'method="Search"' in line and 'code="OK"' in line)
-
-
 def test_two_replicas_behind_one_milvus_server_both_answer_and_agree(vae_bundle, tmp_path, cli):
-    port = free_port()
-    milvus = subprocess.Popen([str(Path(sys.executable).parent / "milvus-lite"), "server", "--data-dir",
-                               str(tmp_path / "milvus-data"), "--host", "127.0.0.1", "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    milvus, uri = start_milvus_lite(tmp_path / "milvus-data")
     replicas = []
     try:
-        deadline = time.monotonic() + 60
-        while True:  # until the Milvus server accepts connections
-            try:
-                MilvusIndex.connect(f"http://127.0.0.1:{port}", tmp_path).close()
-                break
-            except IndexError_:
-                assert time.monotonic() < deadline and milvus.poll() is None, milvus.stderr.read() if milvus.poll() else ""
-                time.sleep(0.5)
         models = tmp_path / "models"
         shutil.copytree(vae_bundle, models / "digits" / "1")
         code, out = cli("index", "build", "--model", models / "digits", "--data", "digits", "--split", "test",
-                        "--out", tmp_path / "indexes" / "shared", "--backend", "milvus", "--uri",
-                        f"http://127.0.0.1:{port}", "--collection", "shared")
+                        "--out", tmp_path / "indexes" / "shared", "--backend", "milvus", "--uri", uri,
+                        "--collection", "shared")
         assert code == 0, out
         for _ in range(2):  # two stateless replicas: the same folders, the same Milvus
             p, m = free_port(), free_port()
@@ -134,7 +113,7 @@ def test_two_replicas_behind_one_milvus_server_both_answer_and_agree(vae_bundle,
                 c.upsert("shared", [f"new/{i}"], vectors=vector, payloads=[{"i": i}])
                 assert c.search("shared", vectors=vector, k=1)[0][0].key == f"new/{i}"
                 assert c.search("shared", vectors=vector, k=1)[0][0].key == f"new/{i}"
-        answered = [searches_answered(m) for _, m in replicas]
+        answered = [requests_answered(m, "Search").get("OK", 0) for _, m in replicas]
         assert all(n > 0 for n in answered) and sum(answered) == 32, answered
     finally:
         for child, _ in replicas:
