@@ -7,6 +7,7 @@ import json
 import shutil
 
 import grpc
+import numpy as np
 import pytest
 from serving import start_thread
 
@@ -148,3 +149,38 @@ def test_cuda_is_exact_unless_tf32_is_asked_for():
     assert cuda_provider() == ("CUDAExecutionProvider", {"use_tf32": "0"})
     assert cuda_provider(tf32=True)[1] == {"use_tf32": "1"}
     assert providers_for("cpu", cuda_tf32=True) == ["CPUExecutionProvider"]
+
+
+def test_io_binding_runner_equals_session_run_across_threads_and_growth(vae_bundle):
+    """The io_binding path (zspace.cuda_io) answers exactly what session.run does, for every batch size and
+    from several threads at once; on a GPU machine the same test runs it on CUDA with page-locked buffers."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from zspace.bundle import load_bundle
+    from zspace.cuda_io import PinnedRunner, pinned_host, plain_host
+    from zspace.runtime import gpu_visible, open_runtime
+
+    runtime = open_runtime(load_bundle(vae_bundle), "auto")
+    cuda = runtime.provider.startswith("CUDA")
+    alloc = pinned_host() if cuda else plain_host
+    encode, decode = PinnedRunner(runtime.encoder, alloc), PinnedRunner(runtime.decoder, alloc)
+    rng = np.random.default_rng(0)
+
+    def check(rows: int) -> None:
+        x = rng.random((rows, runtime.bundle.input_dim), dtype=np.float32)
+        want = runtime.encoder.run(None, {runtime.encoder.get_inputs()[0].name: x})
+        got = encode(x)
+        assert [g.shape for g in got] == [w.shape for w in want] and len(got) == 2  # mean and logvar
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(g, w)
+        z = want[0]
+        np.testing.assert_array_equal(decode(z)[0], runtime.decoder.run(None, {runtime.decoder.get_inputs()[0].name: z})[0])
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(check, [1, 7, 300, 1, 700, 3, 256, 1025]))
+    first = encode(np.zeros((1, runtime.bundle.input_dim), np.float32))[0]
+    encode(np.ones((5, runtime.bundle.input_dim), np.float32))
+    assert first.shape == (1, runtime.bundle.latent_dim) and np.isfinite(first).all()  # a later run left it alone
+    with pytest.raises(ValueError, match="expected rows of"):
+        encode(np.zeros((2, 3), np.float32))
+    assert runtime.io == ("pinned" if cuda and gpu_visible() else "plain")

@@ -7,16 +7,20 @@ always report the provider a session actually uses (`session.get_providers()`).
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from zspace.bundle import Bundle
+from zspace.cuda_io import PinnedRunner, cuda_io_mode, pinned_host
 from zspace.errors import UserError
 from zspace.transforms import Transform, transform_from_dict
+
+log = logging.getLogger("zspace.runtime")
 
 
 def gpu_visible() -> bool:
@@ -91,13 +95,19 @@ class BundleRuntime:
     decoder: object
     transform: Transform
     provider: str    # the execution provider the sessions actually use
+    io: str = "plain"  # how runs move data: plain (session.run) or pinned (zspace.cuda_io, CUDA only)
+    runners: dict = field(default_factory=dict)  # graph -> PinnedRunner, when io is pinned
 
     def encode(self, x: np.ndarray) -> list[np.ndarray]:
         """Features [batch, input_dim] -> [mean] or [mean, logvar] (VAE kinds)."""
+        if "encoder" in self.runners:
+            return self.runners["encoder"](x)
         return self.encoder.run(None, {self.bundle.graphs["encoder"].input: x})
 
     def decode(self, z: np.ndarray) -> list[np.ndarray]:
         """Codes [batch, latent_dim] -> [x_hat] in data space."""
+        if "decoder" in self.runners:
+            return self.runners["decoder"](z)
         return self.decoder.run(None, {self.bundle.graphs["decoder"].input: z})
 
     def codes(self, x: np.ndarray, batch_size: int = 4096) -> np.ndarray:
@@ -113,8 +123,16 @@ def open_runtime(bundle: Bundle, device: str = "cpu", threads: int = 0, spin: bo
     """Open a loaded bundle's graphs on `device` (auto | cpu | cuda) with its transform."""
     encoder = onnx_session(bundle.graph("encoder"), device, threads, spin, cuda_tf32)
     decoder = onnx_session(bundle.graph("decoder"), device, threads, spin, cuda_tf32)
-    return BundleRuntime(bundle=bundle, encoder=encoder, decoder=decoder,
-                         transform=transform_from_dict(bundle.transform), provider=provider_label(encoder, cuda_tf32))
+    runtime = BundleRuntime(bundle=bundle, encoder=encoder, decoder=decoder,
+                            transform=transform_from_dict(bundle.transform), provider=provider_label(encoder, cuda_tf32))
+    if encoder.get_providers()[0] == "CUDAExecutionProvider" and cuda_io_mode() == "pinned":
+        try:
+            alloc = pinned_host()
+            runtime.runners = {"encoder": PinnedRunner(encoder, alloc), "decoder": PinnedRunner(decoder, alloc)}
+            runtime.io = "pinned"
+        except (OSError, ValueError) as e:  # the plain path still works: say why it is taken
+            log.warning("CUDA runs stay on session.run (pinned host buffers unavailable: %s)", e)
+    return runtime
 
 
 PARITY_TOLERANCE = 1e-4  # max |ONNX Runtime - torch| a bundle promises (training/export.py checks it on export)
