@@ -7,6 +7,7 @@ For 1, 256 and 4096 rows, on 1 and 8 threads, side by side in each round:
   plain     session.run with a numpy array: ORT copies from pageable memory and allocates every output
   pinned    zspace.cuda_io.PinnedRunner: io_binding with page-locked host buffers reused per thread
             (the copy into the buffer is counted)
+  runtime   BundleRuntime.encode as zspace runs it (ZSPACE_CUDA_IO, default auto: pinned from 2048 rows)
   on-device io_binding with the output left on the GPU (CUDA-resident), then copied to the host:
             what a chain of graphs that never returns to the host would save at most
 Every way's outputs are compared with plain's (they must be equal), and CUDA's with the CPU's (the
@@ -47,7 +48,7 @@ def ways(runtime) -> dict:
         session.run_with_iobinding(io)
         return io.copy_outputs_to_cpu()
 
-    return {"plain": plain, "pinned": pinned, "on_device": on_device}
+    return {"plain": plain, "pinned": pinned, "on_device": on_device, "runtime": lambda x: runtime.encode(x)}
 
 
 def measure(bundle: Path, device: str, seconds: float, rounds: int) -> dict:
@@ -76,9 +77,11 @@ def measure(bundle: Path, device: str, seconds: float, rounds: int) -> dict:
         ratios = {k: float(np.median(np.array(v) / np.array(got["plain"]))) for k, v in got.items()}
         row = {"threads": threads, "rows": rows, "plain_rows_s": float(np.median(got["plain"])),
                "pinned_rows_s": float(np.median(got["pinned"])), "on_device_rows_s": float(np.median(got["on_device"])),
-               "pinned_vs_plain": ratios["pinned"], "on_device_vs_plain": ratios["on_device"]}
+               "runtime_rows_s": float(np.median(got["runtime"])),
+               "pinned_vs_plain": ratios["pinned"], "on_device_vs_plain": ratios["on_device"],
+               "runtime_vs_plain": ratios["runtime"]}
         print(f"  {threads} x {rows:<5} plain {row['plain_rows_s']:12.0f} rows/s  pinned x{row['pinned_vs_plain']:.3f}"
-              f"  on-device x{row['on_device_vs_plain']:.3f}", flush=True)
+              f"  on-device x{row['on_device_vs_plain']:.3f}  runtime x{row['runtime_vs_plain']:.3f}", flush=True)
         rows_out.append(row)
     return {"benchmark": "cuda_io", "device": device, "provider": runtime.provider, "runtime_io": runtime.io,
             "machine": machine(), "seconds": seconds, "rounds": rounds, "max_abs_vs_plain": agree,
@@ -95,7 +98,8 @@ def measure(bundle: Path, device: str, seconds: float, rounds: int) -> dict:
 def main(bundle_path, device, seconds, rounds, json_path):
     bundle = Path(bundle_path) if bundle_path else bundle_for(None, Path(tempfile.mkdtemp(prefix="zspace-cuda-io-")))
     record = measure(bundle, device, seconds, rounds)
-    cols = ["threads", "rows", "plain_rows_s", "pinned_rows_s", "on_device_rows_s", "pinned_vs_plain", "on_device_vs_plain"]
+    cols = ["threads", "rows", "plain_rows_s", "pinned_rows_s", "on_device_rows_s", "pinned_vs_plain", "on_device_vs_plain",
+            "runtime_vs_plain"]
     print(table(record["rows"], cols, f"Encode in one process on {record['provider']}: ways of moving data, side by side"))
     write_json(Path(json_path), record)
 

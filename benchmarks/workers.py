@@ -57,11 +57,14 @@ def start(models: Path, workers: int, device: str, extra: list[str]) -> tuple[Se
     return child.wait_serving(300), metrics_port
 
 
-def encode_request(rows: int, dim: int):
+def encode_request(rows: int, dim: int, wire: str = "float32"):
+    """An Encode of `rows` random rows; wire uint8 sends them as 8-bit pixels (a quarter of the bytes; the
+    server scales them by 1/255, as the manifest of an image model says)."""
     from zspace.service.client import to_tensor
     from zspace.v1 import zspace_pb2 as pb
 
-    x = np.random.default_rng(0).random((rows, dim), dtype=np.float32)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (rows, dim), dtype=np.uint8) if wire == "uint8" else rng.random((rows, dim), dtype=np.float32)
     return pb.EncodeRequest(model=pb.ModelRef(name="mnist-ae"), inputs=pb.Inputs(tensor=to_tensor(x)))
 
 
@@ -108,13 +111,13 @@ def workers_vs_one(models: Path, workers: int, device: str, clients: int, second
 # ------------------------------------------------------------------ part two: the matrix
 
 
-def client_process(target: str, rows: int, callers: int, seconds: float, max_requests: int) -> dict:
+def client_process(target: str, rows: int, callers: int, seconds: float, max_requests: int, wire: str) -> dict:
     """One load process: `callers` closed-loop callers, each on its own connection."""
     import grpc
 
     from zspace.v1 import zspace_pb2_grpc as pb_grpc
 
-    request = encode_request(rows, 784)
+    request = encode_request(rows, 784, wire)
 
     async def main() -> dict:
         channels = [grpc.aio.insecure_channel(target, options=[*GRPC_OPTIONS, ("grpc.use_local_subchannel_pool", 1)])
@@ -131,12 +134,13 @@ def client_process(target: str, rows: int, callers: int, seconds: float, max_req
     return asyncio.run(main())
 
 
-def served(target: str, clients: int, rows: int, seconds: float, max_requests: int, processes: int) -> dict:
+def served(target: str, clients: int, rows: int, seconds: float, max_requests: int, processes: int,
+           wire: str = "float32") -> dict:
     per = [clients // processes + (i < clients % processes) for i in range(processes)]
     per = [n for n in per if n]
     with ProcessPoolExecutor(len(per), mp_context=get_context("spawn")) as pool:
         parts = list(pool.map(client_process, [target] * len(per), [rows] * len(per), per, [seconds] * len(per),
-                              [max_requests // len(per)] * len(per)))
+                              [max_requests // len(per)] * len(per), [wire] * len(per)))
     ms = np.concatenate([p["latencies_ms"] for p in parts])
     req_s = sum(p["req_s"] for p in parts)
     return {"req_s": req_s, "rows_s": req_s * rows, "p50_ms": float(np.percentile(ms, 50)),
@@ -157,15 +161,15 @@ def in_process(bundle: Path, device: str, clients: int, rows: int, seconds: floa
 
 
 def matrix(models: Path, bundle: Path, workers: int, device: str, seconds: float, rounds: int, processes: int,
-           max_requests: int, extra: list[str]) -> dict:
+           max_requests: int, extra: list[str], layouts=MATRIX, wire: str = "float32") -> dict:
     # 16 clients x 4096 rows queue 64k rows at once: past the default --max-queue (4096 rows per lane), which
     # would answer most of them RESOURCE_EXHAUSTED, as it should for a server that is not sized for it.
     child, _ = start(models, workers, device, ["--max-queue", "65536", *extra])
     rows_out = []
     try:
-        for clients, rows in MATRIX:
+        for clients, rows in layouts:
             def server_side(clients=clients, rows=rows) -> dict:
-                r = served(child.target, clients, rows, seconds, max_requests, min(processes, clients))
+                r = served(child.target, clients, rows, seconds, max_requests, min(processes, clients), wire)
                 print(f"  served     {clients:>3} x {rows:<5} {r['req_s']:9.0f} req/s {r['rows_s']:11.0f} rows/s "
                       f"p50 {r['p50_ms']:6.2f} p99 {r['p99_ms']:6.2f} ms errors {r['errors']}", flush=True)
                 return {**r, "value": r["rows_s"]}
@@ -184,7 +188,15 @@ def matrix(models: Path, bundle: Path, workers: int, device: str, seconds: float
                              "share": got["ratio"], "errors": median["first"]["errors"]})
     finally:
         child.stop()
-    return {"rows": rows_out}
+    return {"rows": rows_out, "wire": wire}
+
+
+def parse_layouts(text: str) -> tuple[tuple[int, int], ...]:
+    """"64x1,16x4096" -> ((64, 1), (16, 4096))."""
+    try:
+        return tuple((int(c), int(r)) for c, r in (part.split("x") for part in text.split(",")))
+    except ValueError:
+        raise click.BadParameter(f"expected CLIENTSxROWS[,CLIENTSxROWS...], got {text!r}") from None
 
 
 @click.command()
@@ -198,18 +210,23 @@ def matrix(models: Path, bundle: Path, workers: int, device: str, seconds: float
 @click.option("--rounds", default=3, help="Side-by-side rounds; the median round's ratio is the figure.")
 @click.option("--matrix", "with_matrix", is_flag=True, help="Also the 64x1, 8x1, 8x256, 16x4096 matrix against in-process ORT.")
 @click.option("--client-processes", default=4, help="Part two: load processes (Python clients).")
+@click.option("--layouts", default=",".join(f"{c}x{r}" for c, r in MATRIX), show_default=True,
+              help="Part two: the loads, CLIENTSxROWS, comma-separated.")
+@click.option("--wire", type=click.Choice(["float32", "uint8"]), default="float32",
+              help="Part two: how clients send pixels (uint8: a quarter of the bytes, scaled by the server).")
+@click.option("--skip-part-one", is_flag=True, help="Only the matrix (part one needs h2load).")
 @click.option("--max-requests", default=2_000_000, help="Part two: request cap per side of a round.")
 @click.option("--server-option", "extra", multiple=True, help="Passed to both servers, e.g. --server-option=--max-batch=128.")
 @click.option("--json", "json_path", default="benchmarks/results/workers.json", help="Where the figures go.")
-def main(run, bundle_path, device, workers, clients, seconds, rounds, with_matrix, client_processes, max_requests, extra,
-         json_path):
+def main(run, bundle_path, device, workers, clients, seconds, rounds, with_matrix, client_processes, layouts, wire,
+         skip_part_one, max_requests, extra, json_path):
     measure(run, bundle_path, device, workers, clients, seconds, rounds, with_matrix, client_processes, max_requests,
-            list(extra), json_path)
+            list(extra), json_path, parse_layouts(layouts), wire, skip_part_one)
 
 
 def measure(run: str | None, bundle_path: str | None, device: str, workers: int, clients: int, seconds: float,
             rounds: int, with_matrix: bool, client_processes: int, max_requests: int, extra: list[str],
-            json_path: str) -> dict:
+            json_path: str, layouts=MATRIX, wire: str = "float32", skip_part_one: bool = False) -> dict:
     """Both parts; also what `python -m benchmarks.serve --device D --workers N` runs."""
     from zspace.memory import keep_freed_memory
 
@@ -218,28 +235,32 @@ def measure(run: str | None, bundle_path: str | None, device: str, workers: int,
                                                               Path(tempfile.mkdtemp(prefix="zspace-workers-bench-")))
     print(f"bundle: {bundle}", flush=True)
     models = bundle.parents[1]
-    print(f"part one: h2load {clients} x 1-row Encode, --workers {workers} vs --workers 1 ({device})", flush=True)
-    ratio = workers_vs_one(models, workers, device, clients, seconds, rounds, extra)
-    rounds_table = [{"round": d["round"], f"workers{workers}_req_s": d["first"]["req_s"],
-                     "workers1_req_s": d["second"]["req_s"], "ratio": d["ratio"],
-                     f"workers{workers}_p99_ms": d["first"]["p99_ms"], "workers1_p99_ms": d["second"]["p99_ms"]}
-                    for d in ratio["rounds"]]
-    print(table(rounds_table, list(rounds_table[0]), f"{clients} x 1 row (h2load): --workers {workers} vs 1, side by side"))
     record = {"benchmark": "workers", "device": device, "workers": workers, "machine": machine(),
-              "seconds_per_side": seconds, "server_options": extra,
-              "workers_vs_one": {"clients": clients, "rounds": rounds_table, "median_round": ratio["median_round"],
-                                 "ratio": ratio["ratio"]}}
-    targets = {"workers_n_vs_1_64x1_h2load": ratio["ratio"]}
+              "seconds_per_side": seconds, "server_options": extra}
+    targets = {}
+    if not skip_part_one:
+        print(f"part one: h2load {clients} x 1-row Encode, --workers {workers} vs --workers 1 ({device})", flush=True)
+        ratio = workers_vs_one(models, workers, device, clients, seconds, rounds, extra)
+        rounds_table = [{"round": d["round"], f"workers{workers}_req_s": d["first"]["req_s"],
+                         "workers1_req_s": d["second"]["req_s"], "ratio": d["ratio"],
+                         f"workers{workers}_p99_ms": d["first"]["p99_ms"], "workers1_p99_ms": d["second"]["p99_ms"]}
+                        for d in ratio["rounds"]]
+        print(table(rounds_table, list(rounds_table[0]),
+                    f"{clients} x 1 row (h2load): --workers {workers} vs 1, side by side"))
+        record["workers_vs_one"] = {"clients": clients, "rounds": rounds_table, "median_round": ratio["median_round"],
+                                    "ratio": ratio["ratio"]}
+        targets["workers_n_vs_1_64x1_h2load"] = ratio["ratio"]
     if with_matrix:
-        print(f"part two: the load matrix, --workers {workers} ({device}) vs in-process ORT", flush=True)
-        record["matrix"] = matrix(models, bundle, workers, device, seconds, rounds, client_processes, max_requests, extra)
+        print(f"part two: the load matrix, --workers {workers} ({device}, {wire} on the wire) vs in-process ORT", flush=True)
+        record["matrix"] = matrix(models, bundle, workers, device, seconds, rounds, client_processes, max_requests, extra,
+                                  layouts, wire)
         cols = ["clients", "rows", "served_req_s", "served_rows_s", "p50_ms", "p99_ms", "in_process_rows_s", "share", "errors"]
         print(table(record["matrix"]["rows"], cols, f"Encode, --workers {workers} on {device}, vs in-process ORT side by side"))
         by = {(r["clients"], r["rows"]): r for r in record["matrix"]["rows"]}
         if device == "cuda":
-            targets.update({"rows8x256_vs_in_process": by[(8, 256)]["share"],
-                            "rows16x4096_vs_in_process": by[(16, 4096)]["share"],
-                            "req_s_64x1": by[(64, 1)]["served_req_s"], "p99_ms_8x1": by[(8, 1)]["p99_ms"]})
+            figures = {"rows8x256_vs_in_process": ((8, 256), "share"), "rows16x4096_vs_in_process": ((16, 4096), "share"),
+                       "req_s_64x1": ((64, 1), "served_req_s"), "p99_ms_8x1": ((8, 1), "p99_ms")}
+            targets.update({name: by[layout][key] for name, (layout, key) in figures.items() if layout in by})
     record["targets"] = check("workers", targets)
     write_json(Path(json_path), record)
     return record

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from zspace.errors import UserError
-from zspace.index.store import MAX_PAYLOAD_BYTES
+from zspace.index.store import MAX_JSON_DEPTH, MAX_PAYLOAD_BYTES, json_depth
 from zspace.service.config import Limits
 from zspace.transforms import image_pixels
 from zspace.v1 import zspace_pb2 as pb
@@ -175,10 +175,13 @@ def parse_json(text: str, field: str, max_bytes: int):
     if len(text) > max_bytes:
         raise InvalidArgument(f"{field}: {len(text)} characters, over the limit of {max_bytes}")
     try:
-        return json.loads(text, parse_constant=_no_constant)
+        value = json.loads(text, parse_constant=_no_constant)
     except json.JSONDecodeError as exc:
         raise InvalidArgument(f"{field}: not valid JSON ({exc.msg} at character {exc.pos})") from None
     except ValueError as exc:  # NaN, Infinity
         raise InvalidArgument(f"{field}: {exc}; use null or a string") from None
     except RecursionError:
         raise InvalidArgument(f"{field}: nested too deeply") from None
+    if json_depth(value) > MAX_JSON_DEPTH:
+        raise InvalidArgument(f"{field}: nested too deeply (more than {MAX_JSON_DEPTH} levels)")
+    return value

@@ -183,4 +183,4 @@ def test_io_binding_runner_equals_session_run_across_threads_and_growth(vae_bund
     assert first.shape == (1, runtime.bundle.latent_dim) and np.isfinite(first).all()  # a later run left it alone
     with pytest.raises(ValueError, match="expected rows of"):
         encode(np.zeros((2, 3), np.float32))
-    assert runtime.io == ("pinned" if cuda and gpu_visible() else "plain")
+    assert runtime.io == ("auto" if cuda and gpu_visible() else "plain")

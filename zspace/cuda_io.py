@@ -12,7 +12,14 @@ run. What that saves, and where it does not pay, is measured by
 The CUDA runtime library is the one ONNX Runtime's CUDA provider already
 loaded (dlopen by soname finds it); where it cannot be found or pinning fails,
 `pinned_host()` says why and the caller keeps `session.run`.
-ZSPACE_CUDA_IO=plain turns this path off (pinned: the default on CUDA).
+
+Measured on an H200 (benchmarks/README.md): pinned buffers pay only for big
+batches run concurrently (8 threads x 4096 rows: 2.6x the rows/s of
+session.run, whose pageable copies serialise); for small batches, and for one
+thread at a time, the extra host copy and the binding calls cost more than
+they save (0.48-0.92x). So the default, `auto`, takes the pinned path for runs
+of at least PINNED_MIN_ROWS rows and session.run below.
+ZSPACE_CUDA_IO=pinned|plain forces one path for every run.
 """
 
 from __future__ import annotations
@@ -28,16 +35,23 @@ import numpy as np
 HostAlloc = Callable[[tuple[int, int]], np.ndarray]
 CUDA_RUNTIMES = ("libcudart.so.13", "libcudart.so.12", "libcudart.so")
 MIN_ROWS = 256  # the smallest buffer: growing costs a cudaHostRegister (≈ms), so start at a typical batch
+PINNED_MIN_ROWS = 2048  # auto: runs from this many rows go through pinned buffers (see the figures above)
+MODES = ("auto", "pinned", "plain")
 
 
 def cuda_io_mode() -> str:
-    """ZSPACE_CUDA_IO: pinned (default) or plain (session.run with numpy arrays)."""
-    mode = os.environ.get("ZSPACE_CUDA_IO", "pinned")
-    if mode not in ("pinned", "plain"):
+    """ZSPACE_CUDA_IO: auto (default: pinned for big runs), pinned or plain (session.run with numpy arrays)."""
+    mode = os.environ.get("ZSPACE_CUDA_IO", "auto")
+    if mode not in MODES:
         from zspace.errors import UserError
 
-        raise UserError(f"ZSPACE_CUDA_IO: expected pinned or plain, got {mode!r}")
+        raise UserError(f"ZSPACE_CUDA_IO: expected one of {', '.join(MODES)}, got {mode!r}")
     return mode
+
+
+def pinned_min_rows(mode: str) -> int:
+    """The smallest run that takes the pinned path under `mode`."""
+    return {"auto": PINNED_MIN_ROWS, "pinned": 0}[mode]
 
 
 def pinned_host() -> HostAlloc:

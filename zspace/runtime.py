@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from zspace.bundle import Bundle
-from zspace.cuda_io import PinnedRunner, cuda_io_mode, pinned_host
+from zspace.cuda_io import PinnedRunner, cuda_io_mode, pinned_host, pinned_min_rows
 from zspace.errors import UserError
 from zspace.transforms import Transform, transform_from_dict
 
@@ -95,18 +95,19 @@ class BundleRuntime:
     decoder: object
     transform: Transform
     provider: str    # the execution provider the sessions actually use
-    io: str = "plain"  # how runs move data: plain (session.run) or pinned (zspace.cuda_io, CUDA only)
-    runners: dict = field(default_factory=dict)  # graph -> PinnedRunner, when io is pinned
+    io: str = "plain"  # how runs move data: plain (session.run), or auto / pinned (zspace.cuda_io, CUDA only)
+    runners: dict = field(default_factory=dict)  # graph -> PinnedRunner, when io is not plain
+    pinned_from: int = 0  # runs of at least this many rows take the runners
 
     def encode(self, x: np.ndarray) -> list[np.ndarray]:
         """Features [batch, input_dim] -> [mean] or [mean, logvar] (VAE kinds)."""
-        if "encoder" in self.runners:
+        if self.runners and len(x) >= self.pinned_from:
             return self.runners["encoder"](x)
         return self.encoder.run(None, {self.bundle.graphs["encoder"].input: x})
 
     def decode(self, z: np.ndarray) -> list[np.ndarray]:
         """Codes [batch, latent_dim] -> [x_hat] in data space."""
-        if "decoder" in self.runners:
+        if self.runners and len(z) >= self.pinned_from:
             return self.runners["decoder"](z)
         return self.decoder.run(None, {self.bundle.graphs["decoder"].input: z})
 
@@ -125,11 +126,12 @@ def open_runtime(bundle: Bundle, device: str = "cpu", threads: int = 0, spin: bo
     decoder = onnx_session(bundle.graph("decoder"), device, threads, spin, cuda_tf32)
     runtime = BundleRuntime(bundle=bundle, encoder=encoder, decoder=decoder,
                             transform=transform_from_dict(bundle.transform), provider=provider_label(encoder, cuda_tf32))
-    if encoder.get_providers()[0] == "CUDAExecutionProvider" and cuda_io_mode() == "pinned":
+    mode = cuda_io_mode()
+    if encoder.get_providers()[0] == "CUDAExecutionProvider" and mode != "plain":
         try:
             alloc = pinned_host()
             runtime.runners = {"encoder": PinnedRunner(encoder, alloc), "decoder": PinnedRunner(decoder, alloc)}
-            runtime.io = "pinned"
+            runtime.io, runtime.pinned_from = mode, pinned_min_rows(mode)
         except (OSError, ValueError) as e:  # the plain path still works: say why it is taken
             log.warning("CUDA runs stay on session.run (pinned host buffers unavailable: %s)", e)
     return runtime
