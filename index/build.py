@@ -55,7 +55,13 @@ def build_index(model_ref: Path, data_spec: str, out: Path, factory: str | None 
     runtime = open_runtime(load_bundle(resolve_bundle(model_ref)), device)
     bundle = runtime.bundle
     ds = load_dataset(data_spec, transform=runtime.transform)
-    metric = metric or ("cosine" if ds.modality == "text" else "l2")
+    metric = metric or ("hamming" if bundle.is_hash else "cosine" if ds.modality == "text" else "l2")
+    if metric == "hamming" and not bundle.is_hash:
+        raise IndexError_(f"--metric hamming: {bundle.label} is a {bundle.kind} model with float codes; a hamming "
+                          "index holds the bits of a hash model (zspace train --model hash --bits N)")
+    if metric == "hamming" and backend == "milvus":
+        raise IndexError_("--metric hamming: the Milvus backend here stores float codes; use --backend faiss")
+    code = codes_of if metric != "hamming" else bits_of
     splits = {"train": [("train", ds.x_train, ds.y_train, ds.sources_train)],
               "test": [("test", ds.x_test, ds.y_test, ds.sources_test)]}
     splits["all"] = splits["train"] + splits["test"]
@@ -65,7 +71,7 @@ def build_index(model_ref: Path, data_spec: str, out: Path, factory: str | None 
             bar = None if quiet else Progress(-(-len(x) // batch_size), f"index {name}")
             for start in range(0, len(x), batch_size):
                 rows = range(start, min(start + batch_size, len(x)))
-                codes = runtime.encode(np.ascontiguousarray(x[start : rows.stop]))[0]  # VAE kinds: the means
+                codes = code(runtime, np.ascontiguousarray(x[start : rows.stop]))
                 # The user's own ids when the data carries them (a .jsonl's `id`), else <dataset>/<split>/<row>.
                 keys = [sources[i] if ds.sources_are_ids else dataset_key(ds.name, name, i) for i in rows]
                 payloads = [{"split": name, "source": sources[i] if sources else None,
@@ -95,7 +101,8 @@ def build_index(model_ref: Path, data_spec: str, out: Path, factory: str | None 
                 shutil.rmtree(out, ignore_errors=True)
             raise
         return index
-    manifest = LatentIndex.new_manifest(bundle.name, bundle.version, bundle.latent_dim, factory or "Flat", metric)
+    default = "BFlat" if metric == "hamming" else "Flat"
+    manifest = LatentIndex.new_manifest(bundle.name, bundle.version, bundle.latent_dim, factory or default, metric)
     with staged_folder(out) as tmp:
         index = LatentIndex.initialise(tmp, manifest)
         try:
@@ -103,6 +110,16 @@ def build_index(model_ref: Path, data_spec: str, out: Path, factory: str | None 
         finally:
             index.close()  # a snapshot of the finished index, so opening it replays nothing
     return LatentIndex.open(out)
+
+
+def codes_of(runtime, x: np.ndarray) -> np.ndarray:
+    """Float codes: the encoder's first output (VAE kinds: the means; hash: the bits' probabilities)."""
+    return runtime.encode(x)[0]
+
+
+def bits_of(runtime, x: np.ndarray) -> np.ndarray:
+    """A hash model's bits, packed 8 to a byte (uint8): what a hamming index stores."""
+    return runtime.encode(x)[1]
 
 
 def query_codes(index: LatentIndex, models: Path, pngs: list[str], texts: list[str], device: str = "auto") -> np.ndarray:
@@ -113,4 +130,4 @@ def query_codes(index: LatentIndex, models: Path, pngs: list[str], texts: list[s
         x = np.stack([runtime.transform.from_bytes(Path(p).read_bytes(), p) for p in pngs])
     else:
         x = runtime.transform.apply(list(texts))
-    return runtime.encode(x)[0]
+    return (bits_of if getattr(index, "binary", False) else codes_of)(runtime, x)

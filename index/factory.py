@@ -65,11 +65,15 @@ def _min_points(index) -> int:
 
 
 @functools.cache
-def traits(factory: str, dim: int) -> FactoryTraits:
-    """The traits of `factory` for `dim`-d codes; FactoryError naming the string if FAISS cannot build it."""
+def traits(factory: str, dim: int, binary: bool = False) -> FactoryTraits:
+    """The traits of `factory` for `dim`-d codes (binary: `dim` bits, Hamming distance, FAISS's IndexBinary);
+    FactoryError naming the string if FAISS cannot build it, or builds the other kind."""
     faiss = _faiss()
     if not isinstance(factory, str) or not factory.strip():
-        raise FactoryError("factory: expected a FAISS factory string such as Flat, HNSW32 or IVF256,PQ8")
+        raise FactoryError("factory: expected a FAISS factory string such as Flat, HNSW32 or IVF256,PQ8"
+                           + (" (binary codes: BFlat or BHNSW32)" if binary else ""))
+    if binary:
+        return _binary_traits(factory, dim)
     if factory.split(",")[0].startswith("IDMap"):
         raise FactoryError(f"factory: {factory!r} maps ids itself; zspace assigns the ids, give the index without IDMap")
     try:
@@ -78,7 +82,8 @@ def traits(factory: str, dim: int) -> FactoryTraits:
         binary = _is_binary_factory(factory, dim)
         # FAISS says "Error in <C++ function> at <file>:<line>: <what>"; the user needs <what>.
         what = re.sub(r"^Error in .*? at \S+:\d+: ", "", str(exc).strip().splitlines()[-1])[:200]
-        why = "a binary index (FAISS's IndexBinary); zspace stores float codes" if binary else what
+        why = ("a binary index (FAISS's IndexBinary) for bits: give the index --metric hamming, and a hash "
+               "model's codes" if binary else what)
         raise FactoryError(f"factory: FAISS cannot build {factory!r} for {dim}-d codes ({why})") from None
     family = "IVF" if isinstance(index, faiss.IndexIVF) else ("HNSW" if isinstance(index, faiss.IndexHNSW) else "")
     id_mapped = not isinstance(index, faiss.IndexIVF)
@@ -90,6 +95,41 @@ def traits(factory: str, dim: int) -> FactoryTraits:
         removable = False
     return FactoryTraits(factory=factory, family=family, min_points=_min_points(index), removable=removable,
                          id_mapped=id_mapped)
+
+
+def _binary_traits(factory: str, dim: int) -> FactoryTraits:
+    """Traits of a binary factory ("BFlat", "BHNSW32"): codes of `dim` bits compared by Hamming distance."""
+    faiss = _faiss()
+    if dim % 8:
+        raise FactoryError(f"dim: binary codes are whole bytes, a multiple of 8 bits; got {dim}")
+    if factory.split(",")[0].startswith("BIDMap") or factory.startswith("IDMap"):
+        raise FactoryError(f"factory: {factory!r} maps ids itself; zspace assigns the ids, give the index without IDMap")
+    try:
+        index = faiss.index_binary_factory(dim, factory)
+    except RuntimeError:
+        float_too = _builds_float(factory, dim)
+        why = ("a float index; a hamming index holds bits: use BFlat or BHNSW32" if float_too else
+               "not a binary factory FAISS knows; use BFlat or BHNSW32")
+        raise FactoryError(f"factory: FAISS cannot build {factory!r} for {dim}-bit codes ({why})") from None
+    if not index.is_trained:
+        raise FactoryError(f"factory: {factory!r} needs training, which zspace's binary indexes do not do; "
+                           "use BFlat (exact) or BHNSW32 (graph)")
+    family = "HNSW" if isinstance(faiss.downcast_IndexBinary(index), faiss.IndexBinaryHNSW) else ""
+    probe = faiss.IndexBinaryIDMap2(index)
+    try:
+        probe.remove_ids(np.zeros(0, dtype=np.int64))
+        removable = True
+    except RuntimeError:
+        removable = False
+    return FactoryTraits(factory=factory, family=family, min_points=0, removable=removable, id_mapped=True)
+
+
+def _builds_float(factory: str, dim: int) -> bool:
+    try:
+        _build(factory, dim)
+    except RuntimeError:
+        return False
+    return True
 
 
 def _is_binary_factory(factory: str, dim: int) -> bool:
@@ -106,8 +146,11 @@ def empty_index(t: FactoryTraits, dim: int, metric: str, trainable_now: bool):
     """(a new empty index for the factory, whether it is the real one).
 
     Until a factory that needs training has enough codes, a flat index stands in
-    for it (exact search); `trainable_now` says the codes are there."""
+    for it (exact search); `trainable_now` says the codes are there. Metric
+    hamming: a binary index over `dim` bits."""
     faiss = _faiss()
+    if metric == "hamming":
+        return faiss.IndexBinaryIDMap2(faiss.index_binary_factory(dim, t.factory)), True
     metric_type = faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
     if t.needs_training and not trainable_now:
         return faiss.IndexIDMap2(faiss.IndexFlat(dim, metric_type)), False

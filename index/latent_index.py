@@ -34,7 +34,7 @@ from zspace.index.store import ItemStore, Written, check_items, check_key, check
 
 log = logging.getLogger("zspace.index")
 FORMAT_VERSION = 1
-METRICS = ("l2", "cosine")
+METRICS = ("l2", "cosine", "hamming")  # hamming: binary codes (a hash model's bits), FAISS IndexBinary
 BACKENDS = ("faiss", "milvus")
 TOMBSTONE_FRACTION = 0.2
 
@@ -50,7 +50,7 @@ def check_manifest(m: object, path: Path) -> None:
     if not isinstance(m.get("dim"), int) or isinstance(m.get("dim"), bool) or m["dim"] < 1:
         raise IndexError_(f"{where}: field 'dim' must be a positive integer, got {m.get('dim')!r}")
     if m.get("metric") not in METRICS:
-        raise IndexError_(f"{where}: field 'metric' must be l2 or cosine, got {m.get('metric')!r}")
+        raise IndexError_(f"{where}: field 'metric' must be l2, cosine or hamming, got {m.get('metric')!r}")
     if not isinstance(m.get("factory"), str):
         raise IndexError_(f"{where}: field 'factory' must be a FAISS factory string, got {m.get('factory')!r}")
     if m.get("backend", "faiss") not in BACKENDS:
@@ -166,7 +166,8 @@ class LatentIndex:
         faiss.cvar.distance_compute_blas_threshold = 2
         self.path, self.manifest = Path(path), manifest
         self.dim, self.metric, self.factory = int(manifest["dim"]), manifest["metric"], manifest["factory"]
-        self.traits = traits(self.factory, self.dim)  # FactoryError for a string FAISS cannot build
+        self.binary = self.metric == "hamming"  # codes are bits; FAISS IndexBinary, distances are bit counts
+        self.traits = traits(self.factory, self.dim, self.binary)  # FactoryError for a string FAISS cannot build
         self.store = ItemStore(self.path / "items.sqlite", self.dim)
         self.lock = RWLock()
         self.removable = self.traits.removable
@@ -187,8 +188,8 @@ class LatentIndex:
     def new_manifest(model_name: str, model_version: int, dim: int, factory: str = "Flat", metric: str = "l2") -> dict:
         """index.json for a new index, checked before anything is written (FactoryError names a bad factory)."""
         if metric not in METRICS:
-            raise IndexError_(f"metric: expected l2 or cosine, got {metric!r}")
-        traits(factory, int(dim))
+            raise IndexError_(f"metric: expected l2, cosine or hamming, got {metric!r}")
+        traits(factory, int(dim), metric == "hamming")
         return {"format_version": FORMAT_VERSION, "model": {"name": model_name, "version": int(model_version)},
                 "dim": int(dim), "metric": metric, "factory": factory}
 
@@ -234,7 +235,8 @@ class LatentIndex:
                 return
             try:
                 info = json.loads(meta.read_text())
-                self.index = self.faiss.deserialize_index(np.fromfile(self.path / info["file"], dtype=np.uint8))
+                read = self.faiss.deserialize_index_binary if self.binary else self.faiss.deserialize_index
+                self.index = read(np.fromfile(self.path / info["file"], dtype=np.uint8))
                 self.seq, self.trained_kind = int(info["seq"]), bool(info["trained_kind"])
                 self.tombstones = set(info.get("tombstones", []))
                 if self.index.d != self.dim:
@@ -308,6 +310,8 @@ class LatentIndex:
     # ------------------------------------------------------------ internals
 
     def _prep(self, vecs: np.ndarray) -> np.ndarray:
+        if self.binary:  # the store's 0/1 floats -> the packed bytes FAISS compares
+            return np.ascontiguousarray(np.packbits(np.asarray(vecs) > 0.5, axis=1))
         vecs = np.ascontiguousarray(vecs, dtype=np.float32)
         if self.metric == "cosine":
             vecs = vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
@@ -341,7 +345,7 @@ class LatentIndex:
         maintain=False skips training/compaction checks, for bulk loads that call
         rebuild() once at the end (so IVF trains on all codes, not the first batch).
         """
-        vectors, texts = check_items(keys, vectors, payloads, self.dim)
+        vectors, texts = check_items(keys, vectors, payloads, self.dim, self.binary)
         with self.lock.write():
             self._apply(self.store.upsert(keys, vectors, texts), keys, vectors, texts, maintain)
 
@@ -390,7 +394,7 @@ class LatentIndex:
         (an event loop) that must never block. one_thread runs FAISS on the calling
         thread alone; by default a single HNSW query does, since one graph walk
         gains nothing from OpenMP but pays its fork and join."""
-        queries = check_queries(queries, k, self.dim)
+        queries = check_queries(queries, k, self.dim, self.binary)
         if self.follow:
             self.catch_up(blocking)
         lock = self.lock
@@ -422,6 +426,9 @@ class LatentIndex:
     def _faiss_search(self, x: np.ndarray, k: int, params) -> tuple[np.ndarray, np.ndarray]:
         """FAISS's search without its Python wrapper, whose checks we have made already (x from _prep:
         contiguous float32 rows of self.dim): they would be a noticeable share of a single HNSW query."""
+        if self.binary:  # Hamming distances come back as int32 bit counts
+            dist, ids = self.index.search(x, k, params=params)
+            return dist.astype(np.float32), ids
         swig_ptr = self.faiss.swig_ptr
         dist = np.empty((len(x), k), dtype=np.float32)
         ids = np.empty((len(x), k), dtype=np.int64)
@@ -482,7 +489,8 @@ class LatentIndex:
 
     def _write_snapshot(self) -> None:
         name = f"index-{self.seq}.faiss"
-        write_atomic(self.path / name, self.faiss.serialize_index(self.index).tobytes())
+        serialize = self.faiss.serialize_index_binary if self.binary else self.faiss.serialize_index
+        write_atomic(self.path / name, serialize(self.index).tobytes())
         info = {"file": name, "seq": self.seq, "trained_kind": self.trained_kind, "tombstones": sorted(self.tombstones)}
         write_atomic(self.path / "snapshot.json", json.dumps(info).encode())
         for old in self.path.glob("index-*.faiss"):

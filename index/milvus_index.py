@@ -113,6 +113,7 @@ class MilvusIndex:
     def __init__(self, path: Path, manifest: dict, client, collection: str):
         self.path, self.manifest, self.client, self.collection = Path(path), manifest, client, collection
         self.dim, self.metric, self.factory = int(manifest["dim"]), manifest["metric"], manifest["factory"]
+        self.binary = False  # float codes only (build_index refuses hamming for this backend)
 
     # ------------------------------------------------------------ create / open
 

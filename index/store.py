@@ -96,14 +96,42 @@ def check_key(key: object, field: str) -> str:
     return key
 
 
-def check_items(keys: list[str], vectors, payloads: list[dict], dim: int) -> tuple[np.ndarray, list[str]]:
+def as_codes(vectors, dim: int, binary: bool, field: str) -> np.ndarray:
+    """Codes as the store keeps them, float32 [n, dim], from what a caller gave, refusing the wrong kind.
+
+    A hamming (binary) index of `dim` bits takes packed bits, uint8 [n, dim/8] (numpy's packbits
+    order, what a hash model's Encode answers), or the bits themselves as 0/1 values [n, dim];
+    a float index takes float codes and refuses packed bits."""
+    a = np.asarray(vectors)
+    if binary:
+        if a.dtype == np.uint8:
+            if a.ndim != 2 or a.shape[1] != dim // 8:
+                raise IndexError_(f"{field}: packed bits of a {dim}-bit index need shape [n, {dim // 8}], got {list(a.shape)}")
+            return np.unpackbits(a, axis=1).astype(np.float32)
+        a = a.astype(np.float32)
+        if a.ndim != 2 or a.shape[1] != dim:
+            raise IndexError_(f"{field}: expected bits [n, {dim}] (0/1) or packed bits [n, {dim // 8}] (uint8), "
+                              f"got {list(a.shape)}")
+        if not ((a == 0) | (a == 1)).all():
+            raise IndexError_(f"{field}: a hamming index holds bits (0 or 1) and these are float codes; "
+                              "float codes belong in an l2 or cosine index")
+        return a
+    if a.dtype == np.uint8:
+        raise IndexError_(f"{field}: packed bits (uint8) given to a float index; bits belong in a hamming index "
+                          "(--metric hamming, factory BFlat or BHNSW32)")
+    a = a.astype(np.float32)
+    if a.ndim != 2 or a.shape[1] != dim:
+        raise IndexError_(f"{field}: expected shape [n, {dim}], got {list(a.shape)}")
+    return a
+
+
+def check_items(keys: list[str], vectors, payloads: list[dict], dim: int,
+                binary: bool = False) -> tuple[np.ndarray, list[str]]:
     """An upsert's items checked, whatever the backend: (vectors as float32, payloads as their one JSON form).
 
     Each field is named in the error; a key given twice is refused (which row should win is the
     caller's to say, not ours)."""
-    vectors = np.asarray(vectors, dtype=np.float32)
-    if vectors.ndim != 2 or vectors.shape[1] != dim:
-        raise IndexError_(f"vectors: expected shape [n, {dim}], got {list(vectors.shape)}")
+    vectors = as_codes(vectors, dim, binary, "vectors")
     if len(keys) != len(vectors) or len(payloads) != len(vectors):
         raise IndexError_(f"keys, vectors and payloads must have the same length ({len(keys)}, {len(vectors)}, {len(payloads)})")
     first: dict[str, int] = {}
@@ -118,11 +146,9 @@ def check_items(keys: list[str], vectors, payloads: list[dict], dim: int) -> tup
     return vectors, texts
 
 
-def check_queries(queries, k: int, dim: int) -> np.ndarray:
+def check_queries(queries, k: int, dim: int, binary: bool = False) -> np.ndarray:
     """A search's queries as float32 [n, dim] and its k, checked, whatever the backend."""
-    queries = np.asarray(queries, dtype=np.float32)
-    if queries.ndim != 2 or queries.shape[1] != dim:
-        raise IndexError_(f"queries: expected shape [n, {dim}], got {list(queries.shape)}")
+    queries = as_codes(queries, dim, binary, "queries")
     if k < 1:
         raise IndexError_(f"k: must be at least 1, got {k}")
     return queries

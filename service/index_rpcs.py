@@ -61,10 +61,23 @@ class IndexRpcs(RpcHandlers):
         return self.indexes.get(name)
 
     async def _query_codes(self, index, request, which: str) -> np.ndarray:
-        """The `inputs` (encoded by the index's model, VAE kinds: means) or `vectors` field of a request, as codes."""
+        """The `inputs` (encoded by the index's model, VAE kinds: means; into a hamming index: a hash
+        model's packed bits) or `vectors` field of a request, as codes."""
+        binary = getattr(index, "binary", False)
         if which == "inputs":
             rt = self.repo.get(*index.model)
-            return (await rt.encode(await features(rt, request.inputs, "inputs", self.limits)))[0]
+            x = await features(rt, request.inputs, "inputs", self.limits)
+            if binary:
+                if not rt.is_hash:
+                    raise InvalidArgument(f"index: a hamming index of {rt.name}/{rt.version}, which is not a hash model")
+                return await rt.bits(x)
+            return (await rt.encode(x))[0]
+        if binary and request.vectors.dtype == pb.UINT8:  # packed bits, as Encode's `bits` answers them
+            return tensor_to_array(request.vectors, "vectors", cols=index.dim // 8, max_rows=self.limits.max_rows,
+                                   raw_uint8=True)
+        if not binary and request.vectors.dtype == pb.UINT8:
+            raise InvalidArgument(f"vectors.dtype: UINT8 (packed bits) is for hamming indexes; this index holds "
+                                  f"float codes (metric {index.metric}): send FLOAT32 or FLOAT16")
         return tensor_to_array(request.vectors, "vectors", cols=index.dim, max_rows=self.limits.max_rows)
 
     @rpc
@@ -138,4 +151,8 @@ class IndexRpcs(RpcHandlers):
     async def GetItem(self, request, context):
         index = self._index(request.index)
         item = await asyncio.to_thread(index.get, request.key)  # checks the key
-        return pb.Item(key=item.key, vector=array_to_tensor(item.vector[None]), payload_json=json.dumps(item.payload))
+        if getattr(index, "binary", False):  # bits travel packed, as Encode answers them
+            vector = array_to_tensor(np.packbits(item.vector[None] > 0.5, axis=1), pb.UINT8)
+        else:
+            vector = array_to_tensor(item.vector[None])
+        return pb.Item(key=item.key, vector=vector, payload_json=json.dumps(item.payload))

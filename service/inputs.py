@@ -29,14 +29,15 @@ WIRE = {pb.FLOAT32: ("<f4", 4), pb.UINT8: ("u1", 1), pb.FLOAT16: ("<f2", 2)}
 
 
 def tensor_to_array(t: pb.Tensor, field: str, ndim: int = 2, cols: int | None = None, max_rows: int | None = None,
-                    uint8_max: float | None = None) -> np.ndarray:
+                    uint8_max: float | None = None, raw_uint8: bool = False) -> np.ndarray:
     """A Tensor message -> float32 array, checking dtype, shape, byte length and finiteness.
 
     UINT8 is accepted only where `uint8_max` says how to read it (8-bit images: value / 255, as the
-    image transform itself divides, so a uint8 tensor and its float32 form give the same features)."""
+    image transform itself divides, so a uint8 tensor and its float32 form give the same features),
+    or, with raw_uint8, kept as the bytes it is (packed bits for a hamming index)."""
     if t.dtype not in WIRE:
         raise InvalidArgument(f"{field}.dtype: unknown value {t.dtype}; expected FLOAT32, UINT8 or FLOAT16")
-    if t.dtype == pb.UINT8 and uint8_max is None:
+    if t.dtype == pb.UINT8 and uint8_max is None and not raw_uint8:
         raise InvalidArgument(f"{field}.dtype: UINT8 is for 8-bit images as model inputs; send FLOAT32 or FLOAT16 here")
     wire, size = WIRE[t.dtype]
     shape = list(t.shape)
@@ -57,8 +58,10 @@ def tensor_to_array(t: pb.Tensor, field: str, ndim: int = 2, cols: int | None = 
     if len(data) != want:
         raise InvalidArgument(f"{field}.data: {len(data)} bytes do not match shape {shape} "
                               f"(expected {want} bytes of {pb.DType.Name(t.dtype).lower()})")
-    return as_float32(np.frombuffer(data, dtype=wire).reshape(shape), uint8_max if t.dtype == pb.UINT8 else None,
-                      f"{field}.data")
+    arr = np.frombuffer(data, dtype=wire).reshape(shape)
+    if raw_uint8 and t.dtype == pb.UINT8:
+        return arr
+    return as_float32(arr, uint8_max if t.dtype == pb.UINT8 else None, f"{field}.data")
 
 
 def as_float32(arr: np.ndarray, uint8_max: float | None, field: str) -> np.ndarray:

@@ -30,11 +30,14 @@ DATATYPES = {"FP32": ("<f4", "fp32_contents"), "FP16": ("<f2", None), "UINT8": (
 PLATFORM = "onnxruntime_onnx"
 
 
-def graph_io(rt: ModelRuntime, graph: str) -> tuple[str, int, list[tuple[str, int]]]:
-    """(input name, input width, [(output name, output width)]) of one graph, names as the graph has them."""
+def graph_io(rt: ModelRuntime, graph: str) -> tuple[str, int, list[tuple[str, int, str]]]:
+    """(input name, input width, [(output name, output width, datatype)]) of one graph, names as the graph
+    has them. A hash model's encoder also gives its bits, packed 8 to a byte: UINT8, latent_dim / 8 wide."""
     session = rt.runtime.encoder if graph == "encoder" else rt.runtime.decoder
     width_in, width_out = (rt.input_dim, rt.latent_dim) if graph == "encoder" else (rt.latent_dim, rt.input_dim)
-    return session.get_inputs()[0].name, width_in, [(o.name, width_out) for o in session.get_outputs()]
+    outputs = [(o.name, width_out // 8, "UINT8") if o.type == "tensor(uint8)" else (o.name, width_out, "FP32")
+               for o in session.get_outputs()]
+    return session.get_inputs()[0].name, width_in, outputs
 
 
 def parse_version(version: str) -> int:
@@ -100,7 +103,7 @@ class KServeRpcs(RpcHandlers):
         return kpb.ModelMetadataResponse(
             name=request.name, versions=[str(v) for v in sorted(self.repo.models.get(rt.name, {}))], platform=PLATFORM,
             inputs=[tensor(name=in_name, datatype="FP32", shape=[-1, in_width])],
-            outputs=[tensor(name=n, datatype="FP32", shape=[-1, w]) for n, w in outputs])
+            outputs=[tensor(name=n, datatype=t, shape=[-1, w]) for n, w, t in outputs])
 
     @rpc
     async def ModelConfig(self, request, context):
@@ -110,7 +113,8 @@ class KServeRpcs(RpcHandlers):
         return kpb.ModelConfigResponse(config=kpb.ModelConfig(
             name=request.name, platform=PLATFORM, backend="onnxruntime", max_batch_size=self.limits.max_rows,
             input=[kpb.ModelInput(name=in_name, data_type=kpb.TYPE_FP32, dims=[in_width])],
-            output=[kpb.ModelOutput(name=n, data_type=kpb.TYPE_FP32, dims=[w]) for n, w in outputs],
+            output=[kpb.ModelOutput(name=n, data_type=kpb.TYPE_UINT8 if t == "UINT8" else kpb.TYPE_FP32, dims=[w])
+                    for n, w, t in outputs],
             instance_group=[kpb.ModelInstanceGroup(count=rt.batching.instances,
                                                    kind=kpb.ModelInstanceGroup.KIND_GPU if gpu else kpb.ModelInstanceGroup.KIND_CPU)],
             dynamic_batching=kpb.ModelDynamicBatching(preferred_batch_size=[rt.batching.max_batch],
@@ -123,21 +127,21 @@ class KServeRpcs(RpcHandlers):
         rt, graph = self._graph(request.model_name, request.model_version)
         in_name, in_width, outputs = graph_io(rt, graph)
         wanted = [o.name for o in request.outputs] or [n for n, _ in outputs]
-        known = [n for n, _ in outputs]
+        known = [n for n, _, _ in outputs]
         for name in wanted:
             if name not in known:
                 raise InvalidArgument(f"unexpected inference output {shown(name)} for model '{request.model_name}' "
                                       f"(its outputs: {', '.join(known)})")
         x = self._input(request, rt, graph, in_name, in_width)
         if graph == "encoder":
-            mean, logvar = await rt.encode(x)
-            results = dict(zip(known, (mean, logvar)))
+            results = dict(zip(known, await rt.encode_outputs(x)))
         else:
             results = {known[0]: await rt.decode(x)}
+        types = {n: t for n, _, t in outputs}
         response = kpb.ModelInferResponse(model_name=request.model_name, model_version=str(rt.version), id=request.id)
         for name in wanted:
-            out = np.ascontiguousarray(results[name], dtype="<f4")
-            response.outputs.add(name=name, datatype="FP32", shape=list(out.shape))
+            out = np.ascontiguousarray(results[name], dtype="u1" if types[name] == "UINT8" else "<f4")
+            response.outputs.add(name=name, datatype=types[name], shape=list(out.shape))
             response.raw_output_contents.append(out.tobytes())
         return response
 

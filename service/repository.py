@@ -90,13 +90,26 @@ class ModelRuntime:
     def is_vae(self) -> bool:
         return self.bundle.is_vae
 
+    @property
+    def is_hash(self) -> bool:
+        return self.bundle.is_hash
+
     def _warm_up(self) -> None:
         """One real call per graph, so the first client does not pay for initialisation."""
         self.runtime.decode(self.runtime.encode(np.zeros((1, self.input_dim), np.float32))[0])
 
+    async def encode_outputs(self, x: np.ndarray) -> list[np.ndarray]:
+        """Every encoder output, in the graph's order: [mean], [mean, logvar] (VAE kinds) or [mean, bits] (hash)."""
+        return finite(await self.encode_batcher.submit(x), "inputs")
+
     async def encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        outs = finite(await self.encode_batcher.submit(x), "inputs")
-        return outs[0], (outs[1] if len(outs) > 1 else None)
+        """(codes, logvar for VAE kinds else None); a hash model's codes are its probabilities."""
+        outs = await self.encode_outputs(x)
+        return outs[0], (outs[1] if self.is_vae else None)
+
+    async def bits(self, x: np.ndarray) -> np.ndarray:
+        """A hash model's codes as bits, packed 8 to a byte (uint8 [batch, latent_dim / 8])."""
+        return (await self.encode_outputs(x))[1]
 
     async def decode(self, z: np.ndarray) -> np.ndarray:
         return finite(await self.decode_batcher.submit(z), "latents")[0]

@@ -86,10 +86,12 @@ class ModelRpcs(RpcHandlers):
     @rpc
     async def Encode(self, request, context):
         rt, dtype = self._model(request.model), output_dtype(request)
-        mean, logvar = await rt.encode(await features(rt, request.inputs, "inputs", self.limits))
-        resp = pb.EncodeResponse(mean=array_to_tensor(mean, dtype), version=rt.version)
-        if logvar is not None:
-            resp.logvar.CopyFrom(array_to_tensor(logvar, dtype))
+        outs = await rt.encode_outputs(await features(rt, request.inputs, "inputs", self.limits))
+        resp = pb.EncodeResponse(mean=array_to_tensor(outs[0], dtype), version=rt.version)
+        if rt.is_vae:
+            resp.logvar.CopyFrom(array_to_tensor(outs[1], dtype))
+        if rt.is_hash:
+            resp.bits.CopyFrom(array_to_tensor(outs[1], pb.UINT8))
         return resp
 
     @rpc

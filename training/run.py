@@ -60,7 +60,9 @@ def load_model(run: Path, which: str = BEST):
     """(model, run info) from a run folder, on the CPU, in eval mode."""
     info = read_run(run)
     known = {f.name for f in fields(ModelConfig)}  # runs written by other versions may carry more keys
-    mcfg = ModelConfig(**{**{k: v for k, v in info["model"].items() if k in known}, "hidden": tuple(info["model"]["hidden"])})
+    given = {k: v for k, v in info["model"].items() if k in known}
+    tuples = {k: tuple(given[k]) for k in ("hidden", "channels", "input_shape") if given.get(k) is not None}  # JSON lists
+    mcfg = ModelConfig(**{**given, **tuples})
     model = build_model(mcfg)
     path = Path(run) / which
     if not path.is_file():

@@ -17,7 +17,7 @@ import torch
 from zspace.data import Dataset, load_dataset, validation_split
 from zspace.errors import UserError
 from zspace.progress import Progress
-from zspace.training.models import KINDS, LIKELIHOODS, ModelConfig, build_model, reconstruction_target
+from zspace.training.models import ARCHS, KINDS, LIKELIHOODS, ModelConfig, build_model, reconstruction_target
 from zspace.training.run import BEST, LAST, METRICS, append_metrics, load_checkpoint, load_run_data, save_checkpoint, write_run
 
 
@@ -48,6 +48,26 @@ class TrainConfig:
     vocab_size: int = 2000
     weighting: str = "log1p"
     threads: int = 0  # torch CPU threads; 0 = torch's default
+    arch: str = "auto"        # mlp | conv | auto (conv for images of at least CONV_FROM pixels a side)
+    channels: tuple[int, ...] = (32, 64, 128, 256)  # conv: channels of the stride-2 layers
+    bits: int = 0             # hash: code bits (a multiple of 8); the latent dimension of a hash model
+    hash_noise: float = 4.0   # hash: std of the noise before the code sigmoid while training
+
+
+CONV_FROM = 32  # arch auto: conv for images this big or bigger (MNIST's 28x28 keeps the 2006 MLP: see README)
+
+
+def resolve_arch(cfg: TrainConfig, ds: Dataset) -> str:
+    """mlp or conv: what --arch asks for, checked against the data."""
+    if cfg.arch not in ("auto", *ARCHS):
+        raise UserError(f"--arch: expected auto, mlp or conv, got {cfg.arch!r}")
+    image = ds.modality == "image"
+    if cfg.arch == "conv" and (not image or cfg.model == "pca"):
+        raise UserError(f"--arch conv: for image data and neural models; {ds.name} holds {ds.modality}s"
+                        if not image else "--arch conv: PCA is linear; use --model ae, vae, beta-vae or hash")
+    if cfg.arch == "auto":
+        return "conv" if image and cfg.model != "pca" and min(ds.transform.shape[1:]) >= CONV_FROM else "mlp"
+    return cfg.arch
 
 
 def resolve_device(name: str) -> torch.device:
@@ -70,11 +90,20 @@ def default_likelihood(ds: Dataset) -> str:
 def check_config(cfg: TrainConfig, ds: Dataset) -> ModelConfig:
     """Validate options against the data and build the model config."""
     if cfg.model not in KINDS:
-        raise UserError(f"--model: expected one of pca, ae, vae, beta-vae, got {cfg.model!r}")
+        raise UserError(f"--model: expected one of pca, ae, vae, beta-vae, hash, got {cfg.model!r}")
+    if cfg.model == "hash":
+        if cfg.bits < 8 or cfg.bits % 8:
+            raise UserError(f"--bits: a hash model's code is whole bytes: a positive multiple of 8 (32, 64, 128), got {cfg.bits}")
+        cfg.latent_dim = cfg.bits
+    elif cfg.bits:
+        raise UserError(f"--bits: only for --model hash; --model {cfg.model.replace('_', '-')} takes --latent-dim")
     if not 1 <= cfg.latent_dim < ds.dim:
         raise UserError(f"--latent-dim: must be between 1 and {ds.dim - 1} (the input has {ds.dim} features), got {cfg.latent_dim}")
     if any(h < 1 for h in cfg.hidden):
         raise UserError(f"--hidden: layer sizes must be positive, got {list(cfg.hidden)}")
+    if not cfg.channels or any(c < 1 for c in cfg.channels):
+        raise UserError(f"--channels: conv channels must be positive, got {list(cfg.channels)}")
+    arch = resolve_arch(cfg, ds)
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise UserError("--epochs and --batch-size must be at least 1")
     if cfg.iw_samples < 1 or cfg.kl_warmup_steps < 0:
@@ -99,7 +128,8 @@ def check_config(cfg: TrainConfig, ds: Dataset) -> ModelConfig:
         capacity_max=cfg.capacity_max if cfg.model == "beta_vae" else None,
         capacity_gamma=cfg.capacity_gamma, capacity_ramp_steps=cfg.capacity_ramp_steps,
         kl_warmup_steps=cfg.kl_warmup_steps if cfg.model in ("vae", "beta_vae") else 0,
-        iw_samples=cfg.iw_samples,
+        iw_samples=cfg.iw_samples, arch=arch, channels=tuple(cfg.channels), hash_noise=cfg.hash_noise,
+        input_shape=tuple(ds.transform.shape) if ds.modality == "image" else None,
     )
 
 

@@ -21,7 +21,7 @@ from zspace.errors import UserError
 from zspace.files import write_atomic
 
 FORMAT_VERSION = 1
-KINDS = ("pca", "ae", "vae", "beta_vae")
+KINDS = ("pca", "ae", "vae", "beta_vae", "hash")  # hash: semantic hashing, binary codes of latent_dim bits
 VAE_KINDS = ("vae", "beta_vae")
 MODALITIES = ("image", "text", "vector")
 LIKELIHOODS = ("bernoulli", "gaussian", "multinomial")
@@ -46,7 +46,7 @@ class GraphFile:
     path: str                 # relative to the bundle folder
     sha256: str
     input: str                # the graph's one input: x (encoder) or z (decoder)
-    outputs: tuple[str, ...]  # encoder: mean (+ logvar for VAE kinds); decoder: x_hat
+    outputs: tuple[str, ...]  # encoder: mean (+ logvar for VAE kinds, + bits for hash); decoder: x_hat
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,11 @@ class Bundle:
     @property
     def is_vae(self) -> bool:
         return self.kind in VAE_KINDS
+
+    @property
+    def is_hash(self) -> bool:
+        """Semantic hashing: `mean` is the code's probabilities, `bits` them thresholded and packed (uint8)."""
+        return self.kind == "hash"
 
     @property
     def label(self) -> str:

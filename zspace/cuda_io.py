@@ -110,6 +110,9 @@ class PinnedRunner:
         widths = [self.width] + [k for _, k in self.outputs]
         if not all(isinstance(k, int) and k > 0 for k in widths):
             raise ValueError(f"io_binding needs fixed feature widths, the graph has {widths}")
+        types = {inp.type, *(o.type for o in session.get_outputs())}
+        if types != {"tensor(float)"}:  # e.g. a hash model's packed bits (uint8)
+            raise ValueError(f"the pinned path moves float32 tensors only, the graph has {sorted(types)}")
         self.local = threading.local()
 
     def _buffers(self, rows: int) -> _Buffers:

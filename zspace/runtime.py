@@ -130,8 +130,8 @@ def open_runtime(bundle: Bundle, device: str = "cpu", threads: int = 0, spin: bo
     if encoder.get_providers()[0] == "CUDAExecutionProvider" and mode != "plain":
         try:
             alloc = pinned_host()
-            runtime.runners = {"encoder": PinnedRunner(encoder, alloc), "decoder": PinnedRunner(decoder, alloc)}
-            runtime.io, runtime.pinned_from = mode, pinned_min_rows(mode)
+            runners = {"encoder": PinnedRunner(encoder, alloc), "decoder": PinnedRunner(decoder, alloc)}
+            runtime.runners, runtime.io, runtime.pinned_from = runners, mode, pinned_min_rows(mode)
         except (OSError, ValueError) as e:  # the plain path still works: say why it is taken
             log.warning("CUDA runs stay on session.run (pinned host buffers unavailable: %s)", e)
     return runtime

@@ -60,9 +60,17 @@ def main() -> None:
 
 @main.command()
 @click.option("--data", default="digits", help=f"Data set: {SPEC_HELP}.")
-@click.option("--model", "kind", type=click.Choice(["pca", "ae", "vae", "beta-vae"]), default="vae", help="Model family.")
-@click.option("--latent-dim", type=click.IntRange(min=1), required=True, help="Size K of the latent code.")
+@click.option("--model", "kind", type=click.Choice(["pca", "ae", "vae", "beta-vae", "hash"]), default="vae",
+              help="Model family; hash: semantic hashing (binary codes, Salakhutdinov & Hinton 2009).")
+@click.option("--latent-dim", type=click.IntRange(min=1), default=None, help="Size K of the latent code (hash: --bits).")
+@click.option("--bits", type=click.IntRange(min=0), default=0, help="hash: code bits, a multiple of 8 (32, 64, 128).")
+@click.option("--hash-noise", type=click.FloatRange(min=0), default=4.0,
+              help="hash: std of the Gaussian noise added before the code sigmoid while training (drives codes to 0/1).")
+@click.option("--arch", type=click.Choice(["auto", "mlp", "conv"]), default="auto",
+              help="Network: fully connected, or convolutional for images; auto: conv for images of 32x32 and up.")
 @click.option("--hidden", default="1000,500,250", callback=parse_hidden, help="Encoder hidden sizes; the decoder mirrors them.")
+@click.option("--channels", default="32,64,128,256", callback=parse_hidden,
+              help="conv: channels of the stride-2 layers (as many as halve the image to 4x4 or less).")
 @click.option("--activation", type=click.Choice(["relu", "silu", "gelu", "elu", "sigmoid", "tanh"]), default="relu", help="Hidden unit.")
 @click.option("--likelihood", type=click.Choice(["auto", "bernoulli", "gaussian", "multinomial"]), default="auto",
               help="Decoder distribution; auto: bernoulli for [0,1] images, multinomial (softmax over words) for texts, gaussian otherwise.")
@@ -103,6 +111,11 @@ def train(kind, out, resume, time_limit, nproc, **opts) -> None:
     from zspace.training.train import TrainConfig
     from zspace.training.train import train as run_training
 
+    if opts["latent_dim"] is None and kind != "hash":
+        raise InputError(f"--latent-dim: required for --model {kind} (the size K of the code)")
+    if opts["latent_dim"] is not None and kind == "hash":
+        raise InputError("--latent-dim: a hash model's code size is --bits")
+    opts["latent_dim"] = opts["latent_dim"] or 0
     cfg = TrainConfig(model=kind.replace("-", "_"), **opts)
     limit_s = time_limit * 60 if time_limit else None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun: this process is one rank

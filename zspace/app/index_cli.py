@@ -52,8 +52,9 @@ def index_group() -> None:
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Index folder to create, e.g. indexes/NAME.")
 @click.option("--factory", default=None,
               help="FAISS factory string: Flat, HNSW32, IVF256,Flat, IVF256,PQ8 ... (milvus: Flat, HNSW<M>, IVF<n>,Flat). "
-                   "Default: Flat (faiss), HNSW32 (milvus).")
-@click.option("--metric", type=click.Choice(["auto", "l2", "cosine"]), default="auto", help="auto: cosine for texts, l2 otherwise.")
+                   "Hash models (metric hamming): BFlat or BHNSW32. Default: Flat (faiss), BFlat (hamming), HNSW32 (milvus).")
+@click.option("--metric", type=click.Choice(["auto", "l2", "cosine", "hamming"]), default="auto",
+              help="auto: hamming for a hash model's bits, cosine for texts, l2 otherwise.")
 @click.option("--split", type=click.Choice(["train", "test", "all"]), default="train", help="Which split to store.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1024, help="Rows per encoder call.")
 @click.option("--backend", type=click.Choice(["faiss", "milvus"]), default="faiss",

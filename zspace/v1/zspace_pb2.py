@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16zspace/v1/zspace.proto\x12\tzspace.v1\"F\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x1f\n\x05\x64type\x18\x03 \x01(\x0e\x32\x10.zspace.v1.DType\"\x1b\n\tImageList\x12\x0e\n\x06images\x18\x01 \x03(\x0c\"\x19\n\x08TextList\x12\r\n\x05texts\x18\x01 \x03(\t\"\x83\x01\n\x06Inputs\x12#\n\x06tensor\x18\x01 \x01(\x0b\x32\x11.zspace.v1.TensorH\x00\x12&\n\x06images\x18\x02 \x01(\x0b\x32\x14.zspace.v1.ImageListH\x00\x12$\n\x05texts\x18\x03 \x01(\x0b\x32\x13.zspace.v1.TextListH\x00\x42\x06\n\x04kind\")\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"9\n\x07Outputs\x12!\n\x06tensor\x18\x01 \x01(\x0b\x32\x11.zspace.v1.Tensor\x12\x0b\n\x03png\x18\x02 \x03(\x0c\"\xd9\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x10\n\x08versions\x18\x03 \x03(\x03\x12\x0c\n\x04kind\x18\x04 \x01(\t\x12\x10\n\x08modality\x18\x05 \x01(\t\x12\x11\n\tinput_dim\x18\x06 \x01(\x03\x12\x13\n\x0binput_shape\x18\x07 \x03(\x03\x12\x12\n\nlatent_dim\x18\x08 \x01(\x03\x12\x1a\n\x12\x65xecution_provider\x18\t \x01(\t\x12\x14\n\x0cmetrics_json\x18\n \x01(\t\x12\r\n\x05prior\x18\x0b \x01(\t\"*\n\x0b\x42rokenModel\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"\x13\n\x11ListModelsRequest\"b\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.zspace.v1.ModelInfo\x12&\n\x06\x62roken\x18\x02 \x03(\x0b\x32\x16.zspace.v1.BrokenModel\"5\n\x0fGetModelRequest\x12\"\n\x05model\x18\x01 \x01(\x0b\x32\x13.zspace.v1.ModelRef\"~\n\rEncodeRequest\x12\"\n\x05model\x18\x01 \x01(\x0b\x32\x13.zspace.v1.ModelRef\x12!\n\x06inputs\x18\x02 \x01(\x0b\x32\x11.zspace.v1.Inputs\x12&\n\x0coutput_dtype\x18\x03 \x01(\x0e\x32\x10.zspace.v1.DType\"e\n\x0e\x45ncodeResponse\x12\x1f\n\x04mean\x18\x01 \x01(\x0b\x32\x11.zspace.v1.Tensor\x12!\n\x06logvar\x18\x02 \x01(\x0b\x32\x11.zspace.v1.Tensor\x12\x0f\n\x07version\x18\x03 \x01(\x03\"\x93\x01\n\rDecodeRequest\x12\"\n\x05model\x18\x01 \x01(\x0b\x32\x13.zspace.v1.ModelRef\x12\"\n\x07latents\x18\x02 \x01(\x0b\x32\x11.zspace.v1.Tensor\x12\x12\n\nreturn_png\x18\x03 \x01(\x08\x12&\n\x0coutput_dtype\x18\x04 \x01(\x0e\x32\x10.zspace.v1.DType\"\x97\x01\n\x12ReconstructRequest\x12\"\n\x05model\x18\x01 \x01(\x0b\x32\x13.zspace.v1.ModelRef\x12!\n\x06inputs\x18\x02 \x01(\x0b\x32\x11.zspace.v1.Inputs\x12\x12\n\nreturn_png\x18\x03 \x01(\x08\x12&\n\x0coutput_dtype\x18\x04 \x01(\x0e\x32\x10.zspace.v1.DType\"\xa3\x01\n\x0fGenerateRequest\x12\"\n\x05model\x18\x01 \x01(\x0b\x32\x13.zspace.v1.ModelRef\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\x12\x0c\n\x04seed\x18\x03 \x01(\x03\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\x12\n\nreturn_png\x18\x05 \x01(\x08\x12&\n\x0coutput_dtype\x18\x06 \x01(\x0e\x32\x10.zspace.v1.DType\"\xee\x01\n\x12InterpolateRequest\x12\"\n\x05model\x18\x01 \x01(\x0b\x32\x13.zspace.v1.ModelRef\x12#\n\x06inputs\x18\x02 \x01(\x0b\x32\x11.zspace.v1.InputsH\x00\x12$\n\x07latents\x18\x03 \x01(\x0b\x32\x11.zspace.v1.TensorH\x00\x12\r\n\x05steps\x18\x04 \x01(\x03\x12\x11\n\tspherical\x18\x05 \x01(\x08\x12\x12\n\nreturn_png\x18\x06 \x01(\x08\x12&\n\x0coutput_dtype\x18\x07 \x01(\x0e\x32\x10.zspace.v1.DTypeB\x0b\n\tendpoints\"j\n\x0e\x44\x65\x63odeResponse\x12#\n\x07outputs\x18\x01 \x01(\x0b\x32\x12.zspace.v1.Outputs\x12\"\n\x07latents\x18\x02 \x01(\x0b\x32\x11.zspace.v1.Tensor\x12\x0f\n\x07version\x18\x03 \x01(\x03\"U\n\x0cScoreRequest\x12\"\n\x05model\x18\x01 \x01(\x0b\x32\x13.zspace.v1.ModelRef\x12!\n\x06inputs\x18\x02 \x01(\x0b\x32\x11.zspace.v1.Inputs\"D\n\rScoreResponse\x12\x0e\n\x06scores\x18\x01 \x03(\x02\x12\x12\n\nscore_kind\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\"\x9b\x01\n\tIndexInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\x03\x12\x0b\n\x03\x64im\x18\x04 \x01(\x03\x12\x0e\n\x06metric\x18\x05 \x01(\t\x12\x0f\n\x07\x66\x61\x63tory\x18\x06 \x01(\t\x12\r\n\x05\x63ount\x18\x07 \x01(\x03\x12\x0f\n\x07trained\x18\x08 \x01(\x08\x12\x0c\n\x04note\x18\t \x01(\t\"\x14\n\x12ListIndexesRequest\"d\n\x13ListIndexesResponse\x12%\n\x07indexes\x18\x01 \x03(\x0b\x32\x14.zspace.v1.IndexInfo\x12&\n\x06\x62roken\x18\x02 \x03(\x0b\x32\x16.zspace.v1.BrokenModel\"\"\n\x11IndexStatsRequest\x12\r\n\x05index\x18\x01 \x01(\t\"\xbd\x01\n\rSearchRequest\x12\r\n\x05index\x18\x01 \x01(\t\x12#\n\x06inputs\x18\x02 \x01(\x0b\x32\x11.zspace.v1.InputsH\x00\x12$\n\x07vectors\x18\x03 \x01(\x0b\x32\x11.zspace.v1.TensorH\x00\x12\r\n\x03key\x18\x04 \x01(\tH\x00\x12\t\n\x01k\x18\x05 \x01(\x03\x12\x14\n\x0c\x66ilter_field\x18\x06 \x01(\t\x12\x19\n\x11\x66ilter_value_json\x18\x07 \x01(\tB\x07\n\x05query\":\n\x03Hit\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x10\n\x08\x64istance\x18\x02 \x01(\x02\x12\x14\n\x0cpayload_json\x18\x03 \x01(\t\"\'\n\x07HitList\x12\x1c\n\x04hits\x18\x01 \x03(\x0b\x32\x0e.zspace.v1.Hit\"5\n\x0eSearchResponse\x12#\n\x07results\x18\x01 \x03(\x0b\x32\x12.zspace.v1.HitList\"\x97\x01\n\rUpsertRequest\x12\r\n\x05index\x18\x01 \x01(\t\x12#\n\x06inputs\x18\x02 \x01(\x0b\x32\x11.zspace.v1.InputsH\x00\x12$\n\x07vectors\x18\x03 \x01(\x0b\x32\x11.zspace.v1.TensorH\x00\x12\x0c\n\x04keys\x18\x04 \x03(\t\x12\x15\n\rpayloads_json\x18\x05 \x03(\tB\x07\n\x05items\"\x1f\n\x0eUpsertResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\x03\",\n\rDeleteRequest\x12\r\n\x05index\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\t\"\x1f\n\x0e\x44\x65leteResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\x03\",\n\x0eGetItemRequest\x12\r\n\x05index\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\"L\n\x04Item\x12\x0b\n\x03key\x18\x01 \x01(\t\x12!\n\x06vector\x18\x02 \x01(\x0b\x32\x11.zspace.v1.Tensor\x12\x14\n\x0cpayload_json\x18\x03 \x01(\t*,\n\x05\x44Type\x12\x0b\n\x07\x46LOAT32\x10\x00\x12\t\n\x05UINT8\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x32\xa4\x07\n\x06ZSpace\x12I\n\nListModels\x12\x1c.zspace.v1.ListModelsRequest\x1a\x1d.zspace.v1.ListModelsResponse\x12<\n\x08GetModel\x12\x1a.zspace.v1.GetModelRequest\x1a\x14.zspace.v1.ModelInfo\x12=\n\x06\x45ncode\x12\x18.zspace.v1.EncodeRequest\x1a\x19.zspace.v1.EncodeResponse\x12=\n\x06\x44\x65\x63ode\x12\x18.zspace.v1.DecodeRequest\x1a\x19.zspace.v1.DecodeResponse\x12G\n\x0bReconstruct\x12\x1d.zspace.v1.ReconstructRequest\x1a\x19.zspace.v1.DecodeResponse\x12\x41\n\x08Generate\x12\x1a.zspace.v1.GenerateRequest\x1a\x19.zspace.v1.DecodeResponse\x12G\n\x0bInterpolate\x12\x1d.zspace.v1.InterpolateRequest\x1a\x19.zspace.v1.DecodeResponse\x12:\n\x05Score\x12\x17.zspace.v1.ScoreRequest\x1a\x18.zspace.v1.ScoreResponse\x12L\n\x0bListIndexes\x12\x1d.zspace.v1.ListIndexesRequest\x1a\x1e.zspace.v1.ListIndexesResponse\x12@\n\nIndexStats\x12\x1c.zspace.v1.IndexStatsRequest\x1a\x14.zspace.v1.IndexInfo\x12=\n\x06Search\x12\x18.zspace.v1.SearchRequest\x1a\x19.zspace.v1.SearchResponse\x12=\n\x06Upsert\x12\x18.zspace.v1.UpsertRequest\x1a\x19.zspace.v1.UpsertResponse\x12=\n\x06\x44\x65lete\x12\x18.zspace.v1.DeleteRequest\x1a\x19.zspace.v1.DeleteResponse\x12\x35\n\x07GetItem\x12\x19.zspace.v1.GetItemRequest\x1a\x0f.zspace.v1.Itemb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16zspace/v1/zspace.proto\x12\tzspace.v1\"F\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x1f\n\x05\x64type\x18\x03 \x01(\x0e\x32\x10.zspace.v1.DType\"\x1b\n\tImageList\x12\x0e\n\x06images\x18\x01 \x03(\x0c\"\x19\n\x08TextList\x12\r\n\x05texts\x18\x01 \x03(\t\"\x83\x01\n\x06Inputs\x12#\n\x06tensor\x18\x01 \x01(\x0b\x32\x11.zspace.v1.TensorH\x00\x12&\n\x06images\x18\x02 \x01(\x0b\x32\x14.zspace.v1.ImageListH\x00\x12$\n\x05texts\x18\x03 \x01(\x0b\x32\x13.zspace.v1.TextListH\x00\x42\x06\n\x04kind\")\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"9\n\x07Outputs\x12!\n\x06tensor\x18\x01 \x01(\x0b\x32\x11.zspace.v1.Tensor\x12\x0b\n\x03png\x18\x02 \x03(\x0c\"\xd9\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x10\n\x08versions\x18\x03 \x03(\x03\x12\x0c\n\x04kind\x18\x04 \x01(\t\x12\x10\n\x08modality\x18\x05 \x01(\t\x12\x11\n\tinput_dim\x18\x06 \x01(\x03\x12\x13\n\x0binput_shape\x18\x07 \x03(\x03\x12\x12\n\nlatent_dim\x18\x08 \x01(\x03\x12\x1a\n\x12\x65xecution_provider\x18\t \x01(\t\x12\x14\n\x0cmetrics_json\x18\n \x01(\t\x12\r\n\x05prior\x18\x0b \x01(\t\"*\n\x0b\x42rokenModel\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"\x13\n\x11ListModelsRequest\"b\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.zspace.v1.ModelInfo\x12&\n\x06\x62roken\x18\x02 \x03(\x0b\x32\x16.zspace.v1.BrokenModel\"5\n\x0fGetModelRequest\x12\"\n\x05model\x18\x01 \x01(\x0b\x32\x13.zspace.v1.ModelRef\"~\n\rEncodeRequest\x12\"\n\x05model\x18\x01 \x01(\x0b\x32\x13.zspace.v1.ModelRef\x12!\n\x06inputs\x18\x02 \x01(\x0b\x32\x11.zspace.v1.Inputs\x12&\n\x0coutput_dtype\x18\x03 \x01(\x0e\x32\x10.zspace.v1.DType\"\x86\x01\n\x0e\x45ncodeResponse\x12\x1f\n\x04mean\x18\x01 \x01(\x0b\x32\x11.zspace.v1.Tensor\x12!\n\x06logvar\x18\x02 \x01(\x0b\x32\x11.zspace.v1.Tensor\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x1f\n\x04\x62its\x18\x04 \x01(\x0b\x32\x11.zspace.v1.Tensor\"\x93\x01\n\rDecodeRequest\x12\"\n\x05model\x18\x01 \x01(\x0b\x32\x13.zspace.v1.ModelRef\x12\"\n\x07latents\x18\x02 \x01(\x0b\x32\x11.zspace.v1.Tensor\x12\x12\n\nreturn_png\x18\x03 \x01(\x08\x12&\n\x0coutput_dtype\x18\x04 \x01(\x0e\x32\x10.zspace.v1.DType\"\x97\x01\n\x12ReconstructRequest\x12\"\n\x05model\x18\x01 \x01(\x0b\x32\x13.zspace.v1.ModelRef\x12!\n\x06inputs\x18\x02 \x01(\x0b\x32\x11.zspace.v1.Inputs\x12\x12\n\nreturn_png\x18\x03 \x01(\x08\x12&\n\x0coutput_dtype\x18\x04 \x01(\x0e\x32\x10.zspace.v1.DType\"\xa3\x01\n\x0fGenerateRequest\x12\"\n\x05model\x18\x01 \x01(\x0b\x32\x13.zspace.v1.ModelRef\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\x12\x0c\n\x04seed\x18\x03 \x01(\x03\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\x12\n\nreturn_png\x18\x05 \x01(\x08\x12&\n\x0coutput_dtype\x18\x06 \x01(\x0e\x32\x10.zspace.v1.DType\"\xee\x01\n\x12InterpolateRequest\x12\"\n\x05model\x18\x01 \x01(\x0b\x32\x13.zspace.v1.ModelRef\x12#\n\x06inputs\x18\x02 \x01(\x0b\x32\x11.zspace.v1.InputsH\x00\x12$\n\x07latents\x18\x03 \x01(\x0b\x32\x11.zspace.v1.TensorH\x00\x12\r\n\x05steps\x18\x04 \x01(\x03\x12\x11\n\tspherical\x18\x05 \x01(\x08\x12\x12\n\nreturn_png\x18\x06 \x01(\x08\x12&\n\x0coutput_dtype\x18\x07 \x01(\x0e\x32\x10.zspace.v1.DTypeB\x0b\n\tendpoints\"j\n\x0e\x44\x65\x63odeResponse\x12#\n\x07outputs\x18\x01 \x01(\x0b\x32\x12.zspace.v1.Outputs\x12\"\n\x07latents\x18\x02 \x01(\x0b\x32\x11.zspace.v1.Tensor\x12\x0f\n\x07version\x18\x03 \x01(\x03\"U\n\x0cScoreRequest\x12\"\n\x05model\x18\x01 \x01(\x0b\x32\x13.zspace.v1.ModelRef\x12!\n\x06inputs\x18\x02 \x01(\x0b\x32\x11.zspace.v1.Inputs\"D\n\rScoreResponse\x12\x0e\n\x06scores\x18\x01 \x03(\x02\x12\x12\n\nscore_kind\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\"\x9b\x01\n\tIndexInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\x03\x12\x0b\n\x03\x64im\x18\x04 \x01(\x03\x12\x0e\n\x06metric\x18\x05 \x01(\t\x12\x0f\n\x07\x66\x61\x63tory\x18\x06 \x01(\t\x12\r\n\x05\x63ount\x18\x07 \x01(\x03\x12\x0f\n\x07trained\x18\x08 \x01(\x08\x12\x0c\n\x04note\x18\t \x01(\t\"\x14\n\x12ListIndexesRequest\"d\n\x13ListIndexesResponse\x12%\n\x07indexes\x18\x01 \x03(\x0b\x32\x14.zspace.v1.IndexInfo\x12&\n\x06\x62roken\x18\x02 \x03(\x0b\x32\x16.zspace.v1.BrokenModel\"\"\n\x11IndexStatsRequest\x12\r\n\x05index\x18\x01 \x01(\t\"\xbd\x01\n\rSearchRequest\x12\r\n\x05index\x18\x01 \x01(\t\x12#\n\x06inputs\x18\x02 \x01(\x0b\x32\x11.zspace.v1.InputsH\x00\x12$\n\x07vectors\x18\x03 \x01(\x0b\x32\x11.zspace.v1.TensorH\x00\x12\r\n\x03key\x18\x04 \x01(\tH\x00\x12\t\n\x01k\x18\x05 \x01(\x03\x12\x14\n\x0c\x66ilter_field\x18\x06 \x01(\t\x12\x19\n\x11\x66ilter_value_json\x18\x07 \x01(\tB\x07\n\x05query\":\n\x03Hit\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x10\n\x08\x64istance\x18\x02 \x01(\x02\x12\x14\n\x0cpayload_json\x18\x03 \x01(\t\"\'\n\x07HitList\x12\x1c\n\x04hits\x18\x01 \x03(\x0b\x32\x0e.zspace.v1.Hit\"5\n\x0eSearchResponse\x12#\n\x07results\x18\x01 \x03(\x0b\x32\x12.zspace.v1.HitList\"\x97\x01\n\rUpsertRequest\x12\r\n\x05index\x18\x01 \x01(\t\x12#\n\x06inputs\x18\x02 \x01(\x0b\x32\x11.zspace.v1.InputsH\x00\x12$\n\x07vectors\x18\x03 \x01(\x0b\x32\x11.zspace.v1.TensorH\x00\x12\x0c\n\x04keys\x18\x04 \x03(\t\x12\x15\n\rpayloads_json\x18\x05 \x03(\tB\x07\n\x05items\"\x1f\n\x0eUpsertResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\x03\",\n\rDeleteRequest\x12\r\n\x05index\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\t\"\x1f\n\x0e\x44\x65leteResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\x03\",\n\x0eGetItemRequest\x12\r\n\x05index\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\"L\n\x04Item\x12\x0b\n\x03key\x18\x01 \x01(\t\x12!\n\x06vector\x18\x02 \x01(\x0b\x32\x11.zspace.v1.Tensor\x12\x14\n\x0cpayload_json\x18\x03 \x01(\t*,\n\x05\x44Type\x12\x0b\n\x07\x46LOAT32\x10\x00\x12\t\n\x05UINT8\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x32\xa4\x07\n\x06ZSpace\x12I\n\nListModels\x12\x1c.zspace.v1.ListModelsRequest\x1a\x1d.zspace.v1.ListModelsResponse\x12<\n\x08GetModel\x12\x1a.zspace.v1.GetModelRequest\x1a\x14.zspace.v1.ModelInfo\x12=\n\x06\x45ncode\x12\x18.zspace.v1.EncodeRequest\x1a\x19.zspace.v1.EncodeResponse\x12=\n\x06\x44\x65\x63ode\x12\x18.zspace.v1.DecodeRequest\x1a\x19.zspace.v1.DecodeResponse\x12G\n\x0bReconstruct\x12\x1d.zspace.v1.ReconstructRequest\x1a\x19.zspace.v1.DecodeResponse\x12\x41\n\x08Generate\x12\x1a.zspace.v1.GenerateRequest\x1a\x19.zspace.v1.DecodeResponse\x12G\n\x0bInterpolate\x12\x1d.zspace.v1.InterpolateRequest\x1a\x19.zspace.v1.DecodeResponse\x12:\n\x05Score\x12\x17.zspace.v1.ScoreRequest\x1a\x18.zspace.v1.ScoreResponse\x12L\n\x0bListIndexes\x12\x1d.zspace.v1.ListIndexesRequest\x1a\x1e.zspace.v1.ListIndexesResponse\x12@\n\nIndexStats\x12\x1c.zspace.v1.IndexStatsRequest\x1a\x14.zspace.v1.IndexInfo\x12=\n\x06Search\x12\x18.zspace.v1.SearchRequest\x1a\x19.zspace.v1.SearchResponse\x12=\n\x06Upsert\x12\x18.zspace.v1.UpsertRequest\x1a\x19.zspace.v1.UpsertResponse\x12=\n\x06\x44\x65lete\x12\x18.zspace.v1.DeleteRequest\x1a\x19.zspace.v1.DeleteResponse\x12\x35\n\x07GetItem\x12\x19.zspace.v1.GetItemRequest\x1a\x0f.zspace.v1.Itemb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'zspace.v1.zspace_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=3104
-  _globals['_DTYPE']._serialized_end=3148
+  _globals['_DTYPE']._serialized_start=3138
+  _globals['_DTYPE']._serialized_end=3182
   _globals['_TENSOR']._serialized_start=37
   _globals['_TENSOR']._serialized_end=107
   _globals['_IMAGELIST']._serialized_start=109
@@ -57,50 +57,50 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETMODELREQUEST']._serialized_end=839
   _globals['_ENCODEREQUEST']._serialized_start=841
   _globals['_ENCODEREQUEST']._serialized_end=967
-  _globals['_ENCODERESPONSE']._serialized_start=969
-  _globals['_ENCODERESPONSE']._serialized_end=1070
-  _globals['_DECODEREQUEST']._serialized_start=1073
-  _globals['_DECODEREQUEST']._serialized_end=1220
-  _globals['_RECONSTRUCTREQUEST']._serialized_start=1223
-  _globals['_RECONSTRUCTREQUEST']._serialized_end=1374
-  _globals['_GENERATEREQUEST']._serialized_start=1377
-  _globals['_GENERATEREQUEST']._serialized_end=1540
-  _globals['_INTERPOLATEREQUEST']._serialized_start=1543
-  _globals['_INTERPOLATEREQUEST']._serialized_end=1781
-  _globals['_DECODERESPONSE']._serialized_start=1783
-  _globals['_DECODERESPONSE']._serialized_end=1889
-  _globals['_SCOREREQUEST']._serialized_start=1891
-  _globals['_SCOREREQUEST']._serialized_end=1976
-  _globals['_SCORERESPONSE']._serialized_start=1978
-  _globals['_SCORERESPONSE']._serialized_end=2046
-  _globals['_INDEXINFO']._serialized_start=2049
-  _globals['_INDEXINFO']._serialized_end=2204
-  _globals['_LISTINDEXESREQUEST']._serialized_start=2206
-  _globals['_LISTINDEXESREQUEST']._serialized_end=2226
-  _globals['_LISTINDEXESRESPONSE']._serialized_start=2228
-  _globals['_LISTINDEXESRESPONSE']._serialized_end=2328
-  _globals['_INDEXSTATSREQUEST']._serialized_start=2330
-  _globals['_INDEXSTATSREQUEST']._serialized_end=2364
-  _globals['_SEARCHREQUEST']._serialized_start=2367
-  _globals['_SEARCHREQUEST']._serialized_end=2556
-  _globals['_HIT']._serialized_start=2558
-  _globals['_HIT']._serialized_end=2616
-  _globals['_HITLIST']._serialized_start=2618
-  _globals['_HITLIST']._serialized_end=2657
-  _globals['_SEARCHRESPONSE']._serialized_start=2659
-  _globals['_SEARCHRESPONSE']._serialized_end=2712
-  _globals['_UPSERTREQUEST']._serialized_start=2715
-  _globals['_UPSERTREQUEST']._serialized_end=2866
-  _globals['_UPSERTRESPONSE']._serialized_start=2868
-  _globals['_UPSERTRESPONSE']._serialized_end=2899
-  _globals['_DELETEREQUEST']._serialized_start=2901
-  _globals['_DELETEREQUEST']._serialized_end=2945
-  _globals['_DELETERESPONSE']._serialized_start=2947
-  _globals['_DELETERESPONSE']._serialized_end=2978
-  _globals['_GETITEMREQUEST']._serialized_start=2980
-  _globals['_GETITEMREQUEST']._serialized_end=3024
-  _globals['_ITEM']._serialized_start=3026
-  _globals['_ITEM']._serialized_end=3102
-  _globals['_ZSPACE']._serialized_start=3151
-  _globals['_ZSPACE']._serialized_end=4083
+  _globals['_ENCODERESPONSE']._serialized_start=970
+  _globals['_ENCODERESPONSE']._serialized_end=1104
+  _globals['_DECODEREQUEST']._serialized_start=1107
+  _globals['_DECODEREQUEST']._serialized_end=1254
+  _globals['_RECONSTRUCTREQUEST']._serialized_start=1257
+  _globals['_RECONSTRUCTREQUEST']._serialized_end=1408
+  _globals['_GENERATEREQUEST']._serialized_start=1411
+  _globals['_GENERATEREQUEST']._serialized_end=1574
+  _globals['_INTERPOLATEREQUEST']._serialized_start=1577
+  _globals['_INTERPOLATEREQUEST']._serialized_end=1815
+  _globals['_DECODERESPONSE']._serialized_start=1817
+  _globals['_DECODERESPONSE']._serialized_end=1923
+  _globals['_SCOREREQUEST']._serialized_start=1925
+  _globals['_SCOREREQUEST']._serialized_end=2010
+  _globals['_SCORERESPONSE']._serialized_start=2012
+  _globals['_SCORERESPONSE']._serialized_end=2080
+  _globals['_INDEXINFO']._serialized_start=2083
+  _globals['_INDEXINFO']._serialized_end=2238
+  _globals['_LISTINDEXESREQUEST']._serialized_start=2240
+  _globals['_LISTINDEXESREQUEST']._serialized_end=2260
+  _globals['_LISTINDEXESRESPONSE']._serialized_start=2262
+  _globals['_LISTINDEXESRESPONSE']._serialized_end=2362
+  _globals['_INDEXSTATSREQUEST']._serialized_start=2364
+  _globals['_INDEXSTATSREQUEST']._serialized_end=2398
+  _globals['_SEARCHREQUEST']._serialized_start=2401
+  _globals['_SEARCHREQUEST']._serialized_end=2590
+  _globals['_HIT']._serialized_start=2592
+  _globals['_HIT']._serialized_end=2650
+  _globals['_HITLIST']._serialized_start=2652
+  _globals['_HITLIST']._serialized_end=2691
+  _globals['_SEARCHRESPONSE']._serialized_start=2693
+  _globals['_SEARCHRESPONSE']._serialized_end=2746
+  _globals['_UPSERTREQUEST']._serialized_start=2749
+  _globals['_UPSERTREQUEST']._serialized_end=2900
+  _globals['_UPSERTRESPONSE']._serialized_start=2902
+  _globals['_UPSERTRESPONSE']._serialized_end=2933
+  _globals['_DELETEREQUEST']._serialized_start=2935
+  _globals['_DELETEREQUEST']._serialized_end=2979
+  _globals['_DELETERESPONSE']._serialized_start=2981
+  _globals['_DELETERESPONSE']._serialized_end=3012
+  _globals['_GETITEMREQUEST']._serialized_start=3014
+  _globals['_GETITEMREQUEST']._serialized_end=3058
+  _globals['_ITEM']._serialized_start=3060
+  _globals['_ITEM']._serialized_end=3136
+  _globals['_ZSPACE']._serialized_start=3185
+  _globals['_ZSPACE']._serialized_end=4117
 # @@protoc_insertion_point(module_scope)

@@ -127,14 +127,16 @@ class EncodeRequest(_message.Message):
     def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., inputs: _Optional[_Union[Inputs, _Mapping]] = ..., output_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
 
 class EncodeResponse(_message.Message):
-    __slots__ = ("mean", "logvar", "version")
+    __slots__ = ("mean", "logvar", "version", "bits")
     MEAN_FIELD_NUMBER: _ClassVar[int]
     LOGVAR_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    BITS_FIELD_NUMBER: _ClassVar[int]
     mean: Tensor
     logvar: Tensor
     version: int
-    def __init__(self, mean: _Optional[_Union[Tensor, _Mapping]] = ..., logvar: _Optional[_Union[Tensor, _Mapping]] = ..., version: _Optional[int] = ...) -> None: ...
+    bits: Tensor
+    def __init__(self, mean: _Optional[_Union[Tensor, _Mapping]] = ..., logvar: _Optional[_Union[Tensor, _Mapping]] = ..., version: _Optional[int] = ..., bits: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
     __slots__ = ("model", "latents", "return_png", "output_dtype")
