@@ -173,6 +173,15 @@ class ZSpaceClient:
                                                      output_dtype=wire_dtype(output_dtype)))
         return from_tensor(resp.mean), (from_tensor(resp.logvar) if resp.HasField("logvar") else None)
 
+    def encode_bits(self, model: str, x=None, *, images=None, texts=None, version: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """A hash model's codes: (each bit's probability [batch, bits] float32, the bits packed 8 to a byte
+        [batch, bits / 8] uint8, numpy.packbits order); the packed bits are what a hamming index stores."""
+        resp = self._call("Encode", pb.EncodeRequest(model=pb.ModelRef(name=model, version=version),
+                                                     inputs=make_inputs(x, images, texts)))
+        if not resp.HasField("bits"):
+            raise ValueError(f"{model}: not a hash model (its Encode answers no bits)")
+        return from_tensor(resp.mean), from_tensor(resp.bits)
+
     def decode(self, model: str, z: np.ndarray, version: int = 0, return_png: bool = False,
                output_dtype: str = "float32") -> Decoded:
         return _decoded(self._call("Decode", pb.DecodeRequest(

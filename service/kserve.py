@@ -126,7 +126,7 @@ class KServeRpcs(RpcHandlers):
     async def ModelInfer(self, request, context):
         rt, graph = self._graph(request.model_name, request.model_version)
         in_name, in_width, outputs = graph_io(rt, graph)
-        wanted = [o.name for o in request.outputs] or [n for n, _ in outputs]
+        wanted = [o.name for o in request.outputs] or [n for n, _, _ in outputs]
         known = [n for n, _, _ in outputs]
         for name in wanted:
             if name not in known:
