@@ -97,13 +97,13 @@ def check_config(cfg: TrainConfig, ds: Dataset) -> ModelConfig:
         cfg.latent_dim = cfg.bits
     elif cfg.bits:
         raise UserError(f"--bits: only for --model hash; --model {cfg.model.replace('_', '-')} takes --latent-dim")
+    arch = resolve_arch(cfg, ds)
     if not 1 <= cfg.latent_dim < ds.dim:
         raise UserError(f"--latent-dim: must be between 1 and {ds.dim - 1} (the input has {ds.dim} features), got {cfg.latent_dim}")
     if any(h < 1 for h in cfg.hidden):
         raise UserError(f"--hidden: layer sizes must be positive, got {list(cfg.hidden)}")
     if not cfg.channels or any(c < 1 for c in cfg.channels):
         raise UserError(f"--channels: conv channels must be positive, got {list(cfg.channels)}")
-    arch = resolve_arch(cfg, ds)
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise UserError("--epochs and --batch-size must be at least 1")
     if cfg.iw_samples < 1 or cfg.kl_warmup_steps < 0:
