@@ -23,7 +23,7 @@ import torch
 from benchmarks.harness import SHARED, machine, table, write_json
 from benchmarks.newsgroups_2006 import lsa_codes
 from zspace.data import load_dataset
-from zspace.training.evaluate import retrieval
+from zspace.training.evaluate import hamming_retrieval, retrieval
 from zspace.training.run import load_model
 from zspace.training.train import TrainConfig, codes_of, train
 
@@ -37,17 +37,6 @@ SETS = {
               "float": ("AE-30", 30, (1000, 500, 250)), "hash_hidden": (1000, 500, 250), "baseline": "PCA-30",
               "lr": 1e-3, "batch": 256},
 }
-
-
-def hamming_precision(q: np.ndarray, qy: np.ndarray, db: np.ndarray, dby: np.ndarray, at=CUTS) -> dict:
-    """precision@n of packed-bit queries against packed-bit items by Hamming distance (exact)."""
-    import faiss
-
-    index = faiss.IndexBinaryFlat(db.shape[1] * 8)
-    index.add(np.ascontiguousarray(db))
-    _, ids = index.search(np.ascontiguousarray(q), max(at))
-    rel = dby[ids] == qy[:, None]
-    return {f"precision@{n}": float(rel[:, :n].mean()) for n in at}
 
 
 def search_rate(db: np.ndarray, q: np.ndarray, binary: bool, metric: str, seconds: float = 2.0) -> float:
@@ -127,8 +116,9 @@ def main(which, epochs, bit_list, noise, workdir, json_path, threads):
         tr, te = bits_of(model, ds.x_train), np.packbits(probs > 0.5, axis=1)
         saturated = float(((probs < 0.1) | (probs > 0.9)).mean())
         ones = float(np.unpackbits(tr, axis=1).mean())  # ½ when bits are used evenly
+        found = hamming_retrieval(te, ds.y_test, tr, ds.y_train, CUTS)
         rows.append({"method": f"hash-{bits}", "code": f"{bits} bits", "bytes_per_item": bits // 8,
-                     **hamming_precision(te, ds.y_test, tr, ds.y_train),
+                     **{f"precision@{c}": found[f"precision@{c}"] for c in CUTS},
                      "queries_s": search_rate(tr, te, True, "hamming"), "train_s": secs,
                      "saturated_share": saturated, "ones_share": ones})
         print(rows[-1], flush=True)

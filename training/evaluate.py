@@ -204,6 +204,23 @@ def binarized(x: np.ndarray, seed: int = 1234) -> np.ndarray:
     return (np.random.default_rng(seed).random(x.shape, dtype=np.float32) < x).astype(np.float32)
 
 
+def hamming_retrieval(q: np.ndarray, qy: np.ndarray, db: np.ndarray, dby: np.ndarray, at: tuple[int, ...] = (10,),
+                      knn: int = 5) -> dict:
+    """precision@n and k-NN accuracy of packed-bit codes (uint8, numpy.packbits order) by Hamming distance,
+    from FAISS's exact binary search: how a hash model's bits are searched in a hamming index."""
+    import faiss
+
+    index = faiss.IndexBinaryFlat(db.shape[1] * 8)
+    index.add(np.ascontiguousarray(db, np.uint8))
+    _, ids = index.search(np.ascontiguousarray(q, np.uint8), min(max(max(at), knn), len(db)))
+    rel = dby[ids] == qy[:, None]
+    n_classes = int(max(qy.max(), dby.max())) + 1
+    votes = np.zeros((len(q), n_classes), np.int64)
+    np.add.at(votes, (np.repeat(np.arange(len(q)), knn), dby[ids[:, :knn]].ravel()), 1)
+    return {**{f"precision@{n}": float(rel[:, :n].mean()) for n in at},
+            f"{knn}nn_accuracy": float((votes.argmax(1) == qy).mean())}
+
+
 def evaluate_coder(coder: Coder, ds: Dataset, k: int = 1000, nll_examples: int | None = None,
                    at: tuple[int, ...] = (10,), baselines: tuple[str, ...] = BASELINES, map_queries: int | None = 1000,
                    progress: bool = True) -> dict:
@@ -256,6 +273,9 @@ def evaluate_coder(coder: Coder, ds: Dataset, k: int = 1000, nll_examples: int |
                 mean_in, comps_in = (mean, comps) if same else pca_fit(x_train, coder.latent_dim)
                 pca.update(retrieval((x_test - mean_in) @ comps_in, ds.y_test, (x_train - mean_in) @ comps_in,
                                      ds.y_train, metric, at, map_queries=map_queries))
+            if coder.kind == "hash":  # the bits themselves, as a hamming index searches them
+                report["bits"] = hamming_retrieval(np.packbits(codes_test > 0.5, axis=1), ds.y_test,
+                                                   np.packbits(codes_train > 0.5, axis=1), ds.y_train, at)
             if "raw" in baselines:
                 report["raw"] = retrieval(x_test, ds.y_test, x_train, ds.y_train, metric, at, map_queries=map_queries)
     return report
@@ -263,8 +283,9 @@ def evaluate_coder(coder: Coder, ds: Dataset, k: int = 1000, nll_examples: int |
 
 def format_table(report: dict) -> str:
     """The report as a plain table: one row per figure, one column per model."""
-    cols = [c for c in ("model", "pca", "raw") if c in report]
-    names = {"model": f"{report['kind']}-{report['latent_dim']}", "pca": f"pca-{report['latent_dim']}", "raw": "raw input"}
+    cols = [c for c in ("model", "bits", "pca", "raw") if c in report]
+    names = {"model": f"{report['kind']}-{report['latent_dim']}", "bits": "hamming",
+             "pca": f"pca-{report['latent_dim']}", "raw": "raw input"}
     keys = []
     for c in cols:
         keys += [k for k in report[c] if k not in keys and k not in ("nll_k", "nll_examples", "mAP_queries")]
