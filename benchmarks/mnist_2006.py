@@ -100,7 +100,7 @@ def main(data, minutes, vae_minutes, augment_shift, activation, lr, batch_size, 
     val_fraction = 5000 / len(ds.x_train)
     n_fit = len(validation_split(len(ds.x_train), val_fraction)[0])
     common = dict(data=spec, latent_dim=30, hidden=(1000, 500, 250), activation=activation, batch_size=batch_size,
-                  lr=lr, seed=0, threads=threads, val_fraction=val_fraction)
+                  lr=lr, seed=0, threads=threads, val_fraction=val_fraction, arch="mlp")  # the 2006 paper's nets
     rows, record = [], {"benchmark": "mnist_2006", "data": spec, "paper": PAPER, "machine": machine()}
 
     shutil.rmtree(work / "pca", ignore_errors=True)

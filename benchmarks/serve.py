@@ -148,7 +148,7 @@ def bundle_for(run: Path | None, workdir: Path) -> Path:
 
     if run is None:
         run = workdir / "run"
-        train(TrainConfig(data=f"mnist:{SHARED / 'mnist'}", model="ae", latent_dim=30, hidden=(1000, 500, 250),
+        train(TrainConfig(data=f"mnist:{SHARED / 'mnist'}", model="ae", latent_dim=30, hidden=(1000, 500, 250), arch="mlp",
                           epochs=1, batch_size=256), run, quiet=True)
     return export_run(run, workdir / "models", "mnist-ae")
 

@@ -1,5 +1,5 @@
 """Convolutional models: AE, VAE and β-VAE with --arch conv on images of any size, exported with the
-same parity check, served and indexed unchanged; --arch auto picks conv for images from 32x32."""
+same parity check, served and indexed unchanged; --arch auto picks conv for images from 16x16."""
 
 from __future__ import annotations
 
@@ -69,9 +69,9 @@ def test_cli_trains_exports_serves_and_indexes_conv_models(kind, extra, cli, tmp
 
 
 def test_arch_auto_and_refusals(tmp_path):
-    small = load_dataset(f"images:{image_folder(tmp_path / 's', (28, 28), 4, 'L')}")
-    big = load_dataset(f"images:{image_folder(tmp_path / 'b', (32, 40), 4)}")
-    assert check_config(TrainConfig(data="x", model="ae", latent_dim=4), small).arch == "mlp"
+    small = load_dataset(f"images:{image_folder(tmp_path / 's', (15, 28), 4, 'L')}")
+    big = load_dataset(f"images:{image_folder(tmp_path / 'b', (28, 28), 4)}")
+    assert check_config(TrainConfig(data="x", model="ae", latent_dim=4), small).arch == "mlp"  # 15 px wide: too small
     assert check_config(TrainConfig(data="x", model="vae", latent_dim=4), big).arch == "conv"
     assert check_config(TrainConfig(data="x", model="pca", latent_dim=4), big).arch == "mlp"
     from zspace.errors import UserError

@@ -182,3 +182,10 @@ def test_the_index_layer_names_the_wrong_kind_of_code(tmp_path):
     with pytest.raises(IndexError_, match="packed bits \\(uint8\\) given to a float index"):
         floats.upsert(["k"], np.zeros((1, 4), np.uint8), [{}])
     floats.close()
+
+
+def test_evaluate_reports_the_bits_by_hamming_distance(layout, cli, tmp_path):
+    code, out = cli("evaluate", layout / "runs" / "hash", "--baselines", "none", "--json", tmp_path / "e.json")
+    report = json.loads((tmp_path / "e.json").read_text())
+    assert code == 0 and "hamming" in out and report["kind"] == "hash"
+    assert 0 <= report["bits"]["precision@10"] <= 1 and "5nn_accuracy" in report["bits"]

@@ -54,7 +54,7 @@ class TrainConfig:
     hash_noise: float = 4.0   # hash: std of the noise before the code sigmoid while training
 
 
-CONV_FROM = 32  # arch auto: conv for images this big or bigger (MNIST's 28x28 keeps the 2006 MLP: see README)
+CONV_FROM = 16  # arch auto: conv for images at least this big a side (room for two stride-2 layers); README has why
 
 
 def resolve_arch(cfg: TrainConfig, ds: Dataset) -> str:
@@ -261,6 +261,9 @@ def setup(cfg: TrainConfig, out: Path, resume: bool, log, rank: int = 0, world: 
         (out / METRICS).write_text("")
     log(f"train: {cfg.model} on {ds.name} ({len(tr_idx)} fit / {len(val_idx)} val / {len(ds.x_test)} test, "
         f"{ds.dim}-d -> {cfg.latent_dim}-d, {mcfg.likelihood}) on {device}")
+    if mcfg.arch == "conv":
+        log(f"train: convolutional ({'--arch ' + cfg.arch if cfg.arch == 'conv' else 'auto: images of 16x16 and up'}), "
+            f"channels {','.join(map(str, mcfg.channels))}; --hidden is not used")
     if note:
         log(note)
     return Session(cfg=cfg, out=out, device=device, ds=ds, model=model, x_train=x_train, x_val=x_val, rank=rank, world=world)
