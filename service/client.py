@@ -165,22 +165,27 @@ class ZSpaceClient:
     def get_model(self, model: str, version: int = 0) -> pb.ModelInfo:
         return self._call("GetModel", pb.GetModelRequest(model=pb.ModelRef(name=model, version=version)))
 
-    def encode(self, model: str, x=None, *, images=None, texts=None, version: int = 0, output_dtype: str = "float32"):
-        """-> (mean [batch, K], logvar [batch, K] or None). x as uint8 (8-bit images) travels at a quarter of the bytes;
-        output_dtype="float16" halves the answer's."""
+    def encode_all(self, model: str, x=None, *, images=None, texts=None, version: int = 0,
+                   output_dtype: str = "float32") -> dict[str, np.ndarray]:
+        """Every code Encode answers, by name: mean; logvar (VAE kinds); bits (hash models: uint8, packed)."""
         resp = self._call("Encode", pb.EncodeRequest(model=pb.ModelRef(name=model, version=version),
                                                      inputs=make_inputs(x, images, texts),
                                                      output_dtype=wire_dtype(output_dtype)))
-        return from_tensor(resp.mean), (from_tensor(resp.logvar) if resp.HasField("logvar") else None)
+        return {name: from_tensor(getattr(resp, name)) for name in ("mean", "logvar", "bits") if resp.HasField(name)}
+
+    def encode(self, model: str, x=None, *, images=None, texts=None, version: int = 0, output_dtype: str = "float32"):
+        """-> (mean [batch, K], logvar [batch, K] or None). x as uint8 (8-bit images) travels at a quarter of the bytes;
+        output_dtype="float16" halves the answer's."""
+        codes = self.encode_all(model, x, images=images, texts=texts, version=version, output_dtype=output_dtype)
+        return codes["mean"], codes.get("logvar")
 
     def encode_bits(self, model: str, x=None, *, images=None, texts=None, version: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """A hash model's codes: (each bit's probability [batch, bits] float32, the bits packed 8 to a byte
         [batch, bits / 8] uint8, numpy.packbits order); the packed bits are what a hamming index stores."""
-        resp = self._call("Encode", pb.EncodeRequest(model=pb.ModelRef(name=model, version=version),
-                                                     inputs=make_inputs(x, images, texts)))
-        if not resp.HasField("bits"):
+        codes = self.encode_all(model, x, images=images, texts=texts, version=version)
+        if "bits" not in codes:
             raise ValueError(f"{model}: not a hash model (its Encode answers no bits)")
-        return from_tensor(resp.mean), from_tensor(resp.bits)
+        return codes["mean"], codes["bits"]
 
     def decode(self, model: str, z: np.ndarray, version: int = 0, return_png: bool = False,
                output_dtype: str = "float32") -> Decoded:

@@ -189,3 +189,14 @@ def test_evaluate_reports_the_bits_by_hamming_distance(layout, cli, tmp_path):
     report = json.loads((tmp_path / "e.json").read_text())
     assert code == 0 and "hamming" in out and report["kind"] == "hash"
     assert 0 <= report["bits"]["precision@10"] <= 1 and "5nn_accuracy" in report["bits"]
+
+
+def test_client_cli_writes_the_bits(server, cli, tmp_path):
+    np.save(tmp_path / "x.npy", np.random.default_rng(3).random((2, 64), dtype=np.float32))
+    code, out = cli("client", "--target", server.target, "encode", "--model", "dhash", "--npy", tmp_path / "x.npy",
+                    "--out", tmp_path / "out")
+    assert code == 0 and "bits.npy" in out, out
+    probs, bits = np.load(tmp_path / "out" / "codes.npy"), np.load(tmp_path / "out" / "bits.npy")
+    assert bits.dtype == np.uint8 and bits.shape == (2, BITS // 8)
+    np.testing.assert_array_equal(bits, np.packbits(probs > 0.5, axis=1))
+    assert not (tmp_path / "out" / "logvar.npy").exists()

@@ -116,13 +116,13 @@ def models(c) -> None:
 @out_option
 @click.pass_obj
 def encode(c, model, version, pngs, texts, npy, out) -> None:
-    """Inputs -> latent codes (codes.npy; logvar.npy for VAE kinds)."""
-    mean, logvar = c.encode(model, version=version, **gather_inputs(pngs, texts, npy))
+    """Inputs -> latent codes (codes.npy; logvar.npy for VAE kinds; bits.npy, packed uint8, for hash models)."""
+    codes = c.encode_all(model, version=version, **gather_inputs(pngs, texts, npy))
     Path(out).mkdir(parents=True, exist_ok=True)
-    np.save(Path(out) / "codes.npy", mean)
-    if logvar is not None:
-        np.save(Path(out) / "logvar.npy", logvar)
-    click.echo(f"wrote {Path(out) / 'codes.npy'} {list(mean.shape)}")
+    for name, array in codes.items():
+        np.save(Path(out) / ("codes.npy" if name == "mean" else f"{name}.npy"), array)
+    extra = "".join(f", {name}.npy" for name in codes if name != "mean")
+    click.echo(f"wrote {Path(out) / 'codes.npy'} {list(codes['mean'].shape)}{extra}")
 
 
 @client.command()
