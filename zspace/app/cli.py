@@ -67,7 +67,7 @@ def main() -> None:
 @click.option("--hash-noise", type=click.FloatRange(min=0), default=4.0,
               help="hash: std of the Gaussian noise added before the code sigmoid while training (drives codes to 0/1).")
 @click.option("--arch", type=click.Choice(["auto", "mlp", "conv"]), default="auto",
-              help="Network: fully connected, or convolutional for images; auto: conv for images of 32x32 and up.")
+              help="Network: fully connected, or convolutional for images; auto: conv for images of 16x16 and up.")
 @click.option("--hidden", default="1000,500,250", callback=parse_hidden, help="Encoder hidden sizes; the decoder mirrors them.")
 @click.option("--channels", default="32,64,128,256", callback=parse_hidden,
               help="conv: channels of the stride-2 layers (as many as halve the image to 4x4 or less).")
