@@ -200,3 +200,15 @@ def test_client_cli_writes_the_bits(server, cli, tmp_path):
     assert bits.dtype == np.uint8 and bits.shape == (2, BITS // 8)
     np.testing.assert_array_equal(bits, np.packbits(probs > 0.5, axis=1))
     assert not (tmp_path / "out" / "logvar.npy").exists()
+
+
+def test_bits_may_differ_only_where_a_probability_sits_on_the_threshold():
+    """The parity rule of export and of a GPU provider at load, for packed bits."""
+    from zspace.runtime import outputs_apart
+
+    probs = np.array([[0.9, 0.1, 0.50004, 0.2, 0.8, 0.3, 0.7, 0.6]], np.float32)
+    bits = np.packbits(probs > 0.5, axis=1)
+    near = bits ^ np.packbits(np.array([[0, 0, 1, 0, 0, 0, 0, 0]], bool), axis=1)  # flips the bit at p = 0.50004
+    far = bits ^ np.packbits(np.array([[1, 0, 0, 0, 0, 0, 0, 0]], bool), axis=1)   # flips the bit at p = 0.9
+    assert outputs_apart([probs + 1e-6, near], [probs, bits]) == pytest.approx(1e-6, abs=1e-7)
+    assert outputs_apart([probs, far], [probs, bits]) == float("inf")

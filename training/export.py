@@ -24,7 +24,7 @@ from zspace.errors import UserError
 from zspace.files import staged_folder
 from zspace.likelihood import target_of
 from zspace.progress import stage
-from zspace.runtime import PARITY_TOLERANCE, onnx_session
+from zspace.runtime import PARITY_TOLERANCE, onnx_session, outputs_apart
 from zspace.training.models import pack_bits
 from zspace.training.run import load_model, load_run_data, read_metrics
 from zspace.training.train import codes_of
@@ -71,24 +71,11 @@ def export_graph(module: torch.nn.Module, name: str, example: torch.Tensor, outp
 
 
 def parity(module: torch.nn.Module, path: Path, name: str, batch: np.ndarray) -> float:
-    """max |ONNX Runtime − torch| over every float output, on a real batch.
-
-    Packed bits (a hash model's uint8 output) must agree bit for bit, except where torch's
-    probability lies within the tolerance of ½: there either side of the threshold is right."""
+    """max |ONNX Runtime − torch| over every float output, on a real batch (packed bits: see outputs_apart)."""
     with torch.no_grad():
         ref = module(torch.from_numpy(batch))
     ref = [r.numpy() for r in ([ref] if isinstance(ref, torch.Tensor) else ref)]
-    got = onnx_session(path).run(None, {name: batch})
-    worst = 0.0
-    for g, r in zip(got, ref):
-        if r.dtype == np.uint8:
-            flipped = np.unpackbits(g, axis=1) != np.unpackbits(r, axis=1)
-            near_half = np.abs(ref[0] - 0.5) <= PARITY_TOLERANCE
-            if (flipped & ~near_half).any():
-                return float("inf")
-            continue
-        worst = max(worst, float(np.abs(g - r).max()))
-    return worst
+    return outputs_apart(onnx_session(path).run(None, {name: batch}), ref)
 
 
 def fitted_prior(model, kind: str, x_train: np.ndarray) -> dict:
