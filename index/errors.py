@@ -11,3 +11,8 @@ class IndexError_(UserError):
 
 class FactoryError(IndexError_):
     """A FAISS factory string FAISS cannot build, or one zspace cannot serve."""
+
+
+class IndexMoved(Exception):
+    """The index's folder was replaced or removed while it was open: nothing more is written through this
+    object; reopen the folder (the service does, and answers UNAVAILABLE if that fails too)."""

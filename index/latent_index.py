@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from zspace.errors import NotFound, shown
-from zspace.files import staged_folder, write_atomic
-from zspace.index.errors import IndexError_
+from zspace.files import file_identity, staged_folder, write_atomic
+from zspace.index.errors import IndexError_, IndexMoved
 from zspace.index.factory import empty_index, search_parameters, traits
 from zspace.index.hits import HitTable
 from zspace.index.store import ItemStore, Written, check_items, check_key, check_queries
@@ -169,6 +169,9 @@ class LatentIndex:
         self.binary = self.metric == "hamming"  # codes are bits; FAISS IndexBinary, distances are bit counts
         self.traits = traits(self.factory, self.dim, self.binary)  # FactoryError for a string FAISS cannot build
         self.store = ItemStore(self.path / "items.sqlite", self.dim)
+        # The store file this object writes: if the folder is replaced meanwhile (rm -rf; mv .new into place),
+        # its path names another index's file, and nothing of this one may be written there (see `moved`).
+        self.identity = file_identity(self.store.path)
         self.lock = RWLock()
         self.removable = self.traits.removable
         self.tombstones: set[int] = set()
@@ -346,14 +349,29 @@ class LatentIndex:
         rebuild() once at the end (so IVF trains on all codes, not the first batch).
         """
         vectors, texts = check_items(keys, vectors, payloads, self.dim, self.binary)
-        with self.lock.write():
+        with self.lock.write(), self._still_here():
             self._apply(self.store.upsert(keys, vectors, texts), keys, vectors, texts, maintain)
 
     def delete(self, keys: list[str]) -> None:
         for i, key in enumerate(keys):
             check_key(key, f"keys[{i}]")
-        with self.lock.write():
+        with self.lock.write(), self._still_here():
             self._apply(self.store.delete(keys))
+
+    def moved(self) -> bool:
+        """Whether this index's folder was replaced or removed since it was opened (one stat)."""
+        return file_identity(self.store.path) != self.identity
+
+    @contextmanager
+    def _still_here(self):
+        """Around a write: IndexMoved before it when the folder was replaced, and after it too, when the
+        folder was replaced while it ran (the write went into the removed file: it must not be acknowledged)."""
+        for when in ("before", "after"):
+            if self.moved():
+                raise IndexMoved(f"{self.path}: the index folder was replaced or removed after it was opened; "
+                                 f"nothing was written {'to the new one' if when == 'before' else 'that survives'}")
+            if when == "before":
+                yield
 
     def _apply(self, written: Written, keys: list[str] = (), vectors: np.ndarray | None = None,
                texts: list[str] = (), maintain: bool = True) -> None:
@@ -488,6 +506,10 @@ class LatentIndex:
             self._write_snapshot()
 
     def _write_snapshot(self) -> None:
+        if self.moved():  # the folder holds another index now (or none): its files are not ours to write
+            log.warning("%s: the folder was replaced or removed since this index was opened; no snapshot written",
+                        self.path)
+            return
         name = f"index-{self.seq}.faiss"
         serialize = self.faiss.serialize_index_binary if self.binary else self.faiss.serialize_index
         write_atomic(self.path / name, serialize(self.index).tobytes())

@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from zspace.errors import NotFound, shown
-from zspace.files import write_atomic
-from zspace.index.errors import FactoryError, IndexError_
+from zspace.files import file_identity, write_atomic
+from zspace.index.errors import FactoryError, IndexError_, IndexMoved
 from zspace.index.hits import Hit
 from zspace.index.store import FilterError, Item, check_filter, check_items, check_key, check_queries
 
@@ -114,6 +114,7 @@ class MilvusIndex:
         self.path, self.manifest, self.client, self.collection = Path(path), manifest, client, collection
         self.dim, self.metric, self.factory = int(manifest["dim"]), manifest["metric"], manifest["factory"]
         self.binary = False  # float codes only (build_index refuses hamming for this backend)
+        self.identity = file_identity(self.path / "index.json")  # None until a deferred build publishes it
 
     # ------------------------------------------------------------ create / open
 
@@ -174,6 +175,7 @@ class MilvusIndex:
     def publish(self) -> None:
         """Write the folder's index.json: from now on the folder is an index a server serves."""
         write_atomic(self.path / "index.json", json.dumps(self.manifest, indent=1))
+        self.identity = file_identity(self.path / "index.json")
 
     @classmethod
     def open(cls, path: Path, manifest: dict) -> MilvusIndex:
@@ -207,14 +209,26 @@ class MilvusIndex:
     def model(self) -> tuple[str, int]:
         return self.manifest["model"]["name"], int(self.manifest["model"]["version"])
 
+    def moved(self) -> bool:
+        """Whether the folder's index.json was replaced or removed since it was opened: it may name another
+        collection now, and writes through this object would go to the old one."""
+        return file_identity(self.path / "index.json") != self.identity
+
+    def _check_here(self) -> None:
+        if self.moved():
+            raise IndexMoved(f"{self.path}: the index folder was replaced or removed after it was opened; "
+                             "nothing was written")
+
     def upsert(self, keys: list[str], vectors: np.ndarray, payloads: list[dict], maintain: bool = True) -> None:
         vectors, texts = check_items(keys, vectors, payloads, self.dim)
+        self._check_here()
         rows = [{"key": k, "vector": v, "payload": json.loads(t)} for k, v, t in zip(keys, vectors.tolist(), texts)]
         self.client.upsert(self.collection, rows)
 
     def delete(self, keys: list[str]) -> None:
         for i, key in enumerate(keys):
             check_key(key, f"keys[{i}]")
+        self._check_here()
         found = {r["key"] for r in self.client.get(self.collection, ids=list(keys), output_fields=["key"])}
         for key in keys:
             if key not in found:

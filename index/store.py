@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from zspace.errors import NotFound, shown
+from zspace.errors import NotFound, shown, shown_list
 from zspace.index.errors import IndexError_
 
 MAX_FIELD_CHARS = 256
@@ -36,12 +36,29 @@ def check_filter(field: str, value) -> None:
         raise FilterError(f"filter field: expected a payload field name of 1 to {MAX_FIELD_CHARS} characters")
     if any(c in field for c in '"\\') or any(ord(c) < 32 for c in field):
         raise FilterError("filter field: must not contain quotes, backslashes or control characters")
+    check_text(field, "filter field", FilterError)
+    if isinstance(value, str):
+        check_text(value, "filter value", FilterError)
     if isinstance(value, (dict, list)):
         raise FilterError(f"filter value: expected a string, number, true, false or null, got a JSON {type(value).__name__}")
     if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
         raise FilterError("filter value: integer out of the 64-bit range")
     if isinstance(value, float) and not math.isfinite(value):
         raise FilterError("filter value: must be a finite number")
+
+
+def check_text(value: str, field: str, error: type[Exception] = IndexError_) -> str:
+    """A string that is valid Unicode, or `error` naming the field.
+
+    A JSON escape such as "\\ud800" decodes to a lone surrogate: a Python string that
+    cannot be written as UTF-8, so SQLite, gRPC and every reader after them would fail
+    on it. It is refused where it comes in, never stored."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise error(f"{field}: not valid Unicode (a lone surrogate \\u{ord(value[exc.start]):04x} at character "
+                    f"{exc.start})") from None
+    return value
 
 
 MAX_KEY_CHARS = 1024          # an item key
@@ -74,15 +91,20 @@ def payload_json(payload: dict, field: str = "payload") -> str:
         raise IndexError_(f"{field}: must be a JSON object, got {type(payload).__name__}")
     if json_depth(payload) > MAX_JSON_DEPTH:
         raise IndexError_(f"{field}: nested too deeply (more than {MAX_JSON_DEPTH} levels)")
+    for name in payload:  # filters name top-level fields, and errors list them: each is bounded
+        if isinstance(name, str) and len(name) > MAX_FIELD_CHARS:
+            raise IndexError_(f"{field}: a field name of {len(name)} characters, over the limit of {MAX_FIELD_CHARS}")
     try:
-        text = json.dumps(payload, sort_keys=True, allow_nan=False)
+        # ensure_ascii=False: a lone surrogate then fails the UTF-8 encoding below instead of being stored
+        # as an escape that no reader can decode into a string it could use.
+        text = json.dumps(payload, sort_keys=True, allow_nan=False, ensure_ascii=False)
     except ValueError:
         raise IndexError_(f"{field}: NaN and Infinity are not JSON; use null or a string") from None
     except RecursionError:
         raise IndexError_(f"{field}: nested too deeply") from None
     except TypeError as exc:
         raise IndexError_(f"{field}: not JSON ({exc})") from None
-    size = len(text.encode())
+    size = len(check_text(text, field).encode())
     if size > MAX_PAYLOAD_BYTES:
         raise IndexError_(f"{field}: {size} bytes of JSON, over the limit of {MAX_PAYLOAD_BYTES}")
     return text
@@ -93,7 +115,7 @@ def check_key(key: object, field: str) -> str:
         raise IndexError_(f"{field}: must be a non-empty string")
     if len(key) > MAX_KEY_CHARS:
         raise IndexError_(f"{field}: {len(key)} characters, over the limit of {MAX_KEY_CHARS}")
-    return key
+    return check_text(key, field)
 
 
 def as_codes(vectors, dim: int, binary: bool, field: str) -> np.ndarray:
@@ -350,8 +372,8 @@ class ItemStore:
         rows = self.reader.execute(f"SELECT id FROM items WHERE {sql}", args).fetchall()
         if not rows and self.reader.execute("SELECT 1 FROM items LIMIT 1").fetchone() and not self.reader.execute(
                 "SELECT 1 FROM items WHERE json_type(payload, ?) IS NOT NULL LIMIT 1", (path,)).fetchone():
-            fields = sorted({k for (p,) in self.reader.execute("SELECT payload FROM items LIMIT 100") for k in json.loads(p)})
-            raise FilterError(f"filter: no item has a field {field!r} (fields seen: {', '.join(fields) or 'none'})")
+            fields = {k for (p,) in self.reader.execute("SELECT payload FROM items LIMIT 100") for k in json.loads(p)}
+            raise FilterError(f"filter: no item has a field {shown(field)} (fields seen: {shown_list(fields)})")
         return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
 
     def changes_since(self, seq: int) -> list[tuple[int, int | None, int | None]]:

@@ -70,6 +70,7 @@ class Limits:
     max_hits: int = 100_000     # Search queries x k: the answer is built in memory before it is sent
     max_answer_bytes: int = 64 << 20  # the server sets it to --max-message-mb
     max_request_pixels: int = 64_000_000  # decoded image pixels per request (the sum over its images)
+    max_decode_pixels: int = 64_000_000   # image pixels being decoded at once, server-wide (service.pixels)
 
 
 @dataclass
@@ -79,6 +80,7 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 50051
     metrics_port: int = 9100      # 0: no metrics endpoint
+    metrics_host: str | None = None  # where /metrics listens; None: --host (so 127.0.0.1 keeps it on loopback)
     device: str = "auto"          # auto | cpu | cuda
     cuda_tf32: bool = False       # TF32 matmuls on CUDA: faster, inexact (~1e-3); off keeps the bundle's parity
     onnx_threads: int = 0         # ONNX Runtime intra-op threads per run; 0: the cores shared out among instances
@@ -97,6 +99,21 @@ class ServeConfig:
     tls_key: Path | None = None
     token: str | None = None
     loop: str = "auto"            # auto | uvloop | asyncio
+
+
+def parse_host_port(value: str | int, option: str) -> tuple[str | None, int]:
+    """PORT, HOST:PORT or [IPv6]:PORT -> (host or None, port 0-65535); UserError naming the option."""
+    text = str(value).strip()
+    host, sep, port = text.rpartition(":")
+    if sep and host.startswith("[") != host.endswith("]"):
+        host, port = "", text  # a bare IPv6 address without a port
+    try:
+        number = int(port)
+    except ValueError:
+        number = -1
+    if not 0 <= number <= 65535 or (sep and not host.strip("[]")):
+        raise UserError(f"{option}: expected PORT or HOST:PORT (port 0 to 65535), got {text!r}")
+    return (host.strip("[]") if sep else None), number
 
 
 def model_batch_config(model_dir: Path, default: BatchConfig) -> BatchConfig:

@@ -14,10 +14,19 @@ import json
 
 import numpy as np
 
-from zspace.index.store import check_filter
+from zspace.index.errors import IndexMoved
+from zspace.index.store import check_filter, check_key
 from zspace.service.config import Limits
 from zspace.service.indexes import IndexRegistry
-from zspace.service.inputs import InvalidArgument, array_to_tensor, features, parse_json, parse_payloads, tensor_to_array
+from zspace.service.inputs import (
+    InvalidArgument,
+    array_to_tensor,
+    features,
+    input_rows,
+    parse_json,
+    parse_payloads,
+    tensor_to_array,
+)
 from zspace.service.repository import ModelRepository
 from zspace.service.rpc import RpcHandlers, TooLarge, rpc
 from zspace.v1 import zspace_pb2 as pb
@@ -96,25 +105,50 @@ class IndexRpcs(RpcHandlers):
         if not 1 <= request.k <= self.limits.max_k:
             raise InvalidArgument(f"k: expected 1 to {self.limits.max_k}, got {request.k}")
         which = request.WhichOneof("query")
-        if which in ("inputs", "vectors"):
-            q = await self._query_codes(index, request, which)
-        elif which == "key":  # LatentIndex.get checks the key (empty, too long) and names the field
-            q = (await asyncio.to_thread(index.get, request.key)).vector[None]
-        else:
+        if which not in ("inputs", "vectors", "key"):
             raise InvalidArgument("query: set one of inputs, vectors or key")
-        if len(q) * request.k > self.limits.max_hits:
-            raise InvalidArgument(f"k: {len(q)} queries x k={request.k} is {len(q) * request.k} hits, over the limit of "
+        # Everything cheap is checked before anything is decoded or read: the hits asked for, the filter.
+        rows = self._query_rows(request, which)
+        if rows * request.k > self.limits.max_hits:
+            raise InvalidArgument(f"k: {rows} queries x k={request.k} is {rows * request.k} hits, over the limit of "
                                   f"{self.limits.max_hits}; send fewer queries per request or a smaller k")
         where = None
         if request.filter_field:
             value = parse_json(request.filter_value_json, "filter_value_json", 4096)
-            check_filter(request.filter_field, value)  # before a thread is taken: a bad filter costs nothing
+            check_filter(request.filter_field, value)
             where = (request.filter_field, value)
+        if which == "key":  # LatentIndex.get checks the key (empty, too long) and names the field
+            q = (await asyncio.to_thread(index.get, request.key)).vector[None]
+        else:
+            q = await self._query_codes(index, request, which)
         if where is None:
             results = await self.indexes.search(request.index, q, int(request.k))
         else:
             results = await asyncio.to_thread(index.search, q, int(request.k), where, as_json=True)
         return search_response(self._bounded(results))
+
+    async def _write(self, name: str, write):
+        """Run `write(index)` in a thread on the index served as `name`, and return that index.
+
+        When the index's folder was replaced since it was opened, the write is refused by the
+        index (IndexMoved: nothing written), the new folder is opened in its place, and the
+        write goes there; if that one moved too, IndexMoved reaches the client as UNAVAILABLE."""
+        index = self._index(name)
+        try:
+            await asyncio.to_thread(write, index)
+        except IndexMoved:  # NOT_FOUND when the folder is gone, or holds nothing we can serve
+            index = await asyncio.to_thread(self.indexes.reopen, name)
+            await asyncio.to_thread(write, index)
+        return index
+
+    @staticmethod
+    def _query_rows(request, which: str) -> int:
+        """Queries in a Search, from the request's fields alone."""
+        if which == "key":
+            return 1
+        if which == "vectors":
+            return max(0, int(request.vectors.shape[0])) if len(request.vectors.shape) else 0
+        return input_rows(request.inputs)
 
     def _bounded(self, results: list) -> list:
         """The hits, if their answer fits the message limit; measured on the stored JSON texts before any is copied."""
@@ -131,11 +165,17 @@ class IndexRpcs(RpcHandlers):
         which = request.WhichOneof("items")
         if which is None:
             raise InvalidArgument("items: set inputs or vectors")
+        # Keys and payloads are checked before any image is decoded: a mistake there costs nothing.
+        rows = input_rows(request.inputs) if which == "inputs" else self._query_rows(request, "vectors")
+        if len(keys) != rows:
+            raise InvalidArgument(f"keys: {len(keys)} keys for {rows} items; give one key per item")
+        for i, key in enumerate(keys):
+            check_key(key, f"keys[{i}]")
+        payloads = parse_payloads(list(request.payloads_json), len(keys))
         codes = await self._query_codes(index, request, which)
         if len(keys) != len(codes):
             raise InvalidArgument(f"keys: {len(keys)} keys for {len(codes)} items; give one key per item")
-        payloads = parse_payloads(list(request.payloads_json), len(keys))
-        await asyncio.to_thread(index.upsert, keys, codes, payloads)
+        index = await self._write(request.index, lambda ix: ix.upsert(keys, codes, payloads))
         return pb.UpsertResponse(count=index.stats()["count"])
 
     @rpc
@@ -144,7 +184,7 @@ class IndexRpcs(RpcHandlers):
         keys = list(request.keys)
         if not keys:
             raise InvalidArgument("keys: give at least one key")
-        await asyncio.to_thread(index.delete, keys)  # checks each key and names it
+        index = await self._write(request.index, lambda ix: ix.delete(keys))  # checks each key and names it
         return pb.DeleteResponse(count=index.stats()["count"])
 
     @rpc

@@ -14,8 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from zspace.errors import UserError
-from zspace.index.store import MAX_JSON_DEPTH, MAX_PAYLOAD_BYTES, json_depth
+from zspace.index.store import MAX_JSON_DEPTH, MAX_PAYLOAD_BYTES, check_text, json_depth, payload_json
 from zspace.service.config import Limits
+from zspace.service.pixels import pixel_budget
 from zspace.transforms import image_pixels
 from zspace.v1 import zspace_pb2 as pb
 
@@ -94,6 +95,19 @@ def uint8_max(rt) -> float | None:
     return 255.0 if rt.modality == "image" else None
 
 
+def input_rows(inputs: pb.Inputs) -> int:
+    """How many items an Inputs message holds, from its fields alone (nothing decoded): what a request's
+    cheap checks (hits, keys, answer size) need before any image is decoded or text weighed."""
+    kind = inputs.WhichOneof("kind")
+    if kind == "tensor":
+        return max(0, int(inputs.tensor.shape[0])) if len(inputs.tensor.shape) else 0
+    if kind == "images":
+        return len(inputs.images.images)
+    if kind == "texts":
+        return len(inputs.texts.texts)
+    return 0
+
+
 async def features(rt, inputs: pb.Inputs, field: str, limits: Limits) -> np.ndarray:
     """Any of the three input forms -> float32 [batch, input_dim] through the model's own transform.
 
@@ -116,12 +130,18 @@ async def features(rt, inputs: pb.Inputs, field: str, limits: Limits) -> np.ndar
         return await decode_images(rt, items, f"{field}.images", limits)
     if rt.modality != "text":
         raise InvalidArgument(f"{field}.texts: model {rt.name} takes {rt.modality} inputs, not texts")
-    for i, text in enumerate(items):
+    return await asyncio.get_running_loop().run_in_executor(featurise_pool(), weigh_texts, rt, items, field,
+                                                             limits.max_text_chars)
+
+
+def weigh_texts(rt, texts: list[str], field: str, max_chars: int) -> np.ndarray:
+    """Texts checked and weighted through the model's transform (in the pool: the work grows with the text)."""
+    for i, text in enumerate(texts):
+        if len(text) > max_chars:
+            raise InvalidArgument(f"{field}.texts[{i}]: {len(text)} characters, over the limit of {max_chars}")
         if not text.strip():
             raise InvalidArgument(f"{field}.texts[{i}]: empty text")
-        if len(text) > limits.max_text_chars:
-            raise InvalidArgument(f"{field}.texts[{i}]: {len(text)} characters, over the limit of {limits.max_text_chars}")
-    return await asyncio.get_running_loop().run_in_executor(featurise_pool(), rt.transform.apply, items)
+    return rt.transform.apply(texts)
 
 
 _POOL: ThreadPoolExecutor | None = None
@@ -140,20 +160,32 @@ def featurise_pool() -> ThreadPoolExecutor:
 
 
 async def decode_images(rt, items: list[bytes], field: str, limits: Limits) -> np.ndarray:
-    """Images -> features, one image per hop to the pool.
+    """Images -> features, one image per hop to the pool; nothing of their content is read on the event loop.
 
-    The pixels of the whole request are counted from the headers first (nothing
-    decoded yet) and bounded; then each image is decoded in turn, so a request whose
+    The pixels of the whole request are counted from the headers first, in the pool
+    (nothing decoded yet), and bounded; then each image reserves its pixels of the
+    server's decode budget (service.pixels) and is decoded in turn, so a request whose
     deadline passes (the @rpc wrapper cancels it) stops before its next image."""
-    total = 0
-    for i, data in enumerate(items):
-        total += image_pixels(data, f"{field}[{i}]")
-        if total > limits.max_request_pixels:
-            raise InvalidArgument(f"{field}: more than {limits.max_request_pixels} pixels in all by image {i}; "
-                                  "send fewer or smaller images per request")
     loop, pool = asyncio.get_running_loop(), featurise_pool()
-    rows = [await loop.run_in_executor(pool, rt.transform.from_bytes, data, f"{field}[{i}]") for i, data in enumerate(items)]
+    sizes = await loop.run_in_executor(pool, request_pixels, items, field, limits.max_request_pixels)
+    budget = pixel_budget(limits.max_decode_pixels)
+    rows = []
+    for i, (data, pixels) in enumerate(zip(items, sizes)):
+        async with budget.reserve(pixels):
+            rows.append(await loop.run_in_executor(pool, rt.transform.from_bytes, data, f"{field}[{i}]"))
     return np.stack(rows)
+
+
+def request_pixels(items: list[bytes], field: str, limit: int) -> list[int]:
+    """Each image's pixel count from its header; InvalidArgument once the request's sum passes `limit`."""
+    sizes, total = [], 0
+    for i, data in enumerate(items):
+        sizes.append(image_pixels(data, f"{field}[{i}]"))
+        total += sizes[-1]
+        if total > limit:
+            raise InvalidArgument(f"{field}: more than {limit} pixels in all by image {i}; "
+                                  "send fewer or smaller images per request")
+    return sizes
 
 
 def parse_payloads(payloads_json, n: int) -> list[dict]:
@@ -166,6 +198,7 @@ def parse_payloads(payloads_json, n: int) -> list[dict]:
         out.append(parse_json(text, f"payloads_json[{i}]", MAX_PAYLOAD_BYTES))
         if not isinstance(out[-1], dict):
             raise InvalidArgument(f"payloads_json[{i}]: must be a JSON object, got {type(out[-1]).__name__}")
+        payload_json(out[-1], f"payloads_json[{i}]")  # every rule the store applies, before any work is done
     return out
 
 
@@ -187,4 +220,6 @@ def parse_json(text: str, field: str, max_bytes: int):
         raise InvalidArgument(f"{field}: nested too deeply") from None
     if json_depth(value) > MAX_JSON_DEPTH:
         raise InvalidArgument(f"{field}: nested too deeply (more than {MAX_JSON_DEPTH} levels)")
+    # An escape such as "\\ud800" parses to a lone surrogate, which nothing after this point can encode.
+    check_text(json.dumps(value, ensure_ascii=False), field)
     return value

@@ -22,7 +22,7 @@ from zspace.kserve import grpc_service_pb2 as kpb
 from zspace.service.config import Limits
 from zspace.service.inputs import InvalidArgument, as_float32, uint8_max
 from zspace.service.repository import ModelRepository, ModelRuntime
-from zspace.service.rpc import RpcHandlers, rpc
+from zspace.service.rpc import RpcHandlers, check_answer_size, rpc
 
 GRAPHS = ("encoder", "decoder")
 # Datatype -> (numpy little-endian dtype, the typed `contents` field, or None where only raw bytes exist).
@@ -44,7 +44,8 @@ def parse_version(version: str) -> int:
     """"" -> 0 (the latest); a positive integer as text -> that version."""
     if version == "":
         return 0
-    if not version.isdigit() or int(version) < 1:
+    # ASCII digits only: str.isdigit() also takes "²" (which int() refuses) and "١" (which int() reads as 1).
+    if not (version.isascii() and version.isdigit()) or int(version) < 1:
         raise InvalidArgument(f"model_version: expected a positive integer or empty (the latest), got {shown(version)}")
     return int(version)
 
@@ -126,13 +127,12 @@ class KServeRpcs(RpcHandlers):
     async def ModelInfer(self, request, context):
         rt, graph = self._graph(request.model_name, request.model_version)
         in_name, in_width, outputs = graph_io(rt, graph)
-        wanted = [o.name for o in request.outputs] or [n for n, _, _ in outputs]
-        known = [n for n, _, _ in outputs]
-        for name in wanted:
-            if name not in known:
-                raise InvalidArgument(f"unexpected inference output {shown(name)} for model '{request.model_name}' "
-                                      f"(its outputs: {', '.join(known)})")
+        wanted = self._outputs(request, outputs)
         x = self._input(request, rt, graph, in_name, in_width)
+        # The answer's size is known now, before any work: bounded like every answer (the message limit).
+        row_bytes = sum(w * (1 if t == "UINT8" else 4) for n, w, t in outputs if n in wanted)
+        check_answer_size(len(x) * row_bytes, self.limits, "ModelInfer")
+        known = [n for n, _, _ in outputs]
         if graph == "encoder":
             results = dict(zip(known, await rt.encode_outputs(x)))
         else:
@@ -144,6 +144,25 @@ class KServeRpcs(RpcHandlers):
             response.outputs.add(name=name, datatype=types[name], shape=list(out.shape))
             response.raw_output_contents.append(out.tobytes())
         return response
+
+    def _outputs(self, request, outputs: list[tuple[str, int, str]]) -> list[str]:
+        """The output names a request asks for (all, when it names none), each known and named once."""
+        known = [n for n, _, _ in outputs]
+        if not request.outputs:
+            return known
+        if len(request.outputs) > len(known):  # checked before the names: a request may list 100,000 of them
+            raise InvalidArgument(f"outputs: {len(request.outputs)} requested, but model '{request.model_name}' has "
+                                  f"{len(known)} ({', '.join(known)}); ask for each output at most once")
+        first: dict[str, int] = {}
+        for i, o in enumerate(request.outputs):
+            if o.name not in known:
+                raise InvalidArgument(f"unexpected inference output {shown(o.name)} for model '{request.model_name}' "
+                                      f"(its outputs: {', '.join(known)})")
+            if o.name in first:
+                raise InvalidArgument(f"outputs[{i}]: {shown(o.name)} repeats outputs[{first[o.name]}]; ask for each "
+                                      "output once")
+            first[o.name] = i
+        return list(first)
 
     def _input(self, request, rt: ModelRuntime, graph: str, in_name: str, width: int) -> np.ndarray:
         """The one input tensor as float32 [batch, width]: name, datatype, shape, size and values checked."""

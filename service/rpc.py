@@ -6,6 +6,7 @@ raises; `@rpc` maps what it raises to a gRPC status:
     InvalidArgument, UserError  -> INVALID_ARGUMENT (the message names the field)
     NotFound                    -> NOT_FOUND
     QueueFull, TooLarge         -> RESOURCE_EXHAUSTED (retry later, or ask for less)
+    IndexMoved                  -> UNAVAILABLE (an index folder replaced under a write; retry)
     the client's deadline       -> DEADLINE_EXCEEDED (the work is cancelled, its queue place freed)
     anything else               -> INTERNAL, logged with its traceback: a bug, never the client's fault
 
@@ -23,6 +24,7 @@ import time
 import grpc
 
 from zspace.errors import NotFound, UserError
+from zspace.index.errors import IndexMoved
 from zspace.service.batcher import QueueFull
 
 log = logging.getLogger("zspace.serve")
@@ -34,6 +36,14 @@ class InvalidRequest(UserError):
 
 class TooLarge(Exception):
     """An answer, or the work in progress, over a size bound: RESOURCE_EXHAUSTED with what to ask for instead."""
+
+
+def check_answer_size(size: int, limits, what: str) -> None:
+    """TooLarge before an answer of `size` bytes is built, when it would not fit the message limit
+    (limits.max_answer_bytes): an answer is bounded before any work is done for it."""
+    if size > limits.max_answer_bytes:
+        raise TooLarge(f"{what}: the answer would be {size / 2**20:.1f} MiB, over the message limit of "
+                       f"{limits.max_answer_bytes >> 20} MiB; ask for fewer rows per request")
 
 
 class Admission:
@@ -90,6 +100,21 @@ def tolerant(from_string):
     return parse
 
 
+MAX_STATUS_CHARS = 2000  # a status message travels in the trailers, whose size gRPC limits (8 KiB by default)
+
+
+def safe_message(message: str) -> str:
+    """A status message that can always be sent: valid UTF-8 and bounded.
+
+    A message built from what a client sent may hold a lone surrogate (a JSON escape such
+    as "\\ud800" decodes to one), which gRPC cannot encode: the abort itself would raise and
+    the call would hang until its deadline. Every error path goes through here, so no
+    message can fail to leave."""
+    if len(message) > MAX_STATUS_CHARS:
+        message = message[:MAX_STATUS_CHARS - 30] + f"…({len(message)} chars)"
+    return message.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 class BugLog:
     """Tracebacks of unexpected errors: one per RPC and error type a minute, the repeats counted.
 
@@ -124,6 +149,8 @@ def _status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.RESOURCE_EXHAUSTED, f"server busy: {exc}; retry later"
     if isinstance(exc, TooLarge):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+    if isinstance(exc, IndexMoved):
+        return grpc.StatusCode.UNAVAILABLE, f"{exc}; retry"
     return grpc.StatusCode.INTERNAL, ""
 
 
@@ -161,6 +188,7 @@ def rpc(method):
             if code is grpc.StatusCode.INTERNAL:
                 BUGS.report(name, exc)
                 message = f"{name}: internal error (logged on the server)"
+            message = safe_message(message)
         finally:
             if admitted:
                 self.admission.leave(admitted)

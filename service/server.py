@@ -188,7 +188,7 @@ class Server:
         cfg = self.cfg
         if self.link is None:  # a worker's ports were checked (and its port reserved) by the supervisor
             check_port_free(cfg.host, cfg.port, "--port")  # before minutes of loading, not after
-            check_port_free(cfg.host, cfg.metrics_port, "--metrics-port")
+            check_port_free(cfg.metrics_host or cfg.host, cfg.metrics_port, "--metrics-port")
         await self.rescan()
         if not version_dirs(cfg.models):
             log.warning("--models %s: %s", cfg.models, repository_hint(Path(cfg.models)))
@@ -229,18 +229,19 @@ class Server:
                             "this machine); choose another --port, or 0 for any free one")
         if cfg.metrics_port:  # before the gRPC server starts: a failure here leaves nothing running
             # A worker's metrics go to its supervisor, which serves the group's on --metrics-port.
-            host, port = ("127.0.0.1", 0) if self.link else (cfg.host, cfg.metrics_port)
+            host, port = ("127.0.0.1", 0) if self.link else (cfg.metrics_host or cfg.host, cfg.metrics_port)
             try:
                 self.metrics_port = self.metrics.serve_http(host, port)
             except OSError as exc:
-                raise UserError(f"--metrics-port: cannot listen on {cfg.host}:{cfg.metrics_port} ({exc.strerror}); "
+                raise UserError(f"--metrics-port: cannot listen on {host}:{port} ({exc.strerror}); "
                                 "choose another --metrics-port, or 0 to turn metrics off") from None
         await self.server.start()
         if cfg.poll_s > 0:
             self._poller = asyncio.get_running_loop().create_task(self._poll())
         models = ", ".join(f"{rt.name}/{rt.version} ({rt.provider})" for rt in self.repo.loaded()) or "none"
         loop = type(asyncio.get_running_loop()).__module__.split(".")[0]
-        metrics = f"metrics on {cfg.host}:{self.metrics_port}" if self.metrics_port else "metrics off"
+        metrics_host = "127.0.0.1" if self.link else cfg.metrics_host or cfg.host
+        metrics = f"metrics on {metrics_host}:{self.metrics_port}" if self.metrics_port else "metrics off"
         log.info("serving on %s:%d%s (%s loop), %s; models: %s", cfg.host, self.port,
                  " (TLS)" if cfg.tls_cert else "", loop, metrics, models)
         if self.link:

@@ -16,9 +16,9 @@ import numpy as np
 
 from zspace.likelihood import kl_standard_normal, log_likelihood, target_of
 from zspace.service.config import Limits
-from zspace.service.inputs import InvalidArgument, array_to_tensor, features, output_dtype, tensor_to_array
+from zspace.service.inputs import WIRE, InvalidArgument, array_to_tensor, features, input_rows, output_dtype, tensor_to_array
 from zspace.service.repository import ModelRepository, ModelRuntime
-from zspace.service.rpc import RpcHandlers, add_service, rpc
+from zspace.service.rpc import RpcHandlers, add_service, check_answer_size, rpc
 from zspace.v1 import zspace_pb2 as pb
 
 
@@ -54,8 +54,18 @@ class ModelRpcs(RpcHandlers):
             raise InvalidArgument(f"model.version: expected 0 (latest) or a positive version, got {ref.version}")
         return self.repo.get(ref.name, int(ref.version))
 
+    def _check_decoded_size(self, rt: ModelRuntime, rows: int, request) -> None:
+        """A decoding RPC's answer (rows of outputs, their latents, PNGs if asked), bounded before it is built.
+
+        A PNG of 8-bit pixels is at most its raw bytes plus zlib's and the format's small overheads."""
+        item = WIRE[output_dtype(request)][1]
+        png = rt.input_dim + rt.input_dim // 64 + 1024 if request.return_png else 0
+        check_answer_size(rows * ((rt.input_dim + rt.latent_dim) * item + png), self.limits,
+                          type(request).__name__.removesuffix("Request"))
+
     async def _decoded(self, rt: ModelRuntime, z: np.ndarray, request) -> pb.DecodeResponse:
         """Decode latents through the batcher; the answer every decoding RPC gives (PNGs and dtype as asked)."""
+        self._check_decoded_size(rt, len(z), request)
         dtype, return_png = output_dtype(request), request.return_png
         x_hat = await rt.decode(z)
         out = pb.Outputs(tensor=array_to_tensor(x_hat, dtype))
@@ -103,6 +113,7 @@ class ModelRpcs(RpcHandlers):
     @rpc
     async def Reconstruct(self, request, context):
         rt = self._model(request.model)
+        self._check_decoded_size(rt, input_rows(request.inputs), request)  # before any image is decoded
         mean, _ = await rt.encode(await features(rt, request.inputs, "inputs", self.limits))
         return await self._decoded(rt, mean, request)
 
@@ -111,6 +122,7 @@ class ModelRpcs(RpcHandlers):
         rt = self._model(request.model)
         if not 0 < request.count <= self.limits.max_generate:
             raise InvalidArgument(f"count: expected 1 to {self.limits.max_generate}, got {request.count}")
+        self._check_decoded_size(rt, int(request.count), request)
         temperature = request.temperature or 1.0
         if not (np.isfinite(temperature) and temperature > 0):
             raise InvalidArgument(f"temperature: expected a positive number (0 means 1.0), got {request.temperature}")
@@ -122,6 +134,7 @@ class ModelRpcs(RpcHandlers):
         rt = self._model(request.model)
         if not 2 <= request.steps <= self.limits.max_steps:
             raise InvalidArgument(f"steps: expected 2 to {self.limits.max_steps} points, got {request.steps}")
+        self._check_decoded_size(rt, int(request.steps), request)
         which = request.WhichOneof("endpoints")
         if which == "latents":
             ends = tensor_to_array(request.latents, "latents", cols=rt.latent_dim)

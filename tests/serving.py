@@ -19,5 +19,6 @@ class ServerThread(BackgroundServer):
 
 
 def start_thread(models: Path, **overrides) -> ServerThread:
-    cfg = ServeConfig(models=models, port=0, metrics_port=free_port(), onnx_threads=1, poll_s=0, grace_s=5, **overrides)
+    settings = {"port": 0, "metrics_port": free_port(), "onnx_threads": 1, "poll_s": 0, "grace_s": 5, **overrides}
+    cfg = ServeConfig(models=models, **settings)
     return ServerThread(cfg)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ from pathlib import Path
 
 from zspace.errors import UserError
 from zspace.files import write_atomic
+
+log = logging.getLogger("zspace.bundle")
 
 FORMAT_VERSION = 1
 KINDS = ("pca", "ae", "vae", "beta_vae", "hash")  # hash: semantic hashing, binary codes of latent_dim bits
@@ -105,8 +108,28 @@ def check_name(name: str, option: str = "--name") -> str:
 
 
 def is_version_folder(path: Path) -> bool:
-    """A version is a folder named by a positive integer (Triton's rule); anything else is ignored."""
-    return path.is_dir() and path.name.isdigit() and int(path.name) > 0
+    """A version is a folder named by a positive integer in ASCII digits (Triton's rule); anything else is
+    ignored. str.isdigit() alone also takes "²", which int() refuses, and "١", which int() reads as 1."""
+    name = path.name
+    return name.isascii() and name.isdigit() and int(name) > 0 and path.is_dir()
+
+
+_WARNED: set[str] = set()
+
+
+def usable_name(path: Path, what: str) -> bool:
+    """Whether a folder's name can be served: names travel in requests and answers as UTF-8, and a name
+    that is not (bytes the file system holds, decoded by Python as surrogate escapes) cannot. Such a
+    folder is skipped with one warning, not one per rescan."""
+    try:
+        path.name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        shown_path = os.fsencode(path).decode("utf-8", "backslashreplace")
+        if shown_path not in _WARNED:
+            _WARNED.add(shown_path)
+            log.warning("%s %s skipped: its name is not UTF-8", what, shown_path)
+        return False
 
 
 def versions(repo: Path, name: str) -> list[int]:
@@ -122,7 +145,7 @@ def version_dirs(repo: Path) -> list[Path]:
     repo = Path(repo)
     if not repo.is_dir():
         return []
-    return sorted(v for n in repo.iterdir() if n.is_dir() and not n.name.startswith(".")
+    return sorted(v for n in repo.iterdir() if n.is_dir() and not n.name.startswith(".") and usable_name(n, "model folder")
                   for v in n.iterdir() if is_version_folder(v))
 
 

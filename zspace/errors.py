@@ -19,5 +19,13 @@ class NotFound(UserError):
 def shown(value: object, limit: int = 64) -> str:
     """repr(value) for an error message, cut to `limit` characters: a message must never echo a client's
     megabytes back (a gRPC status message travels in the trailers, which have a size limit of their own)."""
-    text = repr(value)
+    text = repr(value)  # repr escapes lone surrogates: the message stays encodable
     return text if len(text) <= limit else f"{text[: limit - 1]}…({len(text)} chars)"
+
+
+def shown_list(values, limit: int = 12, each: int = 40) -> str:
+    """Names for an error message, sorted, each cut by `shown` and at most `limit` of them: stored names
+    (payload fields, say) may be many and long, and a message must stay small."""
+    names = sorted(values, key=str)
+    text = ", ".join(shown(v, each) for v in names[:limit]) or "none"
+    return text if len(names) <= limit else f"{text}, … ({len(names)} in all)"

@@ -75,3 +75,13 @@ def staged_folder(final: str | os.PathLike) -> Iterator[Path]:
         fsync_dir(final.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # still there only when the block or the rename failed
+
+
+def file_identity(path: str | os.PathLike) -> tuple[int, int] | None:
+    """(device, inode) of a file, None when there is none: the same path may come to name another file
+    (a folder replaced by `rm -rf X; mv .X.new X`), and this tells the two apart."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino

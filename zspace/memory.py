@@ -40,3 +40,13 @@ def keep_freed_memory(keep_mb: int = 256) -> bool:
     ok &= mallopt(M_TRIM_THRESHOLD, keep) == 1
     ok &= mallopt(M_TOP_PAD, 16 << 20) == 1
     return bool(ok)
+
+
+def release_freed_memory() -> bool:
+    """Hand the free pages of every malloc heap back to the kernel now (glibc's malloc_trim); False where
+    there is no such call. Costs milliseconds: for after a burst, not for every request."""
+    path = ctypes.util.find_library("c")
+    try:
+        return bool(path) and ctypes.CDLL(path).malloc_trim(0) == 1
+    except (OSError, AttributeError):
+        return False

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from zspace.errors import UserError
+from zspace.images import PNG_SIGNATURE, image_size, png_pixel_chunks
 
 # The largest decoded image we accept, in pixels. Pillow's own bomb check is a
 # warning until 2x its limit; we refuse earlier and with a clear message.
@@ -85,8 +86,9 @@ def is_png_or_jpeg(data: bytes) -> bool:
 
 
 def image_pixels(data: bytes, what: str = "image") -> int:
-    """Width x height from the image's header alone (nothing is decoded): to bound a request before decoding it."""
-    width, height = decode_image(data, what, load=False).size
+    """Width x height from the image's header alone (nothing decoded, no Pillow): to bound a request before
+    decoding it. The decoder checks the same header again, so a file that lies here is refused there."""
+    width, height = image_size(data, what)
     return width * height
 
 
@@ -96,6 +98,8 @@ def decode_image(data: bytes, what: str = "image", draft: tuple[str, tuple[int, 
 
     if not data:
         raise UserError(f"{what}: empty image bytes")
+    if data.startswith(PNG_SIGNATURE):  # text and other chunks that carry no pixels cost time to open: dropped
+        data = png_pixel_chunks(data, what)
     try:
         with warnings.catch_warnings():  # Pillow's own bomb warning; our limit below is stricter
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)

@@ -207,7 +207,9 @@ def serve_options(f):
         click.option("--indexes", type=click.Path(file_okay=False), default=None, help="Folder of indexes (one per subfolder) to serve beside the models."),
         click.option("--host", default=d.host, help="Address to bind; 0.0.0.0 in containers."),
         click.option("--port", type=click.IntRange(0, 65535), default=d.port, help="gRPC port (0: any free port)."),
-        click.option("--metrics-port", type=click.IntRange(0, 65535), default=d.metrics_port, help="Prometheus /metrics port (0: off)."),
+        click.option("--metrics-port", default=str(d.metrics_port),
+                     help="Prometheus /metrics: PORT (on --host) or HOST:PORT, e.g. 127.0.0.1:9100 to keep it on "
+                          "loopback while gRPC listens on 0.0.0.0; 0: off. /metrics needs no token."),
         click.option("--workers", default="1", envvar=["ZSPACE_WORKERS", "ZSPACE_SERVE_WORKERS"],
                      help="Server processes sharing the port (SO_REUSEPORT), supervised and restarted; auto: one per "
                           "core, at most 16. Env: ZSPACE_WORKERS."),
@@ -249,13 +251,13 @@ def serve_options(f):
 @main.command()
 @serve_options
 def serve(models, indexes, workers, threads, instances, max_batch, max_delay_ms, max_queue, search_max_batch, max_rows,
-          token_file, token_env, **opts) -> None:
+          token_file, token_env, metrics_port, **opts) -> None:
     """Serve every bundle under --models over gRPC (health, reflection, metrics, hot reload)."""
     # Until the server's own handlers are in place (after the heavy imports below), SIGTERM ends the
     # process quietly with exit 0, as an orchestrator stopping a container that is still starting expects.
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        from zspace.service.config import BatchConfig, Limits, SearchConfig, ServeConfig
+        from zspace.service.config import BatchConfig, Limits, SearchConfig, ServeConfig, parse_host_port
         from zspace.service.server import read_token
         from zspace.service.server import serve as run_server
         from zspace.service.workers import supervise, worker_count
@@ -265,6 +267,7 @@ def serve(models, indexes, workers, threads, instances, max_batch, max_delay_ms,
                                             instances=instances),
                           search=SearchConfig(max_batch=search_max_batch), limits=Limits(max_rows=max_rows),
                           token=read_token(token_file, token_env), **opts)
+        cfg.metrics_host, cfg.metrics_port = parse_host_port(metrics_port, "--metrics-port")
         workers = worker_count(workers)
         if workers > 1:
             sys.exit(supervise(cfg, workers))
