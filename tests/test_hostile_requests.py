@@ -191,12 +191,13 @@ def test_lone_surrogates_are_refused_at_the_door(served):
 def test_error_messages_about_stored_odd_fields_are_sent_and_bounded(served):
     """Payloads an older zspace stored unchecked (a lone surrogate, 60,000-character field names): a filter on
     a field no item has answers INVALID_ARGUMENT at once, its message small (was: a hang, and a 1.26 MB status)."""
-    _, stub, _, root = served
-    index = root / "indexes" / "digits"
-    store_rows(index, ['{"\\ud800": 1}'] + [json.dumps({"F" * 60_000 + str(i): 1}) for i in range(21)])
+    s, stub, _, root = served
+    LatentIndex.create(root / "indexes" / "legacy", "digits", 1, 4).close()
+    store_rows(root / "indexes" / "legacy", ['{"\\ud800": 1}'] + [json.dumps({"F" * 60_000 + str(i): 1}) for i in range(21)])
+    s.rescan()
     t0 = time.monotonic()
-    code, message = status(stub.Search, pb.SearchRequest(index="digits", key="digits/test/0", k=3, filter_field="nosuch",
-                                                         filter_value_json="1"), timeout=10)
+    code, message = status(stub.Search, pb.SearchRequest(index="legacy", vectors=to_tensor(np.zeros((1, 4), np.float32)),
+                                                         k=3, filter_field="nosuch", filter_value_json="1"), timeout=10)
     assert code == "INVALID_ARGUMENT" and "no item has a field 'nosuch'" in message, (code, message[:300])
     assert len(message) < 2000 and time.monotonic() - t0 < 9
 
