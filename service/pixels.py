@@ -17,6 +17,7 @@ kernel (malloc_trim).
 from __future__ import annotations
 
 import asyncio
+import threading
 import weakref
 from contextlib import asynccontextmanager
 
@@ -28,16 +29,22 @@ TRIM_AFTER_PIXELS = 16_000_000  # a burst smaller than this leaves little to han
 class PixelBudget:
     """Pixels being decoded, bounded by `limit`; only the event loop's thread touches it."""
 
-    def __init__(self, limit: int):
+    def __init__(self, limit: int, trim_after_s: float = 1.0):
         self.limit, self.in_flight, self.peak, self.since_trim = limit, 0, 0, 0
+        self.waiting, self.trims, self.trim_after_s = 0, 0, trim_after_s
         self._changed = asyncio.Condition()
+        self._trim_timer: asyncio.TimerHandle | None = None
 
     @asynccontextmanager
     async def reserve(self, pixels: int):
         """Hold `pixels` of the budget while the body decodes; wait (cancellable: a deadline ends the wait)
         while they would not fit beside the others'."""
         async with self._changed:
-            await self._changed.wait_for(lambda: not self.in_flight or self.in_flight + pixels <= self.limit)
+            self.waiting += 1
+            try:
+                await self._changed.wait_for(lambda: not self.in_flight or self.in_flight + pixels <= self.limit)
+            finally:
+                self.waiting -= 1
             self.in_flight += pixels
             self.peak = max(self.peak, self.in_flight)
         try:
@@ -45,11 +52,21 @@ class PixelBudget:
         finally:
             self.in_flight -= pixels
             self.since_trim += pixels
-            if not self.in_flight and self.since_trim >= TRIM_AFTER_PIXELS:
-                self.since_trim = 0
-                asyncio.get_running_loop().run_in_executor(None, release_freed_memory)
+            if not self.in_flight and self.since_trim >= TRIM_AFTER_PIXELS and self._trim_timer is None:
+                self._trim_timer = asyncio.get_running_loop().call_later(self.trim_after_s, self._trim_if_idle)
             async with self._changed:
                 self._changed.notify_all()
+
+    def _trim_if_idle(self) -> None:
+        """The burst is over when nothing has been decoded or waited for since the timer was set: hand the
+        memory back then, in a thread of its own (malloc_trim takes milliseconds and the heaps' locks; not
+        between two images of a flood, and not in a pool whose threads serve requests)."""
+        self._trim_timer = None
+        if self.in_flight or self.waiting:
+            return  # still busy: the end of this decoding sets the timer again
+        self.since_trim = 0
+        self.trims += 1
+        threading.Thread(target=release_freed_memory, name="malloc-trim", daemon=True).start()
 
 
 _BUDGETS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, PixelBudget] = weakref.WeakKeyDictionary()

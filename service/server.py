@@ -28,7 +28,7 @@ from zspace.bundle import repository_hint, version_dirs
 from zspace.errors import UserError
 from zspace.index.factory import set_threads as set_faiss_threads
 from zspace.kserve import grpc_service_pb2 as kpb
-from zspace.memory import keep_freed_memory
+from zspace.memory import decoded_images_outside_the_heap, keep_freed_memory
 from zspace.service.config import ServeConfig
 from zspace.service.index_rpcs import IndexRpcs
 from zspace.service.indexes import IndexRegistry
@@ -333,6 +333,7 @@ def serve(cfg: ServeConfig, link: WorkerLink | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s {who}%(name)s: %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # it narrates which CPU build it tried
     keep_freed_memory()
+    decoded_images_outside_the_heap()
     runner = asyncio.Runner(loop_factory=event_loop_factory(cfg.loop))
     try:
         code = runner.run(Server(cfg, link).run())

@@ -50,3 +50,20 @@ def release_freed_memory() -> bool:
         return bool(path) and ctypes.CDLL(path).malloc_trim(0) == 1
     except (OSError, AttributeError):
         return False
+
+
+PILLOW_BLOCK_BYTES = 64 << 20  # above malloc's mmap threshold (32 MiB, keep_freed_memory)
+
+
+def decoded_images_outside_the_heap() -> None:
+    """Make Pillow allocate big images in blocks that malloc maps and unmaps on its own.
+
+    Pillow holds a decoded image in blocks of 16 MiB; under keep_freed_memory's 32 MiB mmap
+    threshold those come from the thread's malloc heap and stay there after the image is
+    freed: one 64-megapixel PNG left 310 MB behind in each decoding thread. Blocks of
+    64 MiB are mapped and given back the moment the image is freed (measured: RSS back to
+    40 MB after each decode, the same peak). Small images are unaffected: a block is never
+    bigger than the image."""
+    from PIL import Image
+
+    Image.core.set_block_size(PILLOW_BLOCK_BYTES)

@@ -229,6 +229,9 @@ def serve_options(f):
         click.option("--search-max-batch", type=click.IntRange(min=1), default=srch.max_batch,
                      help="Concurrent Search queries of one index merged into one FAISS call."),
         click.option("--max-rows", type=click.IntRange(min=1), default=lim.max_rows, help="Largest batch one request may send."),
+        click.option("--max-decode-mpx", type=click.IntRange(min=1), default=lim.max_decode_pixels // 1_000_000,
+                     help="Image megapixels decoded at once, server-wide (peak memory is about 5.5 bytes a pixel); "
+                          "more decode big images side by side, faster and with more memory."),
         click.option("--max-message-mb", type=click.IntRange(min=1), default=d.max_message_mb, help="gRPC message size limit (both ways)."),
         click.option("--max-concurrent-rpcs", type=click.IntRange(min=1), default=d.max_concurrent_rpcs,
                      help="RPCs in progress at once; beyond it gRPC answers RESOURCE_EXHAUSTED."),
@@ -251,7 +254,7 @@ def serve_options(f):
 @main.command()
 @serve_options
 def serve(models, indexes, workers, threads, instances, max_batch, max_delay_ms, max_queue, search_max_batch, max_rows,
-          token_file, token_env, metrics_port, **opts) -> None:
+          max_decode_mpx, token_file, token_env, metrics_port, **opts) -> None:
     """Serve every bundle under --models over gRPC (health, reflection, metrics, hot reload)."""
     # Until the server's own handlers are in place (after the heavy imports below), SIGTERM ends the
     # process quietly with exit 0, as an orchestrator stopping a container that is still starting expects.
@@ -265,7 +268,8 @@ def serve(models, indexes, workers, threads, instances, max_batch, max_delay_ms,
         cfg = ServeConfig(models=Path(models), indexes=Path(indexes) if indexes else None, onnx_threads=threads,
                           batch=BatchConfig(max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue_rows=max_queue,
                                             instances=instances),
-                          search=SearchConfig(max_batch=search_max_batch), limits=Limits(max_rows=max_rows),
+                          search=SearchConfig(max_batch=search_max_batch),
+                          limits=Limits(max_rows=max_rows, max_decode_pixels=max_decode_mpx * 1_000_000),
                           token=read_token(token_file, token_env), **opts)
         cfg.metrics_host, cfg.metrics_port = parse_host_port(metrics_port, "--metrics-port")
         workers = worker_count(workers)
