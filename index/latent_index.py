@@ -371,7 +371,13 @@ class LatentIndex:
                 raise IndexMoved(f"{self.path}: the index folder was replaced or removed after it was opened; "
                                  f"nothing was written {'to the new one' if when == 'before' else 'that survives'}")
             if when == "before":
-                yield
+                try:
+                    yield
+                except Exception as exc:  # SQLite refuses a write to a file unlinked meanwhile ("readonly database")
+                    if self.moved():
+                        raise IndexMoved(f"{self.path}: the index folder was replaced or removed during a write; "
+                                         "nothing was written that survives") from exc
+                    raise
 
     def _apply(self, written: Written, keys: list[str] = (), vectors: np.ndarray | None = None,
                texts: list[str] = (), maintain: bool = True) -> None:

@@ -15,6 +15,7 @@ import numpy as np
 
 from zspace.bundle import usable_name
 from zspace.errors import NotFound, shown
+from zspace.index.errors import IndexMoved
 from zspace.index.latent_index import IndexBusy, LatentIndex, open_index
 from zspace.service.batcher import DynamicBatcher, WouldBlock
 from zspace.service.config import SearchConfig
@@ -136,6 +137,8 @@ class IndexRegistry:
             served = self.indexes.get(name)
             if served is not None and not served.moved():
                 return served  # another request reopened it already
+            if not (self.root / name / "index.json").is_file():  # between `rm -rf X` and `mv .X.new X`: not yet
+                raise IndexMoved(f"index {shown(name)}: its folder was replaced or removed, and no index is there now")
             try:
                 index = self._open(self.root / name)
             except Exception as exc:

@@ -10,6 +10,7 @@ import shutil
 import sqlite3
 import threading
 import time
+from collections import Counter
 
 import grpc
 import numpy as np
@@ -380,6 +381,7 @@ def test_a_replace_storm_loses_no_acknowledged_write(vae_bundle, tmp_path):
     shutil.copytree(vae_bundle, models / "digits" / "1")
     LatentIndex.create(indexes / "X", "digits", 1, 4).close()
     acked: list[tuple[float, str]] = []
+    errors: list[str] = []
     stop = threading.Event()
     with start_thread(models, indexes=indexes) as s:
         def writer(w: int) -> None:
@@ -392,8 +394,8 @@ def test_a_replace_storm_loses_no_acknowledged_write(vae_bundle, tmp_path):
                     try:
                         c.upsert("X", [key], vectors=np.zeros((1, 4), np.float32))
                         acked.append((started, key))
-                    except grpc.RpcError:
-                        pass
+                    except grpc.RpcError as exc:
+                        errors.append(exc.code().name)
 
         threads = [threading.Thread(target=writer, args=(w,)) for w in range(2)]
         for t in threads:
@@ -412,10 +414,11 @@ def test_a_replace_storm_loses_no_acknowledged_write(vae_bundle, tmp_path):
             for t in threads:
                 t.join(20)
     after = [key for t, key in acked if t > last_swap]
-    assert after, "writes were acknowledged after the last swap"
+    assert after, f"no write acknowledged after the last swap ({len(acked)} in all; errors: {Counter(errors)})"
     index = LatentIndex.open(indexes / "X")
     try:
         missing = [k for k in after if not index.store.get(k)]
     finally:
         index.close()
     assert not missing, f"{len(missing)} of {len(after)} acknowledged writes lost"
+    assert set(errors) <= {"UNAVAILABLE"}, f"writes that met a swap are refused as UNAVAILABLE only: {Counter(errors)}"

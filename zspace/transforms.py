@@ -89,6 +89,8 @@ def image_pixels(data: bytes, what: str = "image") -> int:
     """Width x height from the image's header alone (nothing decoded, no Pillow): to bound a request before
     decoding it. The decoder checks the same header again, so a file that lies here is refused there."""
     width, height = image_size(data, what)
+    if width * height > MAX_IMAGE_PIXELS:
+        raise UserError(f"{what}: image is {width}x{height} pixels, more than the limit of {MAX_IMAGE_PIXELS}")
     return width * height
 
 
