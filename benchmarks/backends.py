@@ -26,6 +26,7 @@ from benchmarks.harness import (
     RESULTS,
     SHARED,
     ServerChild,
+    bundle_for,
     closed_loop,
     free_port,
     machine,
@@ -34,7 +35,6 @@ from benchmarks.harness import (
     table,
     write_json,
 )
-from benchmarks.serve import bundle_for
 
 
 def recall_and_rate(index, queries: np.ndarray, exact: list[set], seconds: float) -> dict:

@@ -22,8 +22,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from benchmarks.harness import machine, run_in_threads, table, write_json
-from benchmarks.serve import bundle_for
+from benchmarks.harness import bundle_for, machine, run_in_threads, table, write_json
 
 LAYOUTS = ((1, 1), (1, 256), (1, 4096), (8, 1), (8, 256), (8, 4096))  # (threads, rows)
 

@@ -241,3 +241,15 @@ def write_json(path: Path, record: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=1) + "\n")
     print(f"wrote {path}", flush=True)
+
+
+def bundle_for(run: Path | None, workdir: Path) -> Path:
+    """Export the MNIST AE run if given, else train one epoch of it (speed does not depend on weights)."""
+    from zspace.training.export import export_run
+    from zspace.training.train import TrainConfig, train
+
+    if run is None:
+        run = workdir / "run"
+        train(TrainConfig(data=f"mnist:{SHARED / 'mnist'}", model="ae", latent_dim=30, hidden=(1000, 500, 250), arch="mlp",
+                          epochs=1, batch_size=256), run, quiet=True)
+    return export_run(run, workdir / "models", "mnist-ae")

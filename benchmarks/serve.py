@@ -36,8 +36,8 @@ import numpy as np
 
 from benchmarks.harness import (
     GRPC_OPTIONS,
-    SHARED,
     ServerChild,
+    bundle_for,
     closed_loop,
     free_port,
     machine,
@@ -139,18 +139,6 @@ def in_process_once(bundle: Path, batch: int, seconds: float, parallel: int, thr
     n, elapsed = run_in_threads(lambda: runtime.encode(x), parallel, seconds)
     return {"req_s": n / elapsed, "rows_s": n * batch / elapsed, "p50_ms": elapsed / n * parallel * 1000,
             "layout": f"{parallel} run(s) x {threads} thread(s){' spinning' if spin else ''}"}
-
-
-def bundle_for(run: Path | None, workdir: Path) -> Path:
-    """Export the MNIST AE run if given, else train one epoch of it (speed does not depend on weights)."""
-    from zspace.training.export import export_run
-    from zspace.training.train import TrainConfig, train
-
-    if run is None:
-        run = workdir / "run"
-        train(TrainConfig(data=f"mnist:{SHARED / 'mnist'}", model="ae", latent_dim=30, hidden=(1000, 500, 250), arch="mlp",
-                          epochs=1, batch_size=256), run, quiet=True)
-    return export_run(run, workdir / "models", "mnist-ae")
 
 
 # ------------------------------------------------------------------ the phases

@@ -33,6 +33,7 @@ from benchmarks import h2load
 from benchmarks.harness import (
     GRPC_OPTIONS,
     ServerChild,
+    bundle_for,
     closed_loop,
     free_port,
     machine,
@@ -44,7 +45,6 @@ from benchmarks.harness import (
     table,
     write_json,
 )
-from benchmarks.serve import bundle_for
 from benchmarks.targets import check
 
 MATRIX = ((64, 1), (8, 1), (8, 256), (16, 4096))  # (clients, rows per request)

@@ -64,7 +64,7 @@ def check_text(value: str, field: str, error: type[Exception] = IndexError_) -> 
 MAX_KEY_CHARS = 1024          # an item key
 MAX_PAYLOAD_BYTES = 64 << 10  # one payload as JSON: a search answer carries k of them per query
 MAX_JSON_DEPTH = 64           # nesting of a payload: our own bound, since how deep Python's json goes depends
-                              # on the version (3.11 stops near 1,000 levels; 3.12 took 5,000 on a GPU machine)
+                              # on the Python version (benchmarks/README.md, "JSON nesting")
 
 
 def json_depth(value: object) -> int:

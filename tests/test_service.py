@@ -433,7 +433,7 @@ def test_generated_code_matches_the_proto(tmp_path, proto):
         fresh = (tmp_path / f"{stem}{suffix}").read_text()
         committed = (ROOT / f"{stem}{suffix}").read_text()
         assert fresh == committed, f"{stem}{suffix} is stale: run `make proto`"
-    # The gencode must stay importable under protobuf 6 and 7 (issue 14: tritonclient needs protobuf < 7).
+    # The gencode must stay importable under protobuf 6 and 7 (tritonclient needs protobuf < 7).
     assert "# Protobuf Python Version: 6." in (ROOT / f"{stem}_pb2.py").read_text()
 
 

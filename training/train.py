@@ -214,10 +214,11 @@ MIN_STEPS = 3000  # optimisation steps an auto-sized run takes at least
 def sized_for(cfg: TrainConfig, n_fit: int) -> tuple[TrainConfig, str | None]:
     """Fill in an auto batch size and epoch count (0) for `n_fit` training rows; a line saying what was chosen.
 
-    Why: with ~600 images a batch of 128 makes 4 steps an epoch, and 40 epochs (160 steps)
-    left a VAE collapsed (precision@10 0.42 against PCA's 0.76; batch 32 and 60 epochs
-    gave 0.74). So the batch shrinks with the data (a 32nd of it, 16 to 128 rows) and
-    the epochs grow until the run takes at least MIN_STEPS steps (30 at the least)."""
+    Why: on a small data set a batch of 128 makes a handful of steps an epoch, and a VAE
+    trained for a few hundred steps collapses (benchmarks/README.md, "Auto batch size and
+    epochs", has the figures). So the batch shrinks with the data (a 32nd of it, 16 to 128
+    rows) and the epochs grow until the run takes at least MIN_STEPS steps (30 at the
+    least). The one place "auto" (0) is resolved, for the command line and Python alike."""
     if cfg.batch_size and cfg.epochs:
         return cfg, None
     batch = cfg.batch_size or min(128, max(16, n_fit // 32))

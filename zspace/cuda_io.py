@@ -13,12 +13,12 @@ The CUDA runtime library is the one ONNX Runtime's CUDA provider already
 loaded (dlopen by soname finds it); where it cannot be found or pinning fails,
 `pinned_host()` says why and the caller keeps `session.run`.
 
-Measured on an H200 (benchmarks/README.md): pinned buffers pay only for big
-batches run concurrently (8 threads x 4096 rows: 2.6-2.7x the rows/s of
-session.run, whose pageable copies serialise); for small batches, and for one
-thread at a time, the extra host copy and the binding calls cost more than
-they save (0.37-0.92x). So the default, `auto`, takes the pinned path for runs
-of at least PINNED_MIN_ROWS rows and session.run below.
+Pinned buffers pay only for big batches run concurrently (session.run's
+pageable copies serialise); for small batches, and for one thread at a time,
+the extra host copy and the binding calls cost more than they save
+(benchmarks/README.md, "On an H200", has the figures). So the default, `auto`,
+takes the pinned path for runs of at least PINNED_MIN_ROWS rows and
+session.run below.
 ZSPACE_CUDA_IO=pinned|plain forces one path for every run.
 """
 

@@ -1,4 +1,4 @@
-"""Issue 16: what a new user met on a fresh clone, each fixed and checked here with real files and servers."""
+"""A new user's first hour: the mistakes they make and the messages they get, checked with real files and servers."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Issue 17: what a red-team run against the service found, each reproduced against a real server or index."""
+"""Abuse of the service: repeated keys, hostile filters and payloads, floods, oversized answers, signals at start-up;
+each reproduced against a real server or index (the first red-team run found them)."""
 
 from __future__ import annotations
 
