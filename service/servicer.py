@@ -14,6 +14,7 @@ import json
 
 import numpy as np
 
+from zspace.bundle import MAX_NAME_CHARS
 from zspace.likelihood import kl_standard_normal, log_likelihood, target_of
 from zspace.service.config import Limits
 from zspace.service.inputs import WIRE, InvalidArgument, array_to_tensor, features, input_rows, output_dtype, tensor_to_array
@@ -48,8 +49,8 @@ class ModelRpcs(RpcHandlers):
     def _model(self, ref: pb.ModelRef) -> ModelRuntime:
         if not ref.name:
             raise InvalidArgument("model.name: required (see ListModels)")
-        if len(ref.name) > 64:  # bundle.NAME_RE: no loaded model has a longer name
-            raise InvalidArgument(f"model.name: {len(ref.name)} characters, over the limit of 64")
+        if len(ref.name) > MAX_NAME_CHARS:  # no loaded model has a longer name
+            raise InvalidArgument(f"model.name: {len(ref.name)} characters, over the limit of {MAX_NAME_CHARS}")
         if ref.version < 0:
             raise InvalidArgument(f"model.version: expected 0 (latest) or a positive version, got {ref.version}")
         return self.repo.get(ref.name, int(ref.version))

@@ -31,7 +31,8 @@ LIKELIHOODS = ("bernoulli", "gaussian", "multinomial")
 PRIORS = ("standard_normal", "gaussian")
 GRAPHS = ("encoder", "decoder")
 GRAPH_INPUTS = {"encoder": "x", "decoder": "z"}
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+MAX_NAME_CHARS = 64  # a model name: a folder name, and a label on every metric
+NAME_RE = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_NAME_CHARS - 1}}}$")
 REQUIRED = (
     "format_version", "name", "version", "kind", "modality", "input_dim", "latent_dim",
     "transform", "output", "prior", "training", "metrics", "export", "files",
@@ -100,7 +101,7 @@ def sha256_file(path: Path) -> str:
 
 def check_name(name: str, option: str = "--name") -> str:
     if not isinstance(name, str) or not NAME_RE.match(name):
-        raise UserError(f"{option}: {name!r} is not a valid model name (letters, digits, '.', '_', '-'; at most 64)")
+        raise UserError(f"{option}: {name!r} is not a valid model name (letters, digits, '.', '_', '-'; at most {MAX_NAME_CHARS})")
     return name
 
 
