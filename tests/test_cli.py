@@ -115,3 +115,27 @@ def test_serve_options_keep_their_environment_names(cli, tmp_path, monkeypatch):
     monkeypatch.setenv("ZSPACE_SERVE_THREADS", "-1")
     code, out = cli("serve", "--models", tmp_path)
     assert code == 2 and "--threads" in out
+
+
+def test_train_options_take_their_defaults_from_train_config():
+    """One source for each training default: the command line and Python callers train the same model."""
+    import dataclasses
+
+    from zspace.app.cli import train
+    from zspace.training.train import TrainConfig
+
+    fields = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    checked = 0
+    for param in train.params:
+        name = "model" if param.name == "kind" else param.name
+        if name not in fields or name == "latent_dim":  # latent_dim: required on the command line
+            continue
+        default = param.default
+        if name in ("hidden", "channels"):
+            default = tuple(int(v) for v in default.split(","))
+        if name == "model":
+            default = default.replace("-", "_")
+        assert default == fields[name], f"--{param.name.replace('_', '-')}: {default!r} vs TrainConfig.{name} {fields[name]!r}"
+        checked += 1
+    assert checked >= 25
+    assert dataclasses.fields(TrainConfig) and TrainConfig.__dataclass_params__.frozen

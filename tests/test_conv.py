@@ -71,9 +71,9 @@ def test_cli_trains_exports_serves_and_indexes_conv_models(kind, extra, cli, tmp
 def test_arch_auto_and_refusals(tmp_path):
     small = load_dataset(f"images:{image_folder(tmp_path / 's', (15, 28), 4, 'L')}")
     big = load_dataset(f"images:{image_folder(tmp_path / 'b', (28, 28), 4)}")
-    assert check_config(TrainConfig(data="x", model="ae", latent_dim=4), small).arch == "mlp"  # 15 px wide: too small
-    assert check_config(TrainConfig(data="x", model="vae", latent_dim=4), big).arch == "conv"
-    assert check_config(TrainConfig(data="x", model="pca", latent_dim=4), big).arch == "mlp"
+    assert check_config(TrainConfig(data="x", model="ae", latent_dim=4), small)[1].arch == "mlp"  # 15 px wide: too small
+    assert check_config(TrainConfig(data="x", model="vae", latent_dim=4), big)[1].arch == "conv"
+    assert check_config(TrainConfig(data="x", model="pca", latent_dim=4), big)[1].arch == "mlp"
     from zspace.errors import UserError
 
     with pytest.raises(UserError, match="--arch conv: for image data"):

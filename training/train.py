@@ -21,16 +21,20 @@ from zspace.training.models import ARCHS, KINDS, LIKELIHOODS, ModelConfig, build
 from zspace.training.run import BEST, LAST, METRICS, append_metrics, load_checkpoint, load_run_data, save_checkpoint, write_run
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
+    """Every training setting with its one default: `zspace train`'s options are built from these fields
+    (zspace.app.cli.train_options), so the command line and Python callers get the same run.
+    0 for epochs and batch_size means auto, resolved in one place (`sized_for`)."""
+
     data: str = "digits"
     model: str = "vae"
     latent_dim: int = 2
     hidden: tuple[int, ...] = (1000, 500, 250)
     activation: str = "relu"
     likelihood: str = "auto"  # auto: bernoulli for images, multinomial for texts, gaussian otherwise
-    epochs: int = 30      # 0: auto (sized_for)
-    batch_size: int = 128  # 0: auto (sized_for)
+    epochs: int = 0       # 0: auto (sized_for)
+    batch_size: int = 0   # 0: auto (sized_for)
     lr: float = 2e-3
     weight_decay: float = 0.0
     warmup_frac: float = 0.05
@@ -39,7 +43,7 @@ class TrainConfig:
     val_fraction: float = 0.1
     binarize: bool = False  # train on Bernoulli samples of [0,1] data (binarised MNIST protocol)
     augment_shift: int = 0  # images: shift each training image by up to this many pixels (0: off)
-    beta: float = 1.0
+    beta: float = 4.0     # beta_vae only (Higgins et al.'s weight of the KL term); other kinds use 1
     capacity_max: float | None = None
     capacity_gamma: float = 100.0
     capacity_ramp_steps: int = 10000
@@ -87,14 +91,15 @@ def default_likelihood(ds: Dataset) -> str:
     return "bernoulli" if ds.modality == "image" and in_unit else "gaussian"
 
 
-def check_config(cfg: TrainConfig, ds: Dataset) -> ModelConfig:
-    """Validate options against the data and build the model config."""
+def check_config(cfg: TrainConfig, ds: Dataset) -> tuple[TrainConfig, ModelConfig]:
+    """Validate options against the data: the config as it will run (a hash model's latent_dim is its bits),
+    and the model config. The given config is left as it was."""
     if cfg.model not in KINDS:
         raise UserError(f"--model: expected one of pca, ae, vae, beta-vae, hash, got {cfg.model!r}")
     if cfg.model == "hash":
         if cfg.bits < 8 or cfg.bits % 8:
             raise UserError(f"--bits: a hash model's code is whole bytes: a positive multiple of 8 (32, 64, 128), got {cfg.bits}")
-        cfg.latent_dim = cfg.bits
+        cfg = replace(cfg, latent_dim=cfg.bits)
     elif cfg.bits:
         raise UserError(f"--bits: only for --model hash; --model {cfg.model.replace('_', '-')} takes --latent-dim")
     arch = resolve_arch(cfg, ds)
@@ -104,8 +109,8 @@ def check_config(cfg: TrainConfig, ds: Dataset) -> ModelConfig:
         raise UserError(f"--hidden: layer sizes must be positive, got {list(cfg.hidden)}")
     if not cfg.channels or any(c < 1 for c in cfg.channels):
         raise UserError(f"--channels: conv channels must be positive, got {list(cfg.channels)}")
-    if cfg.epochs < 1 or cfg.batch_size < 1:
-        raise UserError("--epochs and --batch-size must be at least 1")
+    if cfg.epochs < 0 or cfg.batch_size < 0:
+        raise UserError("--epochs and --batch-size must be 0 (auto) or positive")
     if cfg.iw_samples < 1 or cfg.kl_warmup_steps < 0:
         raise UserError("--iw-samples must be at least 1 and --kl-warmup-steps at least 0")
     if cfg.iw_samples > 1 and (cfg.model != "vae"):
@@ -121,7 +126,7 @@ def check_config(cfg: TrainConfig, ds: Dataset) -> ModelConfig:
         raise UserError("--likelihood bernoulli needs data in [0, 1]; use gaussian")
     if likelihood == "multinomial" and ds.x_train.min() < 0:
         raise UserError("--likelihood multinomial needs non-negative features (word weights)")
-    return ModelConfig(
+    return cfg, ModelConfig(
         kind=cfg.model, input_dim=ds.dim, latent_dim=cfg.latent_dim, hidden=tuple(cfg.hidden),
         activation=cfg.activation, likelihood=likelihood,
         beta=cfg.beta if cfg.model == "beta_vae" else 1.0,
@@ -246,7 +251,7 @@ def setup(cfg: TrainConfig, out: Path, resume: bool, log, rank: int = 0, world: 
         ds = load_dataset(cfg.data, vocab_size=cfg.vocab_size, weighting=cfg.weighting)
     tr_idx, val_idx = validation_split(len(ds.x_train), cfg.val_fraction)
     cfg, note = sized_for(cfg, len(tr_idx))
-    mcfg = check_config(cfg, ds)
+    cfg, mcfg = check_config(cfg, ds)
     x_train = torch.from_numpy(ds.x_train[tr_idx]).to(device)
     x_val = torch.from_numpy(ds.x_train[val_idx] if len(val_idx) else ds.x_test).to(device)
     if cfg.binarize:

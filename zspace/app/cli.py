@@ -58,51 +58,69 @@ def main() -> None:
     """zspace: learn compact latent codes, export them as ONNX bundles, serve and search them."""
 
 
+def sizes(values: tuple[int, ...]) -> str:
+    return ",".join(str(v) for v in values)
+
+
+def train_options(f):
+    """`zspace train`'s options; their defaults are TrainConfig's own (zspace.training.train), the one place
+    each lives, as serve_options takes ServeConfig's. --binarize and the other flags default to off there too."""
+    from zspace.training.train import TrainConfig
+
+    d = TrainConfig
+    options = [
+        click.option("--data", default=d.data, help=f"Data set: {SPEC_HELP}."),
+        click.option("--model", "kind", type=click.Choice(["pca", "ae", "vae", "beta-vae", "hash"]), default=d.model.replace("_", "-"),
+                     help="Model family; hash: semantic hashing (binary codes, Salakhutdinov & Hinton 2009)."),
+        click.option("--latent-dim", type=click.IntRange(min=1), default=None, help="Size K of the latent code (hash: --bits)."),
+        click.option("--bits", type=click.IntRange(min=0), default=d.bits, help="hash: code bits, a multiple of 8 (32, 64, 128)."),
+        click.option("--hash-noise", type=click.FloatRange(min=0), default=d.hash_noise,
+                     help="hash: std of the Gaussian noise added before the code sigmoid while training (drives codes to 0/1)."),
+        click.option("--arch", type=click.Choice(["auto", "mlp", "conv"]), default=d.arch,
+                     help="Network: fully connected, or convolutional for images; auto: conv for images of 16x16 and up."),
+        click.option("--hidden", default=sizes(d.hidden), callback=parse_hidden, help="Encoder hidden sizes; the decoder mirrors them."),
+        click.option("--channels", default=sizes(d.channels), callback=parse_hidden,
+                     help="conv: channels of the stride-2 layers (as many as halve the image to 4x4 or less)."),
+        click.option("--activation", type=click.Choice(["relu", "silu", "gelu", "elu", "sigmoid", "tanh"]), default=d.activation, help="Hidden unit."),
+        click.option("--likelihood", type=click.Choice(["auto", "bernoulli", "gaussian", "multinomial"]), default=d.likelihood,
+                     help="Decoder distribution; auto: bernoulli for [0,1] images, multinomial (softmax over words) for texts, gaussian otherwise."),
+        click.option("--epochs", type=click.IntRange(min=0), default=d.epochs,
+                     help="Training epochs (total, also when resuming); 0: auto, 30 or more so that small data sets still get 3000 steps."),
+        click.option("--batch-size", type=click.IntRange(min=0), default=d.batch_size,
+                     help="Examples per step; 0: auto, a 32nd of the training rows, 16 to 128 (128 from 4096 rows on)."),
+        click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=d.lr, help="Peak learning rate (warm-up then cosine)."),
+        click.option("--weight-decay", type=click.FloatRange(min=0), default=d.weight_decay, help="AdamW weight decay."),
+        click.option("--seed", type=int, default=d.seed, help="Seed for initialisation, shuffling and sampling."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=d.device, help="auto: CUDA when torch sees a GPU."),
+        click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=d.val_fraction, help="Share of training rows held out (fixed seed) for validation."),
+        click.option("--binarize", is_flag=True, default=d.binarize, help="Train on Bernoulli samples of [0,1] data (binarised-MNIST protocol)."),
+        click.option("--augment-shift", type=click.IntRange(min=0), default=d.augment_shift, help="Images: shift each training image by up to N pixels."),
+        click.option("--beta", type=click.FloatRange(min=0), default=d.beta, help="beta-vae: weight of the KL term (Higgins et al.)."),
+        click.option("--capacity-max", type=click.FloatRange(min=0), default=d.capacity_max, help="beta-vae: capacity C_max in nats; switches to Burgess et al.'s form."),
+        click.option("--capacity-gamma", type=click.FloatRange(min=0), default=d.capacity_gamma, help="beta-vae capacity form: gamma."),
+        click.option("--capacity-ramp-steps", type=click.IntRange(min=1), default=d.capacity_ramp_steps, help="beta-vae capacity form: steps to reach C_max."),
+        click.option("--kl-warmup-steps", type=click.IntRange(min=0), default=d.kl_warmup_steps,
+                     help="VAE kinds: the KL weight rises linearly from 0 to its value over these steps (0: off)."),
+        click.option("--iw-samples", type=click.IntRange(min=1), default=d.iw_samples,
+                     help="VAE: importance samples of the training bound; above 1 trains the IWAE bound (Burda et al.)."),
+        click.option("--vocab-size", type=click.IntRange(min=2), default=d.vocab_size, help="Texts: words in the vocabulary."),
+        click.option("--weighting", type=click.Choice(["counts", "binary", "log1p", "tfidf"]), default=d.weighting, help="Texts: word weighting."),
+        click.option("--threads", type=click.IntRange(min=0), default=d.threads, help="CPU threads for torch (0: torch's default)."),
+        click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint."),
+        click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="Minutes: stop after the epoch that passes it (checkpoint kept); --resume continues the schedule."),
+        click.option("--nproc", type=click.IntRange(min=1), default=1,
+                     help="Data-parallel processes on this machine (torch.distributed DDP: gloo on CPU, nccl on CUDA, "
+                       "one GPU each); same global batch. Or run under torchrun."),
+        click.option("--out", type=click.Path(file_okay=False), required=True, help="Run folder to write."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
 @main.command()
-@click.option("--data", default="digits", help=f"Data set: {SPEC_HELP}.")
-@click.option("--model", "kind", type=click.Choice(["pca", "ae", "vae", "beta-vae", "hash"]), default="vae",
-              help="Model family; hash: semantic hashing (binary codes, Salakhutdinov & Hinton 2009).")
-@click.option("--latent-dim", type=click.IntRange(min=1), default=None, help="Size K of the latent code (hash: --bits).")
-@click.option("--bits", type=click.IntRange(min=0), default=0, help="hash: code bits, a multiple of 8 (32, 64, 128).")
-@click.option("--hash-noise", type=click.FloatRange(min=0), default=4.0,
-              help="hash: std of the Gaussian noise added before the code sigmoid while training (drives codes to 0/1).")
-@click.option("--arch", type=click.Choice(["auto", "mlp", "conv"]), default="auto",
-              help="Network: fully connected, or convolutional for images; auto: conv for images of 16x16 and up.")
-@click.option("--hidden", default="1000,500,250", callback=parse_hidden, help="Encoder hidden sizes; the decoder mirrors them.")
-@click.option("--channels", default="32,64,128,256", callback=parse_hidden,
-              help="conv: channels of the stride-2 layers (as many as halve the image to 4x4 or less).")
-@click.option("--activation", type=click.Choice(["relu", "silu", "gelu", "elu", "sigmoid", "tanh"]), default="relu", help="Hidden unit.")
-@click.option("--likelihood", type=click.Choice(["auto", "bernoulli", "gaussian", "multinomial"]), default="auto",
-              help="Decoder distribution; auto: bernoulli for [0,1] images, multinomial (softmax over words) for texts, gaussian otherwise.")
-@click.option("--epochs", type=click.IntRange(min=0), default=0,
-              help="Training epochs (total, also when resuming); 0: auto, 30 or more so that small data sets still get 3000 steps.")
-@click.option("--batch-size", type=click.IntRange(min=0), default=0,
-              help="Examples per step; 0: auto, a 32nd of the training rows, 16 to 128 (128 from 4096 rows on).")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-3, help="Peak learning rate (warm-up then cosine).")
-@click.option("--weight-decay", type=click.FloatRange(min=0), default=0.0, help="AdamW weight decay.")
-@click.option("--seed", type=int, default=0, help="Seed for initialisation, shuffling and sampling.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", help="auto: CUDA when torch sees a GPU.")
-@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.1, help="Share of training rows held out (fixed seed) for validation.")
-@click.option("--binarize", is_flag=True, help="Train on Bernoulli samples of [0,1] data (binarised-MNIST protocol).")
-@click.option("--augment-shift", type=click.IntRange(min=0), default=0, help="Images: shift each training image by up to N pixels.")
-@click.option("--beta", type=click.FloatRange(min=0), default=4.0, help="beta-vae: weight of the KL term (Higgins et al.).")
-@click.option("--capacity-max", type=click.FloatRange(min=0), default=None, help="beta-vae: capacity C_max in nats; switches to Burgess et al.'s form.")
-@click.option("--capacity-gamma", type=click.FloatRange(min=0), default=100.0, help="beta-vae capacity form: gamma.")
-@click.option("--capacity-ramp-steps", type=click.IntRange(min=1), default=10000, help="beta-vae capacity form: steps to reach C_max.")
-@click.option("--kl-warmup-steps", type=click.IntRange(min=0), default=0,
-              help="VAE kinds: the KL weight rises linearly from 0 to its value over these steps (0: off).")
-@click.option("--iw-samples", type=click.IntRange(min=1), default=1,
-              help="VAE: importance samples of the training bound; above 1 trains the IWAE bound (Burda et al.).")
-@click.option("--vocab-size", type=click.IntRange(min=2), default=2000, help="Texts: words in the vocabulary.")
-@click.option("--weighting", type=click.Choice(["counts", "binary", "log1p", "tfidf"]), default="log1p", help="Texts: word weighting.")
-@click.option("--threads", type=click.IntRange(min=0), default=0, help="CPU threads for torch (0: torch's default).")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
-@click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Minutes: stop after the epoch that passes it (checkpoint kept); --resume continues the schedule.")
-@click.option("--nproc", type=click.IntRange(min=1), default=1,
-              help="Data-parallel processes on this machine (torch.distributed DDP: gloo on CPU, nccl on CUDA, "
-                   "one GPU each); same global batch. Or run under torchrun.")
-@click.option("--out", type=click.Path(file_okay=False), required=True, help="Run folder to write.")
+@train_options
 def train(kind, out, resume, time_limit, nproc, **opts) -> None:
     """Train a model and write checkpoints, metrics and plots into a run folder."""
     import os
