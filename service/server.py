@@ -11,14 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import hmac
 import logging
 import os
 import signal
-import socket
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -29,24 +27,20 @@ from zspace.errors import UserError
 from zspace.index.factory import set_threads as set_faiss_threads
 from zspace.kserve import grpc_service_pb2 as kpb
 from zspace.memory import decoded_images_outside_the_heap, keep_freed_memory
+from zspace.service.auth import KSERVE, BearerAuth
 from zspace.service.config import ServeConfig
 from zspace.service.index_rpcs import IndexRpcs
 from zspace.service.indexes import IndexRegistry
 from zspace.service.kserve import KServeRpcs
 from zspace.service.metrics import Metrics
+from zspace.service.ports import check_port_free
 from zspace.service.repository import ModelRepository
 from zspace.service.rpc import Admission, add_service
 from zspace.service.servicer import ModelRpcs, add_zspace_service
 from zspace.v1 import zspace_pb2 as pb
 
-if TYPE_CHECKING:
-    from zspace.service.workers import WorkerLink
-
 log = logging.getLogger("zspace.serve")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ZSpace"].full_name
-KSERVE = kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
-# Probes need no token: gRPC health, and KServe's liveness and readiness (they say nothing about the models).
-OPEN_METHODS = ("/grpc.health.v1.Health/", f"/{KSERVE.full_name}/ServerLive", f"/{KSERVE.full_name}/ServerReady")
 
 
 def event_loop_factory(choice: str):
@@ -65,37 +59,6 @@ def event_loop_factory(choice: str):
         else:
             return uvloop.new_event_loop
     return asyncio.new_event_loop
-
-
-def check_port_free(host: str, port: int, option: str) -> None:
-    """UserError naming the option when HOST:PORT cannot be listened on (before gRPC logs its own C-level error)."""
-    if port == 0:
-        return
-    try:
-        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as exc:
-        raise UserError(f"--host: cannot resolve {host!r} ({exc.strerror})") from None
-    for family, kind, proto, _, address in infos:
-        with socket.socket(family, kind, proto) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers do: a closing socket is no obstacle
-            try:
-                s.bind(address)
-            except OSError as exc:
-                raise UserError(f"{option}: cannot listen on {host}:{port} ({exc.strerror}); choose another {option}"
-                                f"{', or 0 for any free port' if option == '--port' else ', or 0 to turn metrics off'}") from None
-
-
-def read_token(token_file: str | None, token_env: str) -> str | None:
-    """The bearer token from a file (first line) or an environment variable; None = auth off."""
-    if token_file:
-        try:
-            token = Path(token_file).read_text().strip()
-        except OSError as exc:
-            raise UserError(f"--token-file: cannot read {token_file} ({exc.strerror})") from None
-        if not token:
-            raise UserError(f"--token-file: {token_file} is empty")
-        return token
-    return os.environ.get(token_env) or None
 
 
 def package_version() -> str:
@@ -126,44 +89,52 @@ def check_config(cfg: ServeConfig) -> None:
             raise UserError(f"{option}: {path} is not PEM (no {marker.decode().strip('-')} block)")
 
 
-class BearerAuth(grpc.aio.ServerInterceptor):
-    """Every RPC but the probes (OPEN_METHODS) needs `authorization: Bearer <token>`."""
+class Role:
+    """What this server process is within its deployment; this one: a server on its own.
 
-    def __init__(self, token: str):
-        self.expected = f"Bearer {token}".encode()
+    `zspace serve --workers N` runs each worker with a role of its own (service/workers.py:
+    WorkerLink), which shares the cores and the port, reports to its supervisor and hears
+    the group's health; this module knows nothing more of workers than this surface."""
 
-        async def deny(request, context):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token (metadata 'authorization')")
+    processes = 1             # server processes sharing this machine's cores
+    shares_port = False       # SO_REUSEPORT: several processes listen on one port
+    writes_snapshots = True   # of the indexes: one process of a group writes them
+    follows_indexes = False   # others write the same index folders: replay their writes before reading
+    checks_ports = True       # a supervisor checked (and reserved) the ports already
+    log_prefix = ""
+    group_serving = True      # the rest of the deployment serves (health is SERVING only then)
 
-        self.deny = grpc.unary_unary_rpc_method_handler(deny)
+    def metrics_address(self, cfg: ServeConfig) -> tuple[str, int]:
+        """Where this process serves /metrics (port 0: any free one)."""
+        return cfg.metrics_host or cfg.host, cfg.metrics_port
 
-    async def intercept_service(self, continuation, details):
-        if details.method.startswith(OPEN_METHODS):
-            return await continuation(details)
-        got = dict(details.invocation_metadata or ()).get("authorization", "")
-        got = got.encode() if isinstance(got, str) else got
-        if hmac.compare_digest(got, self.expected):
-            return await continuation(details)
-        return self.deny
+
+    async def connect(self) -> None:
+        """First thing on the event loop."""
+
+    def report(self, **state) -> None:
+        """This process's state (serving, metrics_port) for whoever supervises it."""
+
+    def watch(self, on_group: Callable[[], Awaitable[None]], on_gone: Callable[[], None]) -> Awaitable[None] | None:
+        """A task that calls on_group when the group's health changes and on_gone when the supervisor goes."""
+        return None
 
 
 class Server:
     """The running service; `start()` then `wait()`, or `run()` for both with signal handling."""
 
-    def __init__(self, cfg: ServeConfig, link: WorkerLink | None = None):
-        """link: this server is one worker of `zspace serve --workers N` (service.workers)."""
-        self.cfg, self.link = cfg, link
+    def __init__(self, cfg: ServeConfig, role: Role | None = None):
+        self.cfg, self.role = cfg, role or Role()
         check_config(cfg)
         self.metrics = Metrics()
-        # The cores are shared out among the workers, then among a model graph's instances.
-        workers = link.count if link else 1
+        # The cores are shared out among the processes, then among a model graph's instances.
+        processes = self.role.processes
         cores = os.cpu_count() or 1
-        onnx_threads = cfg.onnx_threads or max(1, cores // workers // cfg.batch.instances)
-        set_faiss_threads(cfg.faiss_threads or (max(1, cores // workers) if link else 0))
+        onnx_threads = cfg.onnx_threads or max(1, cores // processes // cfg.batch.instances)
+        set_faiss_threads(cfg.faiss_threads or (max(1, cores // processes) if processes > 1 else 0))
         self.repo = ModelRepository(cfg.models, cfg.device, onnx_threads, cfg.batch, self.metrics.on_batch, cfg.cuda_tf32)
-        # Workers share each index folder: every one follows the item store, worker 0 writes the snapshots.
-        self.indexes = IndexRegistry(cfg.indexes, self.repo, cfg.search, snapshots=not link or link.index == 0,
-                                     follow=link is not None)
+        self.indexes = IndexRegistry(cfg.indexes, self.repo, cfg.search, snapshots=self.role.writes_snapshots,
+                                     follow=self.role.follows_indexes)
         self.health = health.aio.HealthServicer()
         self.stopping = asyncio.Event()
         self.server: grpc.aio.Server | None = None
@@ -186,7 +157,7 @@ class Server:
 
     async def _start(self) -> None:
         cfg = self.cfg
-        if self.link is None:  # a worker's ports were checked (and its port reserved) by the supervisor
+        if self.role.checks_ports:
             check_port_free(cfg.host, cfg.port, "--port")  # before minutes of loading, not after
             check_port_free(cfg.metrics_host or cfg.host, cfg.metrics_port, "--metrics-port")
         await self.rescan()
@@ -196,7 +167,7 @@ class Server:
         self.started = True
         limit = cfg.max_message_mb * 1024 * 1024
         options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
-                   ("grpc.so_reuseport", 1 if self.link else 0)]  # one port for a group's workers; else a busy port is an error
+                   ("grpc.so_reuseport", 1 if self.role.shares_port else 0)]  # else a busy port is an error
         interceptors = [BearerAuth(cfg.token)] if cfg.token else []
         self.server = grpc.aio.server(migration_thread_pool=None, options=options, interceptors=interceptors,
                                       maximum_concurrent_rpcs=cfg.max_concurrent_rpcs)
@@ -227,9 +198,8 @@ class Server:
         if self.port == 0:
             raise UserError(f"--port: cannot listen on {address} (in use by another process, or not an address of "
                             "this machine); choose another --port, or 0 for any free one")
+        host, port = self.role.metrics_address(cfg)
         if cfg.metrics_port:  # before the gRPC server starts: a failure here leaves nothing running
-            # A worker's metrics go to its supervisor, which serves the group's on --metrics-port.
-            host, port = ("127.0.0.1", 0) if self.link else (cfg.metrics_host or cfg.host, cfg.metrics_port)
             try:
                 self.metrics_port = self.metrics.serve_http(host, port)
             except OSError as exc:
@@ -240,12 +210,10 @@ class Server:
             self._poller = asyncio.get_running_loop().create_task(self._poll())
         models = ", ".join(f"{rt.name}/{rt.version} ({rt.provider})" for rt in self.repo.loaded()) or "none"
         loop = type(asyncio.get_running_loop()).__module__.split(".")[0]
-        metrics_host = "127.0.0.1" if self.link else cfg.metrics_host or cfg.host
-        metrics = f"metrics on {metrics_host}:{self.metrics_port}" if self.metrics_port else "metrics off"
+        metrics = f"metrics on {host}:{self.metrics_port}" if self.metrics_port else "metrics off"
         log.info("serving on %s:%d%s (%s loop), %s; models: %s", cfg.host, self.port,
                  " (TLS)" if cfg.tls_cert else "", loop, metrics, models)
-        if self.link:
-            self.link.send(serving=bool(self.repo.loaded()), metrics_port=self.metrics_port)
+        self.role.report(serving=bool(self.repo.loaded()), metrics_port=self.metrics_port)
 
     async def rescan(self) -> None:
         changes, retired = await asyncio.to_thread(self.repo.scan)
@@ -257,14 +225,14 @@ class Server:
             self.indexes.retire_removed()
             await asyncio.to_thread(self.indexes.open_all, bool(changes))
         self.metrics.set_models(len(self.repo.loaded()), len(self.repo.broken))
-        if self.link and self.started:
-            self.link.send(serving=bool(self.repo.loaded()))
+        if self.started:
+            self.role.report(serving=bool(self.repo.loaded()))
         await self.set_health()
 
     def serving(self) -> bool:
         """Models loaded, not draining, and in a group of workers every worker serving: health's SERVING,
         and KServe's ServerReady."""
-        return bool(self.repo.loaded()) and not self.stopping.is_set() and (self.link is None or self.link.group_serving)
+        return bool(self.repo.loaded()) and not self.stopping.is_set() and self.role.group_serving
 
     async def set_health(self) -> None:
         """SERVING while models are loaded and, in a group of workers, while every worker serves."""
@@ -306,8 +274,7 @@ class Server:
         """Start, serve until SIGTERM/SIGINT, drain. The signals are handled from the first moment:
         one that comes while models are still loading ends the start-up cleanly (exit 0)."""
         loop = asyncio.get_running_loop()
-        if self.link:
-            await self.link.connect()
+        await self.role.connect()
         done = asyncio.Event()
         loop.add_signal_handler(signal.SIGTERM, done.set)
         loop.add_signal_handler(signal.SIGINT, done.set)
@@ -321,22 +288,23 @@ class Server:
             log.info("stopped during start-up")
             return 0
         starting.result()  # a failed start raises here (a busy port, say)
-        if self.link:  # a worker: the supervisor's word on the group; its going away means drain
-            loop.create_task(self.link.listen(self.set_health, done.set))
+        watching = self.role.watch(self.set_health, done.set)  # a worker: the group's health; its end means drain
+        if watching is not None:
+            loop.create_task(watching)
         await signalled
         await self.stop()
         return 0
 
 
-def serve(cfg: ServeConfig, link: WorkerLink | None = None) -> int:
-    who = f"worker{link.index}[{os.getpid()}] " if link else ""
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s {who}%(name)s: %(message)s")
+def serve(cfg: ServeConfig, role: Role | None = None) -> int:
+    role = role or Role()
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s {role.log_prefix}%(name)s: %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # it narrates which CPU build it tried
     keep_freed_memory()
     decoded_images_outside_the_heap()
     runner = asyncio.Runner(loop_factory=event_loop_factory(cfg.loop))
     try:
-        code = runner.run(Server(cfg, link).run())
+        code = runner.run(Server(cfg, role).run())
     except BaseException:
         runner.close()
         raise
@@ -347,50 +315,3 @@ def serve(cfg: ServeConfig, link: WorkerLink | None = None) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
-
-
-class BackgroundServer:
-    """A Server on its own event loop in a daemon thread: for quickstart, benchmarks and tests.
-
-        with BackgroundServer(ServeConfig(models=Path("models"), port=0)) as s:
-            ZSpaceClient(s.target) ...
-    """
-
-    def __init__(self, cfg: ServeConfig):
-        import threading
-
-        self.loop = event_loop_factory(cfg.loop)()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="zspace-server")
-        self.thread.start()
-        try:
-            self.server = self._run(self._start(cfg))
-        except BaseException:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            raise
-
-    @staticmethod
-    async def _start(cfg: ServeConfig) -> Server:
-        server = Server(cfg)
-        await server.start()
-        return server
-
-    def _run(self, coro, timeout: float = 120):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.server.port}"
-
-    def rescan(self) -> None:
-        self._run(self.server.rescan())
-
-    def stop(self) -> None:
-        self._run(self.server.stop())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-
-    def __enter__(self) -> BackgroundServer:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()

@@ -29,6 +29,12 @@ worker 0 alone writes FAISS snapshots.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # a worker process: SIGTERM before the server's handlers are in place exits quietly
+    import signal
+    import sys
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+
 import asyncio
 import base64
 import contextlib
@@ -48,6 +54,8 @@ from dataclasses import dataclass
 
 from zspace.errors import UserError
 from zspace.service.config import ServeConfig
+from zspace.service.ports import check_port_free, reserve_port
+from zspace.service.server import Role, check_config, serve
 
 log = logging.getLogger("zspace.serve")
 MAX_AUTO_WORKERS = 16
@@ -70,37 +78,27 @@ def worker_count(value: str | int) -> int:
     return n
 
 
-def reserve_port(host: str, port: int) -> socket.socket:
-    """A bound, not listening, SO_REUSEPORT socket on HOST:PORT that the workers' listeners join."""
-    if not hasattr(socket, "SO_REUSEPORT"):
-        raise UserError("--workers: this OS has no SO_REUSEPORT, so processes cannot share a port; use --workers 1")
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM,
-                                                             flags=socket.AI_PASSIVE)[0]
-    except socket.gaierror as exc:
-        raise UserError(f"--host: cannot resolve {host!r} ({exc.strerror})") from None
-    s = socket.socket(family, kind, proto)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    try:
-        s.bind(address)
-    except OSError as exc:
-        s.close()
-        raise UserError(f"--port: cannot listen on {host}:{port} ({exc.strerror}); choose another --port") from None
-    return s
-
-
 # ---------------------------------------------------------------------------------------------- worker side
 
 
-class WorkerLink:
-    """A worker's end of its control socket."""
+class WorkerLink(Role):
+    """A worker's role (server.Role), and its end of the control socket to the supervisor.
+
+    Workers share the cores and the port; every one follows the index folders (others write
+    them too) and worker 0 alone writes their snapshots; a worker's /metrics listens on a
+    loopback port of its own, which the supervisor scrapes into the group's."""
+
+    shares_port = True
+    follows_indexes = True
+    checks_ports = False  # the supervisor checked them, and reserved the port
 
     def __init__(self, fd: int):
         self.sock = socket.socket(fileno=fd)
         size = struct.unpack(">I", self._recv_exactly(4))[0]
         hello = json.loads(self._recv_exactly(size))
-        self.index, self.count = int(hello["worker"]), int(hello["workers"])
+        self.index, self.processes = int(hello["worker"]), int(hello["workers"])
+        self.writes_snapshots = self.index == 0
+        self.log_prefix = f"worker{self.index}[{os.getpid()}] "
         self.config: ServeConfig = pickle.loads(base64.b64decode(hello["config"]))
         self.group_serving = False
         self._reader: asyncio.StreamReader | None = None
@@ -120,6 +118,12 @@ class WorkerLink:
             data += chunk
         return data
 
+    def metrics_address(self, cfg: ServeConfig) -> tuple[str, int]:
+        return "127.0.0.1", 0
+
+    def watch(self, on_group: Callable[[], Awaitable[None]], on_gone: Callable[[], None]) -> Awaitable[None]:
+        return self.listen(on_group, on_gone)
+
     async def listen(self, on_group: Callable[[], Awaitable[None]], on_parent_gone: Callable[[], None]) -> None:
         """Read the parent's messages until the socket closes (the parent is gone: drain)."""
         with contextlib.suppress(ConnectionError):
@@ -130,17 +134,13 @@ class WorkerLink:
                     await on_group()
         on_parent_gone()
 
-    def send(self, **message) -> None:
+    def report(self, **message) -> None:
         if self._writer is not None and not self._writer.is_closing():
             self._writer.write(json.dumps(message).encode() + b"\n")
 
 
 def worker_main() -> None:
     """`python -m zspace.service.workers FD`: one worker, configured through its control socket."""
-    # SIGTERM before the server's own handlers are in place (the imports below take a while): a quiet exit 0.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    from zspace.service.server import serve
-
     link = WorkerLink(int(sys.argv[1]))
     try:
         serve(link.config, link)
@@ -173,8 +173,6 @@ class Supervisor:
         self._http = None
 
     async def run(self) -> int:
-        from zspace.service.server import check_config, check_port_free
-
         cfg = self.cfg
         check_config(cfg)
         check_port_free(cfg.host, cfg.port, "--port")

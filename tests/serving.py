@@ -6,8 +6,8 @@ import urllib.request
 from pathlib import Path
 
 from benchmarks.harness import free_port
+from zspace.service.background import BackgroundServer
 from zspace.service.config import ServeConfig
-from zspace.service.server import BackgroundServer
 
 
 class ServerThread(BackgroundServer):

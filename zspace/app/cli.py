@@ -11,9 +11,9 @@ import signal
 import sys
 
 if len(sys.argv) > 1 and sys.argv[1] == "serve" and (__name__ == "__main__" or os.path.basename(sys.argv[0]) == "zspace"):
-    # A process started to serve: SIGTERM ends it quietly (exit 0) from here on, before even click and
-    # numpy load; serve() below keeps it so until the server's own handlers are in place. On a fast
-    # 16-core machine a SIGTERM 0.3 s after the start still found the default handler (exit -15).
+    # A process started to serve: SIGTERM ends it quietly (exit 0) from here on, before even click and numpy
+    # load, until the server's own handlers are in place (an orchestrator may stop a container that is still
+    # starting). The one place this handler is installed; a worker process has its own (service/workers.py).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
 
 from pathlib import Path  # noqa: E402
@@ -274,28 +274,22 @@ def serve_options(f):
 def serve(models, indexes, workers, threads, instances, max_batch, max_delay_ms, max_queue, search_max_batch, max_rows,
           max_decode_mpx, token_file, token_env, metrics_port, **opts) -> None:
     """Serve every bundle under --models over gRPC (health, reflection, metrics, hot reload)."""
-    # Until the server's own handlers are in place (after the heavy imports below), SIGTERM ends the
-    # process quietly with exit 0, as an orchestrator stopping a container that is still starting expects.
-    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    try:
-        from zspace.service.config import BatchConfig, Limits, SearchConfig, ServeConfig, parse_host_port
-        from zspace.service.server import read_token
-        from zspace.service.server import serve as run_server
-        from zspace.service.workers import supervise, worker_count
+    from zspace.service.auth import read_token
+    from zspace.service.config import BatchConfig, Limits, SearchConfig, ServeConfig, parse_host_port
+    from zspace.service.server import serve as run_server
+    from zspace.service.workers import supervise, worker_count
 
-        cfg = ServeConfig(models=Path(models), indexes=Path(indexes) if indexes else None, onnx_threads=threads,
-                          batch=BatchConfig(max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue_rows=max_queue,
-                                            instances=instances),
-                          search=SearchConfig(max_batch=search_max_batch),
-                          limits=Limits(max_rows=max_rows, max_decode_pixels=max_decode_mpx * 1_000_000),
-                          token=read_token(token_file, token_env), **opts)
-        cfg.metrics_host, cfg.metrics_port = parse_host_port(metrics_port, "--metrics-port")
-        workers = worker_count(workers)
-        if workers > 1:
-            sys.exit(supervise(cfg, workers))
-        sys.exit(run_server(cfg))  # on success the process ends in there (service.server.serve)
-    finally:
-        signal.signal(signal.SIGTERM, previous)  # back to the caller's, when serve returns an error
+    cfg = ServeConfig(models=Path(models), indexes=Path(indexes) if indexes else None, onnx_threads=threads,
+                      batch=BatchConfig(max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue_rows=max_queue,
+                                        instances=instances),
+                      search=SearchConfig(max_batch=search_max_batch),
+                      limits=Limits(max_rows=max_rows, max_decode_pixels=max_decode_mpx * 1_000_000),
+                      token=read_token(token_file, token_env), **opts)
+    cfg.metrics_host, cfg.metrics_port = parse_host_port(metrics_port, "--metrics-port")
+    workers = worker_count(workers)
+    if workers > 1:
+        sys.exit(supervise(cfg, workers))
+    sys.exit(run_server(cfg))  # on success the process ends in there (service.server.serve)
 
 
 from zspace.app.client_cli import client  # noqa: E402  (the `zspace client ...` group)

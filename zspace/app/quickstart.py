@@ -66,9 +66,9 @@ def serve_and_call(models: Path, indexes: Path, out: Path) -> dict:
 
     from zspace.data import load_dataset
     from zspace.index.build import parse_dataset_key
+    from zspace.service.background import BackgroundServer
     from zspace.service.client import ZSpaceClient
     from zspace.service.config import ServeConfig
-    from zspace.service.server import BackgroundServer
     from zspace.training.plots import image_grid
     from zspace.transforms import ImageTransform
 
