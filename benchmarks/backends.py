@@ -69,7 +69,7 @@ def compare(bundle: Path, seconds: float, work: Path) -> list[dict]:
     from zspace.index.build import build_index
     from zspace.runtime import open_runtime
 
-    runtime = open_runtime(load_bundle(bundle), "cpu")
+    runtime = open_runtime(load_bundle(bundle))
     ds = load_dataset(f"mnist:{SHARED / 'mnist'}", transform=runtime.transform)
     train_codes = runtime.codes(ds.x_train)
     queries = runtime.codes(ds.x_test[:1000])

@@ -52,10 +52,10 @@ def ways(runtime) -> dict:
 
 def measure(bundle: Path, device: str, seconds: float, rounds: int) -> dict:
     from zspace.bundle import load_bundle
-    from zspace.runtime import open_runtime
+    from zspace.runtime import RuntimeOptions, open_runtime
 
-    runtime = open_runtime(load_bundle(bundle), device)
-    cpu = open_runtime(load_bundle(bundle), "cpu")
+    runtime = open_runtime(load_bundle(bundle), RuntimeOptions.from_env(device=device))
+    cpu = open_runtime(load_bundle(bundle))
     fns = ways(runtime)
     rng = np.random.default_rng(0)
     big = rng.random((4096, runtime.bundle.input_dim), dtype=np.float32)

@@ -130,9 +130,9 @@ def in_process(setup: Setup, batch: int) -> dict:
 
 def in_process_once(bundle: Path, batch: int, seconds: float, parallel: int, threads: int, spin: bool) -> dict:
     from zspace.bundle import load_bundle
-    from zspace.runtime import open_runtime
+    from zspace.runtime import RuntimeOptions, open_runtime
 
-    runtime = open_runtime(load_bundle(bundle), "cpu", threads, spin=spin)
+    runtime = open_runtime(load_bundle(bundle), RuntimeOptions(threads=threads, spin=spin))
     x = np.random.default_rng(0).random((batch, runtime.bundle.input_dim), dtype=np.float32)
     for _ in range(10):
         runtime.encode(x)

@@ -150,9 +150,9 @@ def served(target: str, clients: int, rows: int, seconds: float, max_requests: i
 def in_process(bundle: Path, device: str, clients: int, rows: int, seconds: float) -> dict:
     """The same layout in one process: `clients` threads, each running its batch again and again on one session."""
     from zspace.bundle import load_bundle
-    from zspace.runtime import open_runtime
+    from zspace.runtime import RuntimeOptions, open_runtime
 
-    runtime = open_runtime(load_bundle(bundle), device)
+    runtime = open_runtime(load_bundle(bundle), RuntimeOptions.from_env(device=device))
     x = np.random.default_rng(0).random((rows, 784), dtype=np.float32)
     for _ in range(5):
         runtime.encode(x)

@@ -20,7 +20,7 @@ from zspace.data import load_dataset
 from zspace.files import staged_folder
 from zspace.index.latent_index import IndexError_, LatentIndex
 from zspace.progress import Progress
-from zspace.runtime import open_runtime
+from zspace.runtime import RuntimeOptions, open_runtime
 
 
 def dataset_key(dataset: str, split: str, row: int) -> str:
@@ -52,7 +52,7 @@ def build_index(model_ref: Path, data_spec: str, out: Path, factory: str | None 
         raise IndexError_("--uri and --collection are for --backend milvus")
     if backend == "milvus" and not uri:
         raise IndexError_(f"--backend milvus needs --uri: a milvus-lite file (e.g. {out}/milvus.db) or http://host:19530")
-    runtime = open_runtime(load_bundle(resolve_bundle(model_ref)), device)
+    runtime = open_runtime(load_bundle(resolve_bundle(model_ref)), RuntimeOptions(device=device))
     bundle = runtime.bundle
     ds = load_dataset(data_spec, transform=runtime.transform)
     metric = metric or ("hamming" if bundle.is_hash else "cosine" if ds.modality == "text" else "l2")
@@ -125,7 +125,7 @@ def bits_of(runtime, x: np.ndarray) -> np.ndarray:
 def query_codes(index: LatentIndex, models: Path, pngs: list[str], texts: list[str], device: str = "auto") -> np.ndarray:
     """Codes of image files or documents through the index's own model (its codes mean nothing to another)."""
     name, version = index.model
-    runtime = open_runtime(load_bundle(Path(models) / name / str(version)), device)
+    runtime = open_runtime(load_bundle(Path(models) / name / str(version)), RuntimeOptions(device=device))
     if pngs:
         x = np.stack([runtime.transform.from_bytes(Path(p).read_bytes(), p) for p in pngs])
     else:

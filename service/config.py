@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from zspace.errors import UserError
+from zspace.runtime import RuntimeOptions
 
 MODEL_CONFIG_FILE = "serving.json"
+SERVE_RUNTIME = RuntimeOptions(device="auto", spin=False)  # a server's defaults: the serve command's too
 
 
 @dataclass(frozen=True)
@@ -81,9 +83,9 @@ class ServeConfig:
     port: int = 50051
     metrics_port: int = 9100      # 0: no metrics endpoint
     metrics_host: str | None = None  # where /metrics listens; None: --host (so 127.0.0.1 keeps it on loopback)
-    device: str = "auto"          # auto | cpu | cuda
-    cuda_tf32: bool = False       # TF32 matmuls on CUDA: faster, inexact (~1e-3); off keeps the bundle's parity
-    onnx_threads: int = 0         # ONNX Runtime intra-op threads per run; 0: the cores shared out among instances
+    # How the models run (device, threads, TF32, CUDA data path), passed whole to every session. threads 0: the
+    # cores shared out among workers and instances; ORT's idle threads never spin in a server.
+    runtime: RuntimeOptions = SERVE_RUNTIME
     faiss_threads: int = 0        # FAISS's OpenMP threads (process-wide); 0: FAISS's default
     batch: BatchConfig = field(default_factory=BatchConfig)
     search: SearchConfig = field(default_factory=SearchConfig)

@@ -18,7 +18,7 @@ import numpy as np
 
 from zspace.bundle import Bundle, load_bundle, version_dirs
 from zspace.errors import NotFound, UserError, shown
-from zspace.runtime import PARITY_TOLERANCE, open_runtime, provider_parity
+from zspace.runtime import PARITY_TOLERANCE, RuntimeOptions, open_runtime, provider_parity
 from zspace.service.batcher import DynamicBatcher
 from zspace.service.config import MODEL_CONFIG_FILE, BatchConfig, model_batch_config
 
@@ -60,14 +60,13 @@ def finite(outs: list[np.ndarray], field: str) -> list[np.ndarray]:
 class ModelRuntime:
     """One loaded bundle version: its runtime (two ONNX Runtime sessions and the transform) and two batchers."""
 
-    def __init__(self, bundle: Bundle, device: str, threads: int, batching: BatchConfig, on_batch=None,
-                 cuda_tf32: bool = False):
+    def __init__(self, bundle: Bundle, runtime: RuntimeOptions, batching: BatchConfig, on_batch=None):
         self.bundle = bundle
         self.name, self.version, self.kind, self.modality = bundle.name, bundle.version, bundle.kind, bundle.modality
         self.input_dim, self.latent_dim, self.likelihood = bundle.input_dim, bundle.latent_dim, bundle.likelihood
         self.out_logvar = None if bundle.out_logvar is None else np.asarray(bundle.out_logvar, np.float64)
-        # spin=False: idle ORT threads must not busy-wait; the server needs those cycles for requests.
-        self.runtime = open_runtime(bundle, device, threads, spin=False, cuda_tf32=cuda_tf32)
+        self.runtime = open_runtime(bundle, runtime)
+        cuda_tf32 = runtime.cuda_tf32
         self.transform, self.provider = self.runtime.transform, self.runtime.provider
         # The bundle promises ONNX Runtime within 1e-4 of torch (checked on the CPU at export); on a GPU
         # provider that promise is checked here, at load, against the CPU. TF32, when opted in, breaks it
@@ -146,9 +145,8 @@ def fingerprint(version_dir: Path) -> str:
 
 
 class ModelRepository:
-    def __init__(self, root: Path, device: str, threads: int, batching: BatchConfig, on_batch=None,
-                 cuda_tf32: bool = False):
-        self.root, self.device, self.threads, self.cuda_tf32 = Path(root), device, threads, cuda_tf32
+    def __init__(self, root: Path, runtime: RuntimeOptions, batching: BatchConfig, on_batch=None):
+        self.root, self.runtime_options = Path(root), runtime
         self.batching, self.on_batch = batching, on_batch
         self.models: dict[str, dict[int, ModelRuntime]] = {}
         self.broken: dict[str, str] = {}  # path -> error
@@ -180,7 +178,7 @@ class ModelRepository:
                 if bundle.name != name or bundle.version != version:
                     raise UserError(f"{vdir}: manifest says {bundle.name}/{bundle.version}, folder says {name}/{version}")
                 batching = model_batch_config(vdir.parent, self.batching)
-                runtime = ModelRuntime(bundle, self.device, self.threads, batching, self.on_batch, self.cuda_tf32)
+                runtime = ModelRuntime(bundle, self.runtime_options, batching, self.on_batch)
             except Exception as exc:  # any failure marks this bundle broken; the rest serve
                 why = str(exc).replace(f"{self.root}/", "")
                 if version in models.get(name, {}):  # a bad replacement never takes down what serves

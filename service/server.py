@@ -130,9 +130,10 @@ class Server:
         # The cores are shared out among the processes, then among a model graph's instances.
         processes = self.role.processes
         cores = os.cpu_count() or 1
-        onnx_threads = cfg.onnx_threads or max(1, cores // processes // cfg.batch.instances)
+        threads = cfg.runtime.threads or max(1, cores // processes // cfg.batch.instances)
         set_faiss_threads(cfg.faiss_threads or (max(1, cores // processes) if processes > 1 else 0))
-        self.repo = ModelRepository(cfg.models, cfg.device, onnx_threads, cfg.batch, self.metrics.on_batch, cfg.cuda_tf32)
+        self.repo = ModelRepository(cfg.models, dataclasses.replace(cfg.runtime, threads=threads), cfg.batch,
+                                    self.metrics.on_batch)
         self.indexes = IndexRegistry(cfg.indexes, self.repo, cfg.search, snapshots=self.role.writes_snapshots,
                                      follow=self.role.follows_indexes)
         self.health = health.aio.HealthServicer()

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 from benchmarks.harness import free_port
 from zspace.service.background import BackgroundServer
-from zspace.service.config import ServeConfig
+from zspace.service.config import SERVE_RUNTIME, ServeConfig
 
 
 class ServerThread(BackgroundServer):
@@ -19,6 +20,7 @@ class ServerThread(BackgroundServer):
 
 
 def start_thread(models: Path, **overrides) -> ServerThread:
-    settings = {"port": 0, "metrics_port": free_port(), "onnx_threads": 1, "poll_s": 0, "grace_s": 5, **overrides}
+    settings = {"port": 0, "metrics_port": free_port(), "runtime": replace(SERVE_RUNTIME, threads=1), "poll_s": 0,
+                "grace_s": 5, **overrides}
     cfg = ServeConfig(models=models, **settings)
     return ServerThread(cfg)

@@ -158,9 +158,9 @@ def test_io_binding_runner_equals_session_run_across_threads_and_growth(vae_bund
 
     from zspace.bundle import load_bundle
     from zspace.cuda_io import PinnedRunner, pinned_host, plain_host
-    from zspace.runtime import gpu_visible, open_runtime
+    from zspace.runtime import RuntimeOptions, gpu_visible, open_runtime
 
-    runtime = open_runtime(load_bundle(vae_bundle), "auto")
+    runtime = open_runtime(load_bundle(vae_bundle), RuntimeOptions(device="auto"))
     cuda = runtime.provider.startswith("CUDA")
     alloc = pinned_host() if cuda else plain_host
     encode, decode = PinnedRunner(runtime.encoder, alloc), PinnedRunner(runtime.decoder, alloc)

@@ -19,13 +19,13 @@ the extra host copy and the binding calls cost more than they save
 (benchmarks/README.md, "On an H200", has the figures). So the default, `auto`,
 takes the pinned path for runs of at least PINNED_MIN_ROWS rows and
 session.run below.
-ZSPACE_CUDA_IO=pinned|plain forces one path for every run.
+ZSPACE_CUDA_IO=pinned|plain forces one path for every run (read once, at the edge:
+zspace.runtime.RuntimeOptions.from_env).
 """
 
 from __future__ import annotations
 
 import ctypes
-import os
 import threading
 import weakref
 from collections.abc import Callable
@@ -37,16 +37,6 @@ CUDA_RUNTIMES = ("libcudart.so.13", "libcudart.so.12", "libcudart.so")
 MIN_ROWS = 256  # the smallest buffer: growing costs a cudaHostRegister (≈ms), so start at a typical batch
 PINNED_MIN_ROWS = 2048  # auto: runs from this many rows go through pinned buffers (see the figures above)
 MODES = ("auto", "pinned", "plain")
-
-
-def cuda_io_mode() -> str:
-    """ZSPACE_CUDA_IO: auto (default: pinned for big runs), pinned or plain (session.run with numpy arrays)."""
-    mode = os.environ.get("ZSPACE_CUDA_IO", "auto")
-    if mode not in MODES:
-        from zspace.errors import UserError
-
-        raise UserError(f"ZSPACE_CUDA_IO: expected one of {', '.join(MODES)}, got {mode!r}")
-    return mode
 
 
 def pinned_min_rows(mode: str) -> int:

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from zspace.bundle import Bundle
-from zspace.cuda_io import PinnedRunner, cuda_io_mode, pinned_host, pinned_min_rows
+from zspace.cuda_io import MODES as CUDA_IO_MODES
+from zspace.cuda_io import PinnedRunner, pinned_host, pinned_min_rows
 from zspace.errors import UserError
 from zspace.transforms import Transform, transform_from_dict
 
@@ -61,24 +62,45 @@ def provider_label(session, cuda_tf32: bool = False) -> str:
     return f"{name} (TF32)" if cuda_tf32 and name == "CUDAExecutionProvider" else name
 
 
-def onnx_session(path: str | os.PathLike, device: str = "cpu", threads: int = 0, spin: bool = True,
-                 cuda_tf32: bool = False):
-    """An InferenceSession on the best provider `device` allows; threads 0 = ORT default.
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """How a bundle's graphs run, in one value passed whole: from the server's config (ServeConfig.runtime) or a
+    command's options to every session. The environment (ZSPACE_CUDA_IO) is read once, at the edge (`from_env`).
 
-    spin=False stops ORT's idle worker threads from busy-waiting between runs: a
-    server needs those cycles for its own request handling on small machines.
-    """
+    spin=False stops ONNX Runtime's idle threads from busy-waiting between runs: a server needs those
+    cycles for its own request handling on small machines."""
+
+    device: str = "cpu"       # auto | cpu | cuda (auto: CUDA only where onnxruntime-gpu can use a GPU)
+    threads: int = 0          # intra-op threads per run; 0: ONNX Runtime's default
+    spin: bool = True
+    cuda_tf32: bool = False   # TF32 matmuls on CUDA: faster, inexact (~1e-3); off keeps the bundle's parity
+    cuda_io: str = "auto"     # CUDA runs: auto (pinned buffers for big runs), pinned or plain (zspace.cuda_io)
+
+    def __post_init__(self) -> None:
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise UserError(f"--device: expected auto, cpu or cuda, got {self.device!r}")
+        if self.cuda_io not in CUDA_IO_MODES:
+            raise UserError(f"ZSPACE_CUDA_IO: expected one of {', '.join(CUDA_IO_MODES)}, got {self.cuda_io!r}")
+
+    @classmethod
+    def from_env(cls, **given) -> RuntimeOptions:
+        """Options with ZSPACE_CUDA_IO taken from the environment (the one place it is read)."""
+        return cls(**{"cuda_io": os.environ.get("ZSPACE_CUDA_IO", "auto"), **given})
+
+
+def onnx_session(path: str | os.PathLike, options: RuntimeOptions = RuntimeOptions()):
+    """An InferenceSession on the best provider `options.device` allows."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    if not spin:
+    if not options.spin:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    if threads:
-        opts.intra_op_num_threads = threads
+    if options.threads:
+        opts.intra_op_num_threads = options.threads
         opts.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), sess_options=opts, providers=providers_for(device, cuda_tf32))
+    return ort.InferenceSession(str(path), sess_options=opts, providers=providers_for(options.device, options.cuda_tf32))
 
 
 @dataclass
@@ -119,14 +141,13 @@ class BundleRuntime:
                                for i in range(0, len(x), batch_size)])
 
 
-def open_runtime(bundle: Bundle, device: str = "cpu", threads: int = 0, spin: bool = True,
-                 cuda_tf32: bool = False) -> BundleRuntime:
-    """Open a loaded bundle's graphs on `device` (auto | cpu | cuda) with its transform."""
-    encoder = onnx_session(bundle.graph("encoder"), device, threads, spin, cuda_tf32)
-    decoder = onnx_session(bundle.graph("decoder"), device, threads, spin, cuda_tf32)
-    runtime = BundleRuntime(bundle=bundle, encoder=encoder, decoder=decoder,
-                            transform=transform_from_dict(bundle.transform), provider=provider_label(encoder, cuda_tf32))
-    mode = cuda_io_mode()
+def open_runtime(bundle: Bundle, options: RuntimeOptions = RuntimeOptions()) -> BundleRuntime:
+    """Open a loaded bundle's graphs as `options` say (device, threads, ...) with its transform."""
+    encoder = onnx_session(bundle.graph("encoder"), options)
+    decoder = onnx_session(bundle.graph("decoder"), options)
+    runtime = BundleRuntime(bundle=bundle, encoder=encoder, decoder=decoder, transform=transform_from_dict(bundle.transform),
+                            provider=provider_label(encoder, options.cuda_tf32))
+    mode = options.cuda_io
     if encoder.get_providers()[0] == "CUDAExecutionProvider" and mode != "plain":
         try:
             alloc = pinned_host()
@@ -149,7 +170,7 @@ def provider_parity(runtime: BundleRuntime, rows: int = 64) -> float:
     lies within the tolerance of 1/2 (either side of the threshold is right there)."""
     if runtime.provider == "CPUExecutionProvider":
         return 0.0
-    cpu = open_runtime(runtime.bundle, "cpu")
+    cpu = open_runtime(runtime.bundle)
     x = np.random.default_rng(0).random((rows, runtime.bundle.input_dim), dtype=np.float32)
     z = cpu.encode(x)[0]
     return max(outputs_apart(runtime.encode(x), cpu.encode(x)), outputs_apart(runtime.decode(z), cpu.decode(z)))

@@ -65,7 +65,7 @@ def sizes(values: tuple[int, ...]) -> str:
 def train_options(f):
     """`zspace train`'s options; their defaults are TrainConfig's own (zspace.training.train), the one place
     each lives, as serve_options takes ServeConfig's. --binarize and the other flags default to off there too."""
-    from zspace.training.train import TrainConfig
+    from zspace.training.config import TrainConfig
 
     d = TrainConfig
     options = [
@@ -217,9 +217,9 @@ def format_summary(summary: dict) -> str:
 
 def serve_options(f):
     """`zspace serve`'s options; their defaults are the config classes' own (zspace.service.config)."""
-    from zspace.service.config import BatchConfig, Limits, SearchConfig, ServeConfig
+    from zspace.service.config import SERVE_RUNTIME, BatchConfig, Limits, SearchConfig, ServeConfig
 
-    d, b, lim, srch = ServeConfig, BatchConfig, Limits, SearchConfig
+    d, b, lim, srch, rt = ServeConfig, BatchConfig, Limits, SearchConfig, SERVE_RUNTIME
     options = [
         click.option("--models", type=click.Path(file_okay=False), required=True, help="Model repository: NAME/VERSION/ bundles."),
         click.option("--indexes", type=click.Path(file_okay=False), default=None, help="Folder of indexes (one per subfolder) to serve beside the models."),
@@ -231,10 +231,10 @@ def serve_options(f):
         click.option("--workers", default="1", envvar=["ZSPACE_WORKERS", "ZSPACE_SERVE_WORKERS"],
                      help="Server processes sharing the port (SO_REUSEPORT), supervised and restarted; auto: one per "
                           "core, at most 16. Env: ZSPACE_WORKERS."),
-        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=d.device, help="auto: CUDA only when onnxruntime-gpu can use a GPU here."),
-        click.option("--cuda-tf32", is_flag=True, default=d.cuda_tf32,
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=rt.device, help="auto: CUDA only when onnxruntime-gpu can use a GPU here."),
+        click.option("--cuda-tf32", is_flag=True, default=rt.cuda_tf32,
                      help="CUDA: TF32 matmuls, faster but inexact (codes move ~1e-3); reported in ListModels. Off: exact."),
-        click.option("--threads", type=click.IntRange(min=0), default=d.onnx_threads,
+        click.option("--threads", type=click.IntRange(min=0), default=rt.threads,
                      help="ONNX Runtime threads per run (0: the cores shared out among --instances)."),
         click.option("--faiss-threads", type=click.IntRange(min=0), default=d.faiss_threads,
                      help="FAISS OpenMP threads for index searches, process-wide (0: FAISS's default, the core count)."),
@@ -271,15 +271,17 @@ def serve_options(f):
 
 @main.command()
 @serve_options
-def serve(models, indexes, workers, threads, instances, max_batch, max_delay_ms, max_queue, search_max_batch, max_rows,
-          max_decode_mpx, token_file, token_env, metrics_port, **opts) -> None:
+def serve(models, indexes, workers, device, cuda_tf32, threads, instances, max_batch, max_delay_ms, max_queue,
+          search_max_batch, max_rows, max_decode_mpx, token_file, token_env, metrics_port, **opts) -> None:
     """Serve every bundle under --models over gRPC (health, reflection, metrics, hot reload)."""
+    from zspace.runtime import RuntimeOptions
     from zspace.service.auth import read_token
-    from zspace.service.config import BatchConfig, Limits, SearchConfig, ServeConfig, parse_host_port
+    from zspace.service.config import SERVE_RUNTIME, BatchConfig, Limits, SearchConfig, ServeConfig, parse_host_port
     from zspace.service.server import serve as run_server
     from zspace.service.workers import supervise, worker_count
 
-    cfg = ServeConfig(models=Path(models), indexes=Path(indexes) if indexes else None, onnx_threads=threads,
+    runtime = RuntimeOptions.from_env(device=device, cuda_tf32=cuda_tf32, threads=threads, spin=SERVE_RUNTIME.spin)
+    cfg = ServeConfig(models=Path(models), indexes=Path(indexes) if indexes else None, runtime=runtime,
                       batch=BatchConfig(max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue_rows=max_queue,
                                         instances=instances),
                       search=SearchConfig(max_batch=search_max_batch),
