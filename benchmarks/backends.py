@@ -67,6 +67,7 @@ def compare(bundle: Path, seconds: float, work: Path) -> list[dict]:
     from zspace.bundle import load_bundle
     from zspace.data import load_dataset
     from zspace.index.build import build_index
+    from zspace.index.contract import IndexSpec
     from zspace.runtime import open_runtime
 
     runtime = open_runtime(load_bundle(bundle))
@@ -87,7 +88,7 @@ def compare(bundle: Path, seconds: float, work: Path) -> list[dict]:
             print(f"{backend}: building HNSW32 over {len(train_codes)} codes", flush=True)
             t0 = time.perf_counter()
             index = build_index(bundle, f"mnist:{SHARED / 'mnist'}", work / "indexes" / f"mnist-{backend}",
-                                factory="HNSW32", backend=backend, quiet=True, **extra)
+                                IndexSpec(backend=backend, factory="HNSW32", **extra), quiet=True)
             build_s = time.perf_counter() - t0
             row = {"backend": backend, "build_s": build_s, **recall_and_rate(index, queries, exact, seconds)}
             index.close()

@@ -152,10 +152,12 @@ def service_search(ae_run: Path, work: Path, test_codes: np.ndarray, seconds: fl
     ±20% with the shared machine's mood; the median of a few rounds is steadier,
     and every round is reported beside it."""
     from zspace.index.build import build_index
+    from zspace.index.contract import IndexSpec
     from zspace.training.export import export_run
 
     bundle = export_run(ae_run, work / "models", "mnist")
-    build_index(bundle, f"mnist:{SHARED / 'mnist'}", work / "indexes" / "mnist", factory="HNSW32", quiet=True).close()
+    build_index(bundle, f"mnist:{SHARED / 'mnist'}", work / "indexes" / "mnist", IndexSpec(factory="HNSW32"),
+                quiet=True).close()
     port, metrics_port = free_port(), free_port()
     child = ServerChild(serve_command(work / "models", port, "--indexes", str(work / "indexes"), "--metrics-port",
                                       str(metrics_port), "--poll-s", "0"), port).wait_listening()

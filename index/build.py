@@ -10,15 +10,15 @@ leaves nothing behind.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
 
 from zspace.bundle import load_bundle, resolve_bundle
 from zspace.data import load_dataset
-from zspace.files import staged_folder
-from zspace.index.latent_index import IndexError_, LatentIndex
+from zspace.index import backends
+from zspace.index.contract import IndexSpec, LatentCodeIndex
+from zspace.index.errors import IndexError_
 from zspace.progress import Progress
 from zspace.runtime import RuntimeOptions, open_runtime
 
@@ -34,39 +34,29 @@ def parse_dataset_key(key: str) -> tuple[str, str, int]:
     return dataset, split, int(row)
 
 
-def build_index(model_ref: Path, data_spec: str, out: Path, factory: str | None = None, metric: str | None = None,
-                split: str = "train", batch_size: int = 1024, device: str = "auto", quiet: bool = False,
-                backend: str = "faiss", uri: str | None = None, collection: str | None = None):
-    """Encode a data set's split and store the codes in a new index of either backend.
+def build_index(model_ref: Path, data_spec: str, out: Path, spec: IndexSpec = IndexSpec(), split: str = "train",
+                batch_size: int = 1024, device: str = "auto", quiet: bool = False) -> LatentCodeIndex:
+    """Encode a data set's split and store the codes in a new index of the backend `spec` names.
 
-    FAISS (default factory Flat): assembled in a hidden folder, renamed into place whole.
-    Milvus (default factory HNSW32, `uri` required): the collection is filled first and
-    index.json written last, so a watcher sees no index until it is complete; a failed
-    build drops the collection and removes what it wrote."""
+    How each backend makes the folder whole or not at all is its own (index/backends.py);
+    everything that can be checked is checked before the data set is loaded and encoded."""
     out = Path(out)
     if (out / "index.json").exists():
         raise IndexError_(f"{out}: an index already exists here")
-    if backend not in ("faiss", "milvus"):
-        raise IndexError_(f"--backend: expected faiss or milvus, got {backend!r}")
-    if backend == "faiss" and (uri or collection):
-        raise IndexError_("--uri and --collection are for --backend milvus")
-    if backend == "milvus" and not uri:
-        raise IndexError_(f"--backend milvus needs --uri: a milvus-lite file (e.g. {out}/milvus.db) or http://host:19530")
+    backends.backend_class(spec.backend).check_spec(spec, out)
     runtime = open_runtime(load_bundle(resolve_bundle(model_ref)), RuntimeOptions(device=device))
     bundle = runtime.bundle
     ds = load_dataset(data_spec, transform=runtime.transform)
-    metric = metric or ("hamming" if bundle.is_hash else "cosine" if ds.modality == "text" else "l2")
+    metric = spec.metric or ("hamming" if bundle.is_hash else "cosine" if ds.modality == "text" else "l2")
     if metric == "hamming" and not bundle.is_hash:
         raise IndexError_(f"--metric hamming: {bundle.label} is a {bundle.kind} model with float codes; a hamming "
                           "index holds the bits of a hash model (zspace train --model hash --bits N)")
-    if metric == "hamming" and backend == "milvus":
-        raise IndexError_("--metric hamming: the Milvus backend here stores float codes; use --backend faiss")
     code = codes_of if metric != "hamming" else bits_of
     splits = {"train": [("train", ds.x_train, ds.y_train, ds.sources_train)],
               "test": [("test", ds.x_test, ds.y_test, ds.sources_test)]}
     splits["all"] = splits["train"] + splits["test"]
 
-    def fill(index) -> None:
+    def fill(index: LatentCodeIndex) -> None:
         for name, x, y, sources in splits[split]:
             bar = None if quiet else Progress(-(-len(x) // batch_size), f"index {name}")
             for start in range(0, len(x), batch_size):
@@ -84,32 +74,7 @@ def build_index(model_ref: Path, data_spec: str, out: Path, factory: str | None 
                 bar.close(f"{index.stats()['count']} items")
         index.finish_build()
 
-    if backend == "milvus":
-        from zspace.index.milvus_index import MilvusIndex
-
-        existed = out.exists()
-        index = MilvusIndex.create(out, bundle.name, bundle.version, bundle.latent_dim, uri, collection,
-                                   factory or "HNSW32", metric, deferred=True)
-        try:
-            fill(index)
-            index.publish()
-        except BaseException:
-            index.client.drop_collection(index.collection)
-            index.close()
-            (out / "index.json").unlink(missing_ok=True)
-            if not existed:
-                shutil.rmtree(out, ignore_errors=True)
-            raise
-        return index
-    default = "BFlat" if metric == "hamming" else "Flat"
-    manifest = LatentIndex.new_manifest(bundle.name, bundle.version, bundle.latent_dim, factory or default, metric)
-    with staged_folder(out) as tmp:
-        index = LatentIndex.initialise(tmp, manifest)
-        try:
-            fill(index)
-        finally:
-            index.close()  # a snapshot of the finished index, so opening it replays nothing
-    return LatentIndex.open(out)
+    return backends.build(out, spec, (bundle.name, bundle.version), bundle.latent_dim, metric, fill)
 
 
 def codes_of(runtime, x: np.ndarray) -> np.ndarray:
@@ -122,7 +87,7 @@ def bits_of(runtime, x: np.ndarray) -> np.ndarray:
     return runtime.encode(x)[1]
 
 
-def query_codes(index: LatentIndex, models: Path, pngs: list[str], texts: list[str], device: str = "auto") -> np.ndarray:
+def query_codes(index: LatentCodeIndex, models: Path, pngs: list[str], texts: list[str], device: str = "auto") -> np.ndarray:
     """Codes of image files or documents through the index's own model (its codes mean nothing to another)."""
     name, version = index.model
     runtime = open_runtime(load_bundle(Path(models) / name / str(version)), RuntimeOptions(device=device))
@@ -130,4 +95,4 @@ def query_codes(index: LatentIndex, models: Path, pngs: list[str], texts: list[s
         x = np.stack([runtime.transform.from_bytes(Path(p).read_bytes(), p) for p in pngs])
     else:
         x = runtime.transform.apply(list(texts))
-    return (bits_of if getattr(index, "binary", False) else codes_of)(runtime, x)
+    return (bits_of if index.binary else codes_of)(runtime, x)

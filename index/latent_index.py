@@ -27,63 +27,23 @@ import numpy as np
 
 from zspace.errors import NotFound, shown
 from zspace.files import file_identity, staged_folder, write_atomic
+from zspace.index.contract import (
+    FORMAT_VERSION,
+    METRICS,
+    IndexSpec,
+    check_binding,
+    check_items,
+    check_key,
+    check_queries,
+    read_manifest,
+)
 from zspace.index.errors import IndexError_, IndexMoved
 from zspace.index.factory import empty_index, search_parameters, traits
 from zspace.index.hits import HitTable
-from zspace.index.store import ItemStore, Written, check_items, check_key, check_queries
+from zspace.index.store import ItemStore, Written
 
 log = logging.getLogger("zspace.index")
-FORMAT_VERSION = 1
-METRICS = ("l2", "cosine", "hamming")  # hamming: binary codes (a hash model's bits), FAISS IndexBinary
-BACKENDS = ("faiss", "milvus")
 TOMBSTONE_FRACTION = 0.2
-
-
-def check_manifest(m: object, path: Path) -> None:
-    """index.json's fields, each checked by name: a hand-edited or foreign file is refused, not half-used."""
-    where = f"{path}/index.json"
-    if not isinstance(m, dict):
-        raise IndexError_(f"{where}: expected a JSON object")
-    model = m.get("model")
-    if not isinstance(model, dict) or not isinstance(model.get("name"), str) or not isinstance(model.get("version"), int):
-        raise IndexError_(f"{where}: field 'model' needs a name and an integer version")
-    if not isinstance(m.get("dim"), int) or isinstance(m.get("dim"), bool) or m["dim"] < 1:
-        raise IndexError_(f"{where}: field 'dim' must be a positive integer, got {m.get('dim')!r}")
-    if m.get("metric") not in METRICS:
-        raise IndexError_(f"{where}: field 'metric' must be l2, cosine or hamming, got {m.get('metric')!r}")
-    if not isinstance(m.get("factory"), str):
-        raise IndexError_(f"{where}: field 'factory' must be a FAISS factory string, got {m.get('factory')!r}")
-    if m.get("backend", "faiss") not in BACKENDS:
-        raise IndexError_(f"{where}: field 'backend' must be one of {', '.join(BACKENDS)}, got {m.get('backend')!r}")
-
-
-def read_manifest(path: Path) -> dict:
-    """An index folder's index.json, checked field by field."""
-    try:
-        manifest = json.loads((Path(path) / "index.json").read_text())
-    except FileNotFoundError:
-        raise IndexError_(f"{path}: not an index (no index.json)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise IndexError_(f"{path}/index.json: unreadable ({exc})") from None
-    check_manifest(manifest, Path(path))
-    return manifest
-
-
-def open_index(path: Path, model_name: str | None = None, model_version: int | None = None,
-               snapshots: bool = True, follow: bool = False):
-    """Open an index folder of either backend: FAISS here (LatentIndex) or Milvus (milvus_index.MilvusIndex).
-
-    snapshots and follow concern the FAISS backend only (Milvus keeps no local copy)."""
-    manifest = read_manifest(path)
-    model = manifest["model"]
-    if model_name is not None and (model["name"], model["version"]) != (model_name, model_version):
-        raise IndexError_(f"{path}: this index holds codes of {model['name']}/{model['version']}, "
-                          f"not {model_name}/{model_version}; codes mean nothing to another model")
-    if manifest.get("backend", "faiss") == "milvus":
-        from zspace.index.milvus_index import MilvusIndex
-
-        return MilvusIndex.open(Path(path), manifest)
-    return LatentIndex(Path(path), manifest, snapshots, follow)
 
 
 class RWLock:
@@ -218,12 +178,40 @@ class LatentIndex:
     @classmethod
     def open(cls, path: Path, model_name: str | None = None, model_version: int | None = None,
              snapshots: bool = True, follow: bool = False) -> LatentIndex:
-        """A FAISS index folder (open_index opens either backend)."""
-        index = open_index(path, model_name, model_version, snapshots, follow)
-        if not isinstance(index, LatentIndex):
-            index.close()
-            raise IndexError_(f"{path}: a {index.manifest['backend']} index; open it with open_index")
-        return index
+        """A FAISS index folder (index.backends.open_index opens any backend)."""
+        manifest = read_manifest(path)
+        check_binding(manifest, Path(path), model_name, model_version)
+        if manifest.get("backend", "faiss") != "faiss":
+            raise IndexError_(f"{path}: a {manifest['backend']} index; open it with zspace.index.backends.open_index")
+        return cls(Path(path), manifest, snapshots, follow)
+
+    # ------------------------------------------------------------ the backend entry points (index/backends.py)
+
+    @classmethod
+    def open_folder(cls, path: Path, manifest: dict, snapshots: bool, follow: bool) -> LatentIndex:
+        return cls(path, manifest, snapshots, follow)
+
+    @staticmethod
+    def default_factory(metric: str) -> str:
+        return "BFlat" if metric == "hamming" else "Flat"
+
+    @staticmethod
+    def check_spec(spec: IndexSpec, out: Path) -> None:
+        if spec.uri or spec.collection:
+            raise IndexError_("--uri and --collection are for --backend milvus")
+
+    @classmethod
+    def build(cls, out: Path, spec: IndexSpec, model: tuple[str, int], dim: int, metric: str, fill) -> LatentIndex:
+        """Assembled in a hidden folder and renamed into place whole (a failure leaves nothing)."""
+        cls.check_spec(spec, out)
+        manifest = cls.new_manifest(model[0], model[1], dim, spec.factory or cls.default_factory(metric), metric)
+        with staged_folder(out) as tmp:
+            index = cls.initialise(tmp, manifest)
+            try:
+                fill(index)
+            finally:
+                index.close()  # a snapshot of the finished index, so opening it replays nothing
+        return cls.open(out)
 
     def _empty(self, trainable_now: bool):
         return empty_index(self.traits, self.dim, self.metric, trainable_now)

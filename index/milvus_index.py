@@ -25,6 +25,7 @@ import json
 import math
 import os
 import re
+import shutil
 import threading
 from pathlib import Path
 
@@ -32,9 +33,9 @@ import numpy as np
 
 from zspace.errors import NotFound, shown
 from zspace.files import file_identity, write_atomic
+from zspace.index.contract import FilterError, IndexSpec, Item, check_filter, check_items, check_key, check_queries
 from zspace.index.errors import FactoryError, IndexError_, IndexMoved
 from zspace.index.hits import Hit
-from zspace.index.store import FilterError, Item, check_filter, check_items, check_key, check_queries
 
 MODEL_PROPERTY = "zspace.model"
 MILVUS_URI_ENV = "ZSPACE_MILVUS_URI"
@@ -202,6 +203,45 @@ class MilvusIndex:
             disconnect(client)
             raise
         return cls(path, manifest, client, collection)
+
+    # ------------------------------------------------------------ the backend entry points (index/backends.py)
+
+    @classmethod
+    def open_folder(cls, path: Path, manifest: dict, snapshots: bool, follow: bool) -> MilvusIndex:
+        return cls.open(path, manifest)  # no local copy: snapshots and follow do not apply
+
+    @staticmethod
+    def default_factory(metric: str) -> str:
+        return "HNSW32"
+
+    @staticmethod
+    def check_spec(spec: IndexSpec, out: Path) -> None:
+        if not spec.uri:
+            raise IndexError_(f"--backend milvus needs --uri: a milvus-lite file (e.g. {out}/milvus.db) or http://host:19530")
+        if spec.metric == "hamming":
+            raise IndexError_("--metric hamming: the Milvus backend here stores float codes; use --backend faiss")
+
+    @classmethod
+    def build(cls, out: Path, spec: IndexSpec, model: tuple[str, int], dim: int, metric: str, fill) -> MilvusIndex:
+        """The collection is filled first and index.json written last, so a watcher sees no index until it is
+        complete; a failed build drops the collection and removes what it wrote."""
+        cls.check_spec(spec, out)
+        if metric == "hamming":
+            raise IndexError_("--metric hamming: the Milvus backend here stores float codes; use --backend faiss")
+        existed = out.exists()
+        index = cls.create(out, model[0], model[1], dim, spec.uri, spec.collection, spec.factory or "HNSW32", metric,
+                           deferred=True)
+        try:
+            fill(index)
+            index.publish()
+        except BaseException:
+            index.client.drop_collection(index.collection)
+            index.close()
+            (out / "index.json").unlink(missing_ok=True)
+            if not existed:
+                shutil.rmtree(out, ignore_errors=True)
+            raise
+        return index
 
     # ------------------------------------------------------------ the LatentIndex surface
 

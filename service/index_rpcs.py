@@ -14,8 +14,8 @@ import json
 
 import numpy as np
 
+from zspace.index.contract import check_filter, check_key
 from zspace.index.errors import IndexMoved
-from zspace.index.store import check_filter, check_key
 from zspace.service.config import Limits
 from zspace.service.indexes import IndexRegistry
 from zspace.service.inputs import (
@@ -72,7 +72,7 @@ class IndexRpcs(RpcHandlers):
     async def _query_codes(self, index, request, which: str) -> np.ndarray:
         """The `inputs` (encoded by the index's model, VAE kinds: means; into a hamming index: a hash
         model's packed bits) or `vectors` field of a request, as codes."""
-        binary = getattr(index, "binary", False)
+        binary = index.binary
         if which == "inputs":
             rt = self.repo.get(*index.model)
             x = await features(rt, request.inputs, "inputs", self.limits)
@@ -191,7 +191,7 @@ class IndexRpcs(RpcHandlers):
     async def GetItem(self, request, context):
         index = self._index(request.index)
         item = await asyncio.to_thread(index.get, request.key)  # checks the key
-        if getattr(index, "binary", False):  # bits travel packed, as Encode answers them
+        if index.binary:  # bits travel packed, as Encode answers them
             vector = array_to_tensor(np.packbits(item.vector[None] > 0.5, axis=1), pb.UINT8)
         else:
             vector = array_to_tensor(item.vector[None])

@@ -15,8 +15,10 @@ import numpy as np
 
 from zspace.bundle import usable_name
 from zspace.errors import NotFound, shown
+from zspace.index.backends import open_index
+from zspace.index.contract import LatentCodeIndex
 from zspace.index.errors import IndexMoved
-from zspace.index.latent_index import IndexBusy, LatentIndex, open_index
+from zspace.index.latent_index import IndexBusy
 from zspace.service.batcher import DynamicBatcher, WouldBlock
 from zspace.service.config import SearchConfig
 from zspace.service.repository import ModelRepository
@@ -27,14 +29,14 @@ log = logging.getLogger("zspace.serve")
 class IndexRegistry:
     def __init__(self, root: Path | None, repo: ModelRepository, search: SearchConfig = SearchConfig(),
                  snapshots: bool = True, follow: bool = False):
-        """snapshots, follow: as LatentIndex's (a server's workers share the index folders)."""
+        """snapshots, follow: as LatentCodeIndex's (a server's workers share the index folders)."""
         self.root, self.repo, self.search_config = (Path(root) if root else None), repo, search
         self.snapshots, self.follow = snapshots, follow
-        self.indexes: dict[str, LatentIndex] = {}
+        self.indexes: dict[str, LatentCodeIndex] = {}
         self._opening = threading.Lock()
         self.broken: dict[str, str] = {}
         # (index name, k) -> the index object its batcher searches, and the batcher.
-        self.batchers: dict[tuple[str, int], tuple[LatentIndex, DynamicBatcher]] = {}
+        self.batchers: dict[tuple[str, int], tuple[LatentCodeIndex, DynamicBatcher]] = {}
 
     async def search(self, name: str, queries: np.ndarray, k: int) -> list:
         """Concurrent unfiltered searches of one index and k become one FAISS call; payloads come as JSON text.
@@ -60,7 +62,7 @@ class IndexRegistry:
                 pass  # a flat scan, or a write holds the index: the batcher hands the search to a thread
         return (await batcher.submit(queries))[0]
 
-    def _batcher(self, name: str, index: LatentIndex, k: int) -> DynamicBatcher:
+    def _batcher(self, name: str, index: LatentCodeIndex, k: int) -> DynamicBatcher:
         def run(q: np.ndarray, inline: bool = False) -> list[list]:
             if not inline:
                 return [index.search(q, k, as_json=True)]
@@ -156,7 +158,7 @@ class IndexRegistry:
         Searches already running hold the index object and finish; new ones get
         NOT_FOUND. The SQLite file is let go when the last holder drops it, not
         closed here, so a write in flight still completes (into the unlinked file).
-        A folder replaced in place is not gone: open_all reopens it (see LatentIndex.moved)."""
+        A folder replaced in place is not gone: open_all reopens it (see LatentCodeIndex.moved)."""
         gone = [name for name, index in self.indexes.items() if not (index.path / "index.json").is_file()]
         if not gone:
             return
@@ -166,7 +168,7 @@ class IndexRegistry:
         for name in gone:
             log.warning("index %s: its folder is gone; no longer served", name)
 
-    def get(self, name: str) -> LatentIndex:
+    def get(self, name: str) -> LatentCodeIndex:
         if name not in self.indexes:
             raise NotFound(f"index {shown(name)} is not served (served: {', '.join(sorted(self.indexes)) or 'none'})")
         return self.indexes[name]

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from zspace.errors import UserError
-from zspace.index.store import MAX_JSON_DEPTH, MAX_PAYLOAD_BYTES, check_text, json_depth, payload_json
+from zspace.index.contract import MAX_JSON_DEPTH, MAX_PAYLOAD_BYTES, check_text, json_depth, payload_json
 from zspace.service.config import Limits
 from zspace.service.pixels import pixel_budget
 from zspace.transforms import image_pixels

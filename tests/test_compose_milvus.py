@@ -39,8 +39,8 @@ def test_the_deployment_says_where_milvus_is(tmp_path, monkeypatch):
     """ZSPACE_MILVUS_URI replaces a server URI from index.json (the host built it against 127.0.0.1)."""
     import pytest
 
+    from zspace.index.backends import open_index
     from zspace.index.errors import IndexError_
-    from zspace.index.latent_index import open_index
 
     folder = tmp_path / "ix"
     folder.mkdir()

@@ -7,6 +7,7 @@ import pytest
 
 from zspace.errors import UserError
 from zspace.index.build import build_index
+from zspace.index.contract import IndexSpec
 from zspace.index.errors import FactoryError
 from zspace.index.factory import traits
 from zspace.index.latent_index import LatentIndex
@@ -72,8 +73,8 @@ def test_a_failed_build_leaves_no_index_folder(tmp_path, vae_bundle):
         build_index(vae_bundle, "mnist:/nonexistent", out)
     assert not out.exists() and not list(out.parent.glob(".*"))
     with pytest.raises(FactoryError):
-        build_index(vae_bundle, "digits", out, factory="NoSuchThing")
+        build_index(vae_bundle, "digits", out, IndexSpec(factory="NoSuchThing"))
     assert not out.exists()
-    index = build_index(vae_bundle, "digits", out, factory="IVF8,Flat", quiet=True)
+    index = build_index(vae_bundle, "digits", out, IndexSpec(factory="IVF8,Flat"), quiet=True)
     assert index.stats()["trained"] and index.stats()["count"] > 1000
     index.close()

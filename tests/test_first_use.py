@@ -13,8 +13,8 @@ from serving import start_thread
 from benchmarks.harness import ServerChild, free_port, serve_command
 from zspace.data import load_dataset
 from zspace.index.build import build_index
+from zspace.index.contract import FilterError
 from zspace.index.latent_index import LatentIndex
-from zspace.index.store import FilterError
 from zspace.training.export import export_run
 
 

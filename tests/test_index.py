@@ -216,3 +216,21 @@ def test_kill_9_loses_no_acknowledged_upsert(tmp_path):
     for i in range(acked + 1):
         assert idx.get(f"k{i}").payload == {"i": i}
     assert idx.index.ntotal == idx.stats()["count"] >= acked + 1
+
+
+def test_every_backend_offers_the_index_contract(tmp_path):
+    """index/contract.py declares the surface; each backend class named in index/backends.py has all of it."""
+    import inspect
+
+    from zspace.index.backends import BACKENDS, backend_class
+    from zspace.index.contract import LatentCodeIndex
+
+    index = LatentIndex.create(tmp_path / "ix", "m", 1, 4)
+    assert isinstance(index, LatentCodeIndex)
+    index.close()
+    methods = [n for n, v in vars(LatentCodeIndex).items() if inspect.isfunction(v) or isinstance(v, property)]
+    assert {"upsert", "delete", "get", "search", "stats", "moved", "close", "model"} <= set(methods)
+    for name in BACKENDS:
+        cls = backend_class(name)
+        missing = [m for m in methods + ["open_folder", "build", "default_factory", "check_spec"] if not hasattr(cls, m)]
+        assert not missing, f"{name}: {missing}"

@@ -14,7 +14,8 @@ import pytest
 from serving import start_thread
 
 from zspace.data import load_dataset
-from zspace.index.latent_index import LatentIndex, open_index
+from zspace.index.backends import open_index
+from zspace.index.latent_index import LatentIndex
 from zspace.service.client import ZSpaceClient, to_tensor
 from zspace.training.export import export_run
 from zspace.v1 import zspace_pb2 as pb

@@ -13,10 +13,10 @@ import pytest
 
 from benchmarks.harness import ServerChild, free_port, requests_answered, serve_command, start_milvus_lite
 from zspace.errors import UserError
+from zspace.index.backends import open_index
+from zspace.index.contract import FilterError
 from zspace.index.errors import IndexError_
-from zspace.index.latent_index import open_index
 from zspace.index.milvus_index import MilvusIndex, filter_expression
-from zspace.index.store import FilterError
 from zspace.service.client import ZSpaceClient, channel_target
 
 TRICKY = ['x" or payload["label"] == "a', 'back\\slash', 'quote"inside', "7", "a == b && 1"]
@@ -60,7 +60,7 @@ def test_the_model_binding_lives_with_the_collection(tmp_path):
 
 OPEN = """
 import sys
-from zspace.index.latent_index import open_index
+from zspace.index.backends import open_index
 open_index(sys.argv[1]).close()
 print("opened")
 """

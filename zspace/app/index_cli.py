@@ -65,9 +65,11 @@ def index_group() -> None:
 def build(model_ref, data, out, factory, metric, split, batch_size, backend, uri, collection) -> None:
     """Encode a data set's split with the exported encoder and store the codes."""
     from zspace.index.build import build_index
+    from zspace.index.contract import IndexSpec
 
-    index = build_index(Path(model_ref), data, Path(out), factory=factory, metric=None if metric == "auto" else metric,
-                        split=split, batch_size=batch_size, backend=backend, uri=uri, collection=collection)
+    spec = IndexSpec(backend=backend, factory=factory, metric=None if metric == "auto" else metric, uri=uri,
+                     collection=collection)
+    index = build_index(Path(model_ref), data, Path(out), spec, split=split, batch_size=batch_size)
     click.echo(json.dumps({"index": out, **index.stats()}, indent=1))
     index.close()
 
@@ -78,8 +80,8 @@ def build(model_ref, data, out, factory, metric, split, batch_size, backend, uri
 @click.option("--models", type=click.Path(file_okay=False), default="models", help="Model repository, to encode --png/--text.")
 def search(index_dir, key, pngs, texts, npy, k, where, models) -> None:
     """Nearest stored items to a stored key, raw inputs, or codes; JSON out."""
+    from zspace.index.backends import open_index
     from zspace.index.build import query_codes
-    from zspace.index.latent_index import open_index
 
     index = open_index(Path(index_dir))
     if key is not None:
@@ -101,7 +103,7 @@ def search(index_dir, key, pngs, texts, npy, k, where, models) -> None:
 @click.argument("index_dir", type=click.Path(exists=True, file_okay=False))
 def stats(index_dir) -> None:
     """Model, metric, factory, count and training state of an index."""
-    from zspace.index.latent_index import open_index
+    from zspace.index.backends import open_index
 
     index = open_index(Path(index_dir))
     click.echo(json.dumps(index.stats(), indent=1))
