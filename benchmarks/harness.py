@@ -1,9 +1,8 @@
-"""What the benchmark scripts (and the tests that run servers as processes) share.
+"""What the benchmark scripts share: a closed-loop load of concurrent callers bounded in time and count,
+side-by-side rounds with the median round as the figure, tables and JSON.
 
-Small functions over plain values: a free loopback port, `zspace serve` as a
-child process, a closed-loop load of concurrent callers bounded in time and
-count, side-by-side rounds with the median round as the figure, tables and JSON.
-"""
+Servers as child processes, free ports and milvus-lite come from `testbed.servers`, which the tests
+own as much as the benchmarks; they are imported here so that every benchmark finds them in one place."""
 
 from __future__ import annotations
 
@@ -11,135 +10,19 @@ import asyncio
 import json
 import os
 import platform
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+from testbed.servers import ROOT, ServerChild, free_port, requests_answered, serve_command, start_milvus_lite
+
+__all__ = ["ROOT", "ServerChild", "free_port", "requests_answered", "serve_command", "start_milvus_lite"]  # shared
+
 SHARED = ROOT.parent / "shared" / "datasets"
 RESULTS = ROOT / "benchmarks" / "results"
 GRPC_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def serve_command(models: Path, port: int, *options: str) -> list[str]:
-    """`zspace serve` on a loopback port, run by this Python (the checkout's environment)."""
-    return [sys.executable, "-m", "zspace.app.cli", "serve", "--models", str(models), "--host", "127.0.0.1",
-            "--port", str(port), *options]
-
-
-class ServerChild:
-    """A server as a child process: started, waited for, stopped with SIGTERM (as an orchestrator would)."""
-
-    def __init__(self, args: list[str], port: int, env: dict | None = None, capture: bool = False, cwd: Path = ROOT):
-        self.port = port
-        out = subprocess.PIPE if capture else subprocess.DEVNULL
-        self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT if capture else subprocess.PIPE,
-                                     text=True, cwd=cwd, env={**os.environ, **(env or {})})
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def wait_listening(self, timeout: float = 60) -> ServerChild:
-        """Until the port accepts connections (any gRPC server, the echo one too)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return self
-            self._check_alive()
-            time.sleep(0.2)
-        raise TimeoutError(f"server on {self.port} did not start within {timeout:.0f}s")
-
-    def wait_serving(self, timeout: float = 60) -> ServerChild:
-        """Until gRPC health says SERVING (models loaded), not just until the port is open."""
-        from zspace.service.client import ZSpaceClient
-
-        deadline = time.monotonic() + timeout
-        with ZSpaceClient(self.target, timeout=2, retries=1) as c:
-            while time.monotonic() < deadline:
-                self._check_alive()
-                try:
-                    if c.health() == "SERVING":
-                        return self
-                except Exception:  # not up yet: connection refused, UNAVAILABLE
-                    time.sleep(0.2)
-        raise TimeoutError(f"server on {self.port} did not become SERVING within {timeout:.0f}s")
-
-    def _check_alive(self) -> None:
-        if self.proc.poll() is not None:
-            stream = self.proc.stdout if self.proc.stdout else self.proc.stderr
-            raise RuntimeError(f"server exited early (rc {self.proc.returncode}):\n{stream.read() if stream else ''}")
-
-    def terminate(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-
-    def wait(self, timeout: float = 30) -> tuple[int, str]:
-        out, err = self.proc.communicate(timeout=timeout)
-        return self.proc.returncode, out or err or ""
-
-    def stop(self, timeout: float = 20) -> None:
-        """SIGTERM, then SIGKILL if it has not drained by `timeout`."""
-        if self.proc.poll() is None:
-            self.terminate()
-            try:
-                self.proc.communicate(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.communicate()
-
-
-def requests_answered(metrics_port: int, method: str) -> dict[str, int]:
-    """The server's own count of `method` calls so far, by status code (summed over models and workers):
-    what a load generator that sees only HTTP statuses (h2load) cannot tell."""
-    import urllib.request
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    counts: dict[str, int] = {}
-    for line in text.splitlines():
-        if line.startswith("zspace_requests_total{") and f'method="{method}"' in line:
-            code = line.split('code="', 1)[1].split('"', 1)[0]
-            counts[code] = counts.get(code, 0) + int(float(line.split()[-1]))
-    return counts
-
-
-def start_milvus_lite(data_dir: Path, timeout: float = 60) -> tuple[subprocess.Popen, str]:
-    """`milvus-lite server` on a free loopback port, waited for; (the process, its URI). The Milvus protocol,
-    as a deployment's standalone is reached, for tests and benchmarks where no Milvus image can run."""
-    from zspace.index.errors import IndexError_
-    from zspace.index.milvus_index import MilvusIndex
-
-    port = free_port()
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "milvus-lite"), "server", "--data-dir", str(data_dir),
-                             "--host", "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
-    uri, deadline = f"http://127.0.0.1:{port}", time.monotonic() + timeout
-    while True:
-        try:
-            MilvusIndex.connect(uri, data_dir).close()
-            return proc, uri
-        except IndexError_:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise RuntimeError(f"milvus-lite server did not start:\n{proc.communicate()[1][-2000:]}") from None
-            time.sleep(0.5)
 
 
 def run_in_threads(call: Callable[[], object], threads: int, seconds: float) -> tuple[int, float]:

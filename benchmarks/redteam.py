@@ -19,7 +19,7 @@ time and count throughout; every figure is printed and written to JSON:
 - event loop: gRPC health latency while PNGs full of compressed text chunks are encoded.
 - memory: peak RSS while 16 clients send 64-megapixel PNGs at once, and RSS a few seconds after.
 - an index folder replaced under the server, then writes: every acknowledged one survives a restart.
-- fuzzing (benchmarks/fuzz.py): requests drawn over every RPC of both protocols; statuses, INTERNAL, hangs.
+- fuzzing (testbed/fuzz.py): requests drawn over every RPC of both protocols; statuses, INTERNAL, hangs.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ import grpc
 import numpy as np
 
 from benchmarks.harness import RESULTS, ServerChild, free_port, machine, serve_command, table, write_json
+from testbed.hostile import big_png, text_chunk_png
 from zspace.service.client import to_tensor
 from zspace.v1 import zspace_pb2 as pb
 from zspace.v1 import zspace_pb2_grpc as pb_grpc
@@ -63,35 +64,6 @@ def start(work: Path, port: int, *extra: str) -> ServerChild:
     args = serve_command(work / "models", port, "--indexes", str(work / "indexes"), "--metrics-port", "0", "--poll-s", "0",
                          *extra)
     return ServerChild(args, port, capture=False).wait_serving()
-
-
-def big_png(side: int = 6000) -> bytes:
-    """A PNG of side x side pixels (36 megapixels by default) of a smooth pattern: 1 MB on the wire,
-    a few hundred milliseconds to decode."""
-    import io
-
-    from PIL import Image
-
-    a = np.add.outer(np.arange(side) % 256, np.arange(side) % 256).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(np.stack([a, a.T, a // 2], -1)).save(buf, "PNG", compress_level=1)
-    return buf.getvalue()
-
-
-def text_chunk_png(chunks: int = 63, side: int = 64) -> bytes:
-    """A small PNG (about 66 KB) carrying `chunks` zlib-compressed text chunks of a megabyte each: Pillow
-    decompresses every one when it opens the file (about 0.3 s), though not one pixel depends on them."""
-    import io
-
-    from PIL import Image, PngImagePlugin
-
-    info = PngImagePlugin.PngInfo()
-    for i in range(chunks):
-        info.add_text(f"note{i}", "x" * 1_000_000, zip=True)
-    buf = io.BytesIO()
-    pixels = (np.random.default_rng(0).random((side, side)) * 255).astype(np.uint8)
-    Image.fromarray(pixels).save(buf, "PNG", pnginfo=info)
-    return buf.getvalue()
 
 
 def bad_requests() -> list[tuple[str, object]]:
@@ -382,10 +354,10 @@ def memory_phase(child: ServerChild, clients: int = 16) -> dict:
 
 
 def fuzz_phase(target: str, examples: int, seconds: float) -> dict:
-    """`examples` requests drawn by benchmarks/fuzz.py over every RPC of both protocols, within `seconds`."""
+    """`examples` requests drawn by testbed/fuzz.py over every RPC of both protocols, within `seconds`."""
     from hypothesis import HealthCheck, assume, given, settings
 
-    from benchmarks.fuzz import Tally, requests, send
+    from testbed.fuzz import Tally, requests, send
 
     tally, t0 = Tally(), time.monotonic()
     opts = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]

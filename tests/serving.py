@@ -6,7 +6,7 @@ import urllib.request
 from dataclasses import replace
 from pathlib import Path
 
-from benchmarks.harness import free_port
+from testbed.servers import free_port
 from zspace.service.background import BackgroundServer
 from zspace.service.config import SERVE_RUNTIME, ServeConfig
 

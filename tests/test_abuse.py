@@ -224,7 +224,7 @@ def test_big_requests_beyond_the_byte_budget_are_refused_at_once_and_small_ones_
 
 def test_image_floods_neither_starve_index_reads_nor_pass_the_pixel_cap(served):
     """Decoding runs in a pool of its own: GetItem stays fast while huge images decode (bounded: 24 requests)."""
-    from benchmarks.redteam import big_png
+    from testbed.hostile import big_png
 
     s, stub = served
     png = big_png()
@@ -250,7 +250,7 @@ def test_image_floods_neither_starve_index_reads_nor_pass_the_pixel_cap(served):
 @pytest.mark.parametrize("after_s", [0.3, 1.5])
 def test_sigterm_during_start_up_exits_cleanly(vae_bundle, tmp_path, after_s):
     """SIGTERM while the process imports or loads its models: exit 0, no traceback (was rc -15 or 1)."""
-    from benchmarks.harness import ServerChild, free_port, serve_command
+    from testbed.servers import ServerChild, free_port, serve_command
 
     shutil.copytree(vae_bundle, tmp_path / "models" / "digits" / "1")
     port = free_port()
@@ -269,7 +269,7 @@ def test_shutdown_is_bounded_by_the_grace_period(tmp_path):
     cannot be interrupted): the process exits soon after --grace-s, not when the last thread is done."""
     from helpers import make_docs, train_run
 
-    from benchmarks.harness import ServerChild, free_port, serve_command
+    from testbed.servers import ServerChild, free_port, serve_command
     from zspace.training.export import export_run
 
     docs = tmp_path / "docs.jsonl"

@@ -10,7 +10,7 @@ import pytest
 from helpers import make_docs, train_run
 from serving import start_thread
 
-from benchmarks.harness import ServerChild, free_port, serve_command
+from testbed.servers import ServerChild, free_port, serve_command
 from zspace.data import load_dataset
 from zspace.index.build import build_index
 from zspace.index.contract import FilterError

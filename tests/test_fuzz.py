@@ -1,5 +1,5 @@
 """Property-based fuzzing of every RPC of zspace.v1 and KServe v2 against a real server on a loopback port
-(benchmarks/fuzz.py draws the requests). Bounded: a fixed number of examples and a time budget; the longer
+(testbed/fuzz.py draws the requests). Bounded: a fixed number of examples and a time budget; the longer
 run is `python -m benchmarks.redteam --fuzz N`."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from serving import start_thread
 
-from benchmarks.fuzz import Tally, requests, send
+from testbed.fuzz import Tally, requests, send
 from zspace.index.build import build_index
 from zspace.service.client import ZSpaceClient
 

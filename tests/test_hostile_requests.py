@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from serving import start_thread
 
-from benchmarks.redteam import text_chunk_png
+from testbed.hostile import text_chunk_png
 from zspace.index.build import build_index
 from zspace.index.latent_index import LatentIndex
 from zspace.kserve import grpc_service_pb2 as kpb
@@ -316,7 +316,7 @@ def test_the_pixel_budget_holds_a_second_big_image_until_the_first_is_decoded():
 def test_metrics_port_takes_a_host(vae_bundle, tmp_path, cli):
     import urllib.request
 
-    from benchmarks.harness import free_port
+    from testbed.servers import free_port
     from zspace.service.config import parse_host_port
 
     assert parse_host_port("9100", "--metrics-port") == (None, 9100)
@@ -353,7 +353,7 @@ def sigterm_caught(pid: int) -> bool:
 def test_sigterm_at_any_moment_with_workers_exits_0(vae_bundle, tmp_path, moment):
     """first-handler: the moment the process can catch SIGTERM at all (before that it is the interpreter
     starting, with no code of ours running); then while the workers import and load."""
-    from benchmarks.harness import ServerChild, free_port, serve_command
+    from testbed.servers import ServerChild, free_port, serve_command
 
     shutil.copytree(vae_bundle, tmp_path / "models" / "digits" / "1")
     port = free_port()

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from benchmarks.harness import ServerChild, free_port, requests_answered, serve_command, start_milvus_lite
+from testbed.servers import ServerChild, free_port, requests_answered, serve_command, start_milvus_lite
 from zspace.errors import UserError
 from zspace.index.backends import open_index
 from zspace.index.contract import FilterError

@@ -20,7 +20,7 @@ from helpers import train_run
 from PIL import Image
 from serving import free_port, start_thread
 
-from benchmarks.harness import ServerChild, serve_command
+from testbed.servers import ServerChild, serve_command
 from zspace.bundle import load_bundle
 from zspace.data import load_dataset
 from zspace.runtime import onnx_session

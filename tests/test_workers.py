@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks.harness import ServerChild, free_port, serve_command
+from testbed.servers import ServerChild, free_port, serve_command
 from zspace.index.latent_index import LatentIndex
 from zspace.service.client import ZSpaceClient
 

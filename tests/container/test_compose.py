@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks.harness import free_port
+from testbed.servers import free_port
 
 pytestmark = pytest.mark.container
 ROOT = Path(__file__).resolve().parents[2]
