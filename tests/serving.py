@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
 import urllib.request
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,3 +26,15 @@ def start_thread(models: Path, **overrides) -> ServerThread:
                 "grace_s": 5, **overrides}
     cfg = ServeConfig(models=models, **settings)
     return ServerThread(cfg)
+
+
+@contextmanager
+def digits_served(vae_bundle: Path, root: Path, **overrides):
+    """The digits VAE served with an index of its test split (root/models, root/indexes): what most service
+    tests talk to. Yields the running ServerThread."""
+    from zspace.index.build import build_index
+
+    shutil.copytree(vae_bundle, root / "models" / "digits" / "1")
+    build_index(root / "models" / "digits", "digits", root / "indexes" / "digits", split="test", quiet=True).close()
+    with start_thread(root / "models", indexes=root / "indexes", **overrides) as s:
+        yield s

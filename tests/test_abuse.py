@@ -11,10 +11,9 @@ import time
 import grpc
 import numpy as np
 import pytest
-from serving import start_thread
+from serving import digits_served, start_thread
 
 from zspace.errors import NotFound
-from zspace.index.build import build_index
 from zspace.index.latent_index import LatentIndex
 from zspace.service.client import ZSpaceClient, to_tensor
 from zspace.service.config import BatchConfig
@@ -24,10 +23,7 @@ from zspace.v1 import zspace_pb2_grpc as pb_grpc
 
 @pytest.fixture(scope="module")
 def served(vae_bundle, tmp_path_factory):
-    root = tmp_path_factory.mktemp("hardening")
-    shutil.copytree(vae_bundle, root / "models" / "digits" / "1")
-    build_index(root / "models" / "digits", "digits", root / "indexes" / "digits", split="test", quiet=True).close()
-    with start_thread(root / "models", indexes=root / "indexes") as s:
+    with digits_served(vae_bundle, tmp_path_factory.mktemp("abuse")) as s:
         with grpc.insecure_channel(s.target) as channel:
             yield s, pb_grpc.ZSpaceStub(channel)
 

@@ -4,16 +4,14 @@ run is `python -m benchmarks.redteam --fuzz N`."""
 
 from __future__ import annotations
 
-import shutil
 import time
 
 import grpc
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
-from serving import start_thread
+from serving import digits_served
 
 from testbed.fuzz import Tally, requests, send
-from zspace.index.build import build_index
 from zspace.service.client import ZSpaceClient
 
 EXAMPLES = 300
@@ -22,10 +20,7 @@ BUDGET_S = 90.0
 
 @pytest.fixture(scope="module")
 def fuzzed(vae_bundle, tmp_path_factory):
-    root = tmp_path_factory.mktemp("fuzz")
-    shutil.copytree(vae_bundle, root / "models" / "digits" / "1")
-    build_index(root / "models" / "digits", "digits", root / "indexes" / "digits", split="test", quiet=True).close()
-    with start_thread(root / "models", indexes=root / "indexes") as s:
+    with digits_served(vae_bundle, tmp_path_factory.mktemp("fuzz")) as s:
         opts = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
         with grpc.insecure_channel(s.target, options=opts) as channel:
             yield s, channel

@@ -15,7 +15,7 @@ from collections import Counter
 import grpc
 import numpy as np
 import pytest
-from serving import start_thread
+from serving import digits_served, start_thread
 
 from testbed.hostile import text_chunk_png
 from zspace.index.build import build_index
@@ -33,10 +33,7 @@ MODEL = pb.ModelRef(name="digits")
 @pytest.fixture(scope="module")
 def served(vae_bundle, tmp_path_factory):
     root = tmp_path_factory.mktemp("hostile")
-    shutil.copytree(vae_bundle, root / "models" / "digits" / "1")
-    build_index(root / "models" / "digits", "digits", root / "indexes" / "digits", split="test", quiet=True).close()
-    with start_thread(root / "models", indexes=root / "indexes", max_message_mb=8,
-                      limits=Limits(max_rows=65536, max_generate=65536)) as s:
+    with digits_served(vae_bundle, root, max_message_mb=8, limits=Limits(max_rows=65536, max_generate=65536)) as s:
         with grpc.insecure_channel(s.target) as channel:
             yield s, pb_grpc.ZSpaceStub(channel), kpb_grpc.GRPCInferenceServiceStub(channel), root
 
