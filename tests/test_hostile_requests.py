@@ -419,3 +419,30 @@ def test_a_replace_storm_loses_no_acknowledged_write(vae_bundle, tmp_path):
         index.close()
     assert not missing, f"{len(missing)} of {len(after)} acknowledged writes lost"
     assert set(errors) <= {"UNAVAILABLE"}, f"writes that met a swap are refused as UNAVAILABLE only: {Counter(errors)}"
+
+
+def test_a_decoded_big_image_gives_its_memory_back(tmp_path):
+    """A 36-megapixel PNG decoded on a thread of its own, as the server decodes: with the server's malloc
+    settings and Pillow's big blocks, the process's RSS returns near where it was (before, 300 MB stayed)."""
+    import subprocess
+    import sys
+
+    from testbed.hostile import big_png
+
+    (tmp_path / "big.png").write_bytes(big_png())
+    script = f"""
+import threading
+from zspace.memory import decoded_images_outside_the_heap, keep_freed_memory
+from zspace.transforms import ImageTransform
+keep_freed_memory(); decoded_images_outside_the_heap()
+data = open({str(tmp_path / "big.png")!r}, "rb").read()
+def rss(): return int([l for l in open("/proc/self/status") if l.startswith("VmRSS")][0].split()[1]) // 1024
+before = rss()
+for _ in range(2):
+    t = threading.Thread(target=ImageTransform(shape=(1, 8, 8)).from_bytes, args=(data,)); t.start(); t.join()
+print(before, rss())
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    before, after = map(int, done.stdout.split())
+    assert after - before < 60, f"RSS {before} MB before two decodes, {after} MB after"
