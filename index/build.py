@@ -16,6 +16,7 @@ import numpy as np
 
 from zspace.bundle import load_bundle, resolve_bundle
 from zspace.data import load_dataset
+from zspace.errors import UserError
 from zspace.index import backends
 from zspace.index.contract import IndexSpec, LatentCodeIndex
 from zspace.index.errors import IndexError_
@@ -91,6 +92,12 @@ def query_codes(index: LatentCodeIndex, models: Path, pngs: list[str], texts: li
     """Codes of image files or documents through the index's own model (its codes mean nothing to another)."""
     name, version = index.model
     runtime = open_runtime(load_bundle(Path(models) / name / str(version)), RuntimeOptions(device=device))
+    modality = runtime.bundle.modality
+    if pngs and modality != "image" or texts and modality != "text":
+        option = "--png" if pngs else "--text"
+        fits = {"image": "--png, ", "text": "--text, "}.get(modality, "")
+        raise UserError(f"{option}: this index holds codes of {name}/{version}, a model of {modality}s; "
+                        f"query it with {fits}--key or --npy")
     if pngs:
         x = np.stack([runtime.transform.from_bytes(Path(p).read_bytes(), p) for p in pngs])
     else:

@@ -115,6 +115,18 @@ def retry_config(attempts: int) -> str:
     }]})
 
 
+def filter_of(where: dict | tuple[str, object]) -> tuple[str, object]:
+    """A search filter as (field, value), from {"field": value} or (field, value); ValueError naming `where`
+    for anything else (one field for now: the server filters on one equality)."""
+    if isinstance(where, dict):
+        if len(where) != 1:
+            raise ValueError(f"where: one field and its value, as {{'label': 'coat'}}; got {len(where)} fields")
+        return next(iter(where.items()))
+    if isinstance(where, tuple) and len(where) == 2 and isinstance(where[0], str):
+        return where
+    raise ValueError(f"where: expected {{'field': value}} or ('field', value), got {type(where).__name__}")
+
+
 class ZSpaceClient:
     def __init__(self, target: str, token: str | None = None, tls_ca: str | Path | None = None,
                  timeout: float | None = 30.0, retries: int = 5, max_message_mb: int = 64,
@@ -227,8 +239,11 @@ class ZSpaceClient:
         return self._call("IndexStats", pb.IndexStatsRequest(index=index))
 
     def search(self, index: str, x=None, *, images=None, texts=None, vectors=None, key: str | None = None,
-               k: int = 10, where: tuple[str, object] | None = None) -> list[list[Hit]]:
-        """Nearest stored items per query: [Hit(key, distance, payload), ...], nearest first."""
+               k: int = 10, where: dict | tuple[str, object] | None = None) -> list[list[Hit]]:
+        """Nearest stored items per query: [Hit(key, distance, payload), ...], nearest first.
+
+        where: items whose payload field equals a value, as {"label": "coat"} or ("label", "coat");
+        a number and its string match each other (7 and "7")."""
         req = pb.SearchRequest(index=index, k=k)
         if key is not None:
             req.key = key
@@ -237,7 +252,8 @@ class ZSpaceClient:
         else:
             req.inputs.CopyFrom(make_inputs(x, images, texts))
         if where is not None:
-            req.filter_field, req.filter_value_json = where[0], json.dumps(where[1])
+            req.filter_field, value = filter_of(where)
+            req.filter_value_json = json.dumps(value)
         resp = self._call("Search", req)
         return [[Hit(h.key, h.distance, json.loads(h.payload_json)) for h in hits.hits] for hits in resp.results]
 

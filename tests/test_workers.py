@@ -116,6 +116,7 @@ def test_workers_share_the_port_the_index_and_one_metrics_endpoint(served_dirs, 
     code, out = group.wait(60)
     assert code == 0, out
     assert out.count("stopped") == 3, "both workers drained, then the supervisor"
+    assert f"group metrics on 127.0.0.1:{metrics_port}" in out, "one line names the group's metrics port"
     assert LatentIndex.open(indexes / "items").stats()["count"] == 12
 
 

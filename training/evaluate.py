@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from zspace.bundle import VAE_KINDS, load_bundle
+from zspace.bundle import VAE_KINDS, load_bundle, versions
 from zspace.data import Dataset, load_dataset
 from zspace.errors import UserError
 from zspace.likelihood import log_likelihood, target_of
@@ -40,6 +40,7 @@ class Coder:
     kind: str
     likelihood: str
     latent_dim: int
+    input_dim: int
     encode: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]]
     decode: Callable[[np.ndarray], np.ndarray]
     out_logvar: np.ndarray | None = None
@@ -64,7 +65,7 @@ def coder_from_run(run: Path) -> Coder:
 
     return Coder(
         kind=model.cfg.kind, likelihood=model.cfg.likelihood, latent_dim=model.cfg.latent_dim,
-        encode=encode, decode=decode, out_logvar=model.out_logvar.detach().numpy().copy(),
+        input_dim=model.cfg.input_dim, encode=encode, decode=decode, out_logvar=model.out_logvar.detach().numpy().copy(),
         binarized=info["config"]["binarize"], transform=info["transform"], data_spec=info["config"]["data"],
     )
 
@@ -79,7 +80,7 @@ def coder_from_bundle(path: Path) -> Coder:
 
     return Coder(
         kind=bundle.kind, likelihood=bundle.likelihood, latent_dim=bundle.latent_dim,
-        encode=encode, decode=lambda z: runtime.decode(z)[0],
+        input_dim=bundle.input_dim, encode=encode, decode=lambda z: runtime.decode(z)[0],
         out_logvar=None if bundle.out_logvar is None else np.asarray(bundle.out_logvar, np.float32),
         binarized=training["config"].get("binarize", False), transform=bundle.transform,
         data_spec=training["data"]["spec"],
@@ -92,7 +93,12 @@ def open_coder(target: Path) -> Coder:
         return coder_from_run(target)
     if (target / "manifest.json").is_file():
         return coder_from_bundle(target)
-    raise UserError(f"{target}: neither a training run (run.json) nor a model bundle (manifest.json)")
+    found = versions(target.parent, target.name)
+    if found:
+        raise UserError(f"{target}: a model folder, not one of its versions; evaluate {target / str(found[-1])} (the "
+                        f"latest of versions {', '.join(map(str, found))})")
+    raise UserError(f"{target}: neither a training run (run.json) nor a model bundle (manifest.json); "
+                    "expected runs/NAME or models/NAME/VERSION")
 
 
 # ---------------------------------------------------------------- pieces
@@ -107,7 +113,7 @@ def importance_sampled(coder: Coder, x: np.ndarray, k: int, seed: int = 0, progr
     rng = np.random.default_rng(seed)
     chunk = max(1, 8192 // k)
     neg_elbo, nll = [], []
-    bar = Progress(math.ceil(len(x) / chunk), f"IS-NLL k={k}") if progress else None
+    bar = Progress(math.ceil(len(x) / chunk), f"IS-NLL, {k} importance samples x {len(x)} rows") if progress else None
     for i in range(0, len(x), chunk):
         xb = x[i : i + chunk]
         mu, logvar = coder.encode(xb)
@@ -190,11 +196,14 @@ def retrieval(q: np.ndarray, qy: np.ndarray, db: np.ndarray, dby: np.ndarray, me
 BASELINES = ("pca", "raw")
 
 
-def evaluate(target: Path, spec: str | None = None, k: int = 1000, nll_examples: int | None = None,
+def evaluate(target: Path, spec: str | None = None, k: int = 100, nll_examples: int | None = None,
              at: tuple[int, ...] = (10,), baselines: tuple[str, ...] = BASELINES, map_queries: int | None = 1000,
              progress: bool = True) -> dict:
     coder = open_coder(target)
     ds = load_dataset(spec or coder.data_spec, transform=transform_from_dict(coder.transform))
+    if ds.dim != coder.input_dim:
+        raise UserError(f"--data: {ds.name} has {ds.dim} features a row, and {target} takes {coder.input_dim}; "
+                        f"evaluate it on data like its own ({coder.data_spec})")
     return evaluate_coder(coder, ds, k=k, nll_examples=nll_examples, at=at, baselines=baselines,
                           map_queries=map_queries, progress=progress)
 
@@ -221,7 +230,7 @@ def hamming_retrieval(q: np.ndarray, qy: np.ndarray, db: np.ndarray, dby: np.nda
             f"{knn}nn_accuracy": float((votes.argmax(1) == qy).mean())}
 
 
-def evaluate_coder(coder: Coder, ds: Dataset, k: int = 1000, nll_examples: int | None = None,
+def evaluate_coder(coder: Coder, ds: Dataset, k: int = 100, nll_examples: int | None = None,
                    at: tuple[int, ...] = (10,), baselines: tuple[str, ...] = BASELINES, map_queries: int | None = 1000,
                    progress: bool = True) -> dict:
     """The model's figures on the test split, beside the chosen baselines (PCA at the same size, raw input)."""

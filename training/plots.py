@@ -55,12 +55,29 @@ def image_grid(rows_of_images: list[np.ndarray], path: Path, titles: list[str] |
     return path
 
 
+def across_classes(y: np.ndarray | None, count: int, n: int, seed: int = 0) -> np.ndarray:
+    """Rows to show: `n` drawn with a fixed seed, taking the classes in turn when the data has labels.
+
+    A folder of images is read class by class, so its first rows are all of the first class;
+    the picture should show what the model makes of every class."""
+    rng = np.random.default_rng(seed)
+    if y is None or len(y) != count:
+        return np.sort(rng.permutation(count)[: min(n, count)])
+    pools = [rng.permutation(np.flatnonzero(y == c)).tolist() for c in np.unique(y)]
+    picked: list[int] = []
+    while len(picked) < min(n, count):
+        for pool in pools:
+            if pool and len(picked) < n:
+                picked.append(pool.pop())
+    return np.array(picked)
+
+
 @torch.no_grad()
-def reconstructions(model, x: np.ndarray, transform, path: Path, n: int = 16) -> Path:
-    """Inputs (top row) above their reconstructions (bottom row)."""
-    xb = torch.from_numpy(x[:n])
-    recon = model.decode(model.encode(xb)[0]).numpy()
-    return image_grid([transform.to_uint8(x[:n]), transform.to_uint8(recon)], path)
+def reconstructions(model, x: np.ndarray, transform, path: Path, n: int = 16, y: np.ndarray | None = None) -> Path:
+    """Inputs (top row) above their reconstructions (bottom row), across the classes when there are labels."""
+    rows = x[across_classes(y, len(x), n)]
+    recon = model.decode(model.encode(torch.from_numpy(rows))[0]).numpy()
+    return image_grid([transform.to_uint8(rows), transform.to_uint8(recon)], path)
 
 
 @torch.no_grad()
@@ -111,7 +128,7 @@ def run_plots(run: Path) -> list[Path]:
     ds = load_run_data(run)
     written = [loss_curves(read_metrics(run), run / "loss_curves.png")]
     if ds.modality == "image":
-        written.append(reconstructions(model, ds.x_test, ds.transform, run / "reconstructions.png"))
+        written.append(reconstructions(model, ds.x_test, ds.transform, run / "reconstructions.png", y=ds.y_test))
         if model.cfg.kind in VAE_KINDS:
             written.append(samples(model, ds.transform, run / "samples.png"))
     written.append(latent_map(codes_of(model, ds.x_test), ds.y_test, ds.classes, run / "latent_map.png"))

@@ -6,6 +6,7 @@ and handled in run.py.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import asdict, dataclass, replace
@@ -19,7 +20,17 @@ from zspace.errors import UserError
 from zspace.progress import Progress
 from zspace.training.config import TrainConfig
 from zspace.training.models import ARCHS, KINDS, LIKELIHOODS, ModelConfig, build_model, reconstruction_target
-from zspace.training.run import BEST, LAST, METRICS, append_metrics, load_checkpoint, load_run_data, save_checkpoint, write_run
+from zspace.training.run import (
+    BEST,
+    LAST,
+    METRICS,
+    append_metrics,
+    load_checkpoint,
+    load_run_data,
+    read_run,
+    save_checkpoint,
+    write_run,
+)
 
 CONV_FROM = 16  # arch auto: conv for images at least this big a side (room for two stride-2 layers); README has why
 
@@ -197,6 +208,40 @@ def sized_for(cfg: TrainConfig, n_fit: int) -> tuple[TrainConfig, str | None]:
     return replace(cfg, batch_size=batch, epochs=epochs), f"train: {n_fit} rows: {', '.join(said)}, {steps} steps an epoch"
 
 
+# What a resumed run may change: how long it trains and where; everything else is the run's own.
+RESUMABLE = ("epochs", "device", "threads")
+
+
+def resumed_config(cfg: TrainConfig, out: Path, given: set[str] | None = None) -> TrainConfig:
+    """The run's own config for --resume, with only RESUMABLE settings taken from `cfg`.
+
+    `given` names the settings the caller chose (the command line's explicit options); by default
+    every one that differs from TrainConfig's default. One of them that disagrees with the run is
+    refused by name: a run continued with another --data or --latent-dim would be neither run."""
+    try:
+        stored = read_run(out)["config"]
+    except (OSError, KeyError, ValueError):
+        raise UserError(f"--resume: {out} has no readable run.json to resume from") from None
+    defaults = TrainConfig()
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    run_cfg = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items() if k in fields})
+    if given is None:
+        given = {f for f in fields if getattr(cfg, f) != getattr(defaults, f)}
+    for name in sorted(given - set(RESUMABLE)):
+        mine, theirs = getattr(cfg, name), getattr(run_cfg, name)
+        mine = tuple(mine) if isinstance(mine, list) else mine  # a config built from JSON holds lists
+        if name == "latent_dim" and run_cfg.model == "hash":
+            continue  # a hash model's latent_dim is its bits, resolved when the run began
+        if mine != theirs:
+            option = "--" + ("model" if name == "model" else name).replace("_", "-")
+            shown_mine = ",".join(map(str, mine)) if isinstance(mine, tuple) else mine
+            shown_theirs = ",".join(map(str, theirs)) if isinstance(theirs, tuple) else theirs
+            raise UserError(f"{option} {shown_mine}: the run in {out} was trained with {shown_theirs}; --resume continues "
+                            f"a run with its own settings (only {', '.join('--' + r for r in RESUMABLE)} may change): "
+                            f"drop {option}, or train into a new --out")
+    return dataclasses.replace(run_cfg, **{name: getattr(cfg, name) for name in RESUMABLE if name in given})
+
+
 def setup(cfg: TrainConfig, out: Path, resume: bool, log, rank: int = 0, world: int = 1) -> Session:
     """Data (the run's own transform when resuming, a fresh fit otherwise), model and run folder."""
     if cfg.threads:
@@ -207,6 +252,7 @@ def setup(cfg: TrainConfig, out: Path, resume: bool, log, rank: int = 0, world: 
     if resume:
         if not (out / LAST).is_file():
             raise UserError(f"--resume: {out} has no {LAST} to resume from")
+        cfg = resumed_config(cfg, out)
         ds = load_run_data(out)
     else:
         if (out / LAST).exists():
@@ -343,7 +389,12 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False, quiet: bool = False
 
         s.step_module = DistributedDataParallel(s.step_module, device_ids=[s.device.index] if s.device.type == "cuda" else None)
     for epoch in range(s.start_epoch, cfg.epochs):
+        epoch_started = time.monotonic()
         run_epoch(s, epoch, quiet)
+        if epoch == s.start_epoch and epoch + 1 < cfg.epochs:  # the pace of this machine, said once
+            left = (time.monotonic() - epoch_started) * (cfg.epochs - epoch - 1)
+            log(f"train: about {left / 60:.1f} more minutes for the other {cfg.epochs - epoch - 1} epochs at this pace "
+                f"(first epoch {time.monotonic() - epoch_started:.1f}s)")
         stop = stop_after is not None and epoch + 1 >= stop_after
         if time_limit_s is not None and time.monotonic() - started > time_limit_s and epoch + 1 < cfg.epochs:
             log(f"train: time limit of {time_limit_s:.0f}s reached after epoch {epoch + 1}; --resume continues")

@@ -298,9 +298,15 @@ def _image_folder(root: Path) -> _Raw:
         te, yte = _image_files(root / "test")
         classes = sorted(set(ytr) | set(yte)) if ytr and yte else None
         return _Raw(tr, te, ytr if classes else None, yte if classes else None, classes,
-                    [str(p) for p in tr], [str(p) for p in te])
+                    source_paths(tr), source_paths(te))
     files, labels = _image_files(root)
-    return _split_raw(files, labels, [str(p) for p in files])
+    return _split_raw(files, labels, source_paths(files))
+
+
+def source_paths(files: list[Path]) -> list[str]:
+    """Where each item came from, as an absolute path: an index stores it in the item's payload, and a path
+    relative to wherever the build ran would mean nothing to a server started elsewhere."""
+    return [str(p.resolve()) for p in files]
 
 
 def _featurise_images(spec: str, raw: _Raw, transform, image_shape) -> Dataset:
@@ -346,7 +352,7 @@ def _text_files(root: Path) -> tuple[list[str], list[str] | None, list[str]]:
     texts = [_decode_utf8(_read_bytes(p), str(p)) for p in files]
     subdirs = any(p.parent != root for p in files)
     labels = [p.relative_to(root).parts[0] for p in files] if subdirs else None
-    return texts, labels, [str(p) for p in files]
+    return texts, labels, source_paths(files)
 
 
 def _text_folder(root: Path) -> _Raw:

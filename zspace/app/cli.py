@@ -106,7 +106,8 @@ def train_options(f):
         click.option("--vocab-size", type=click.IntRange(min=2), default=d.vocab_size, help="Texts: words in the vocabulary."),
         click.option("--weighting", type=click.Choice(["counts", "binary", "log1p", "tfidf"]), default=d.weighting, help="Texts: word weighting."),
         click.option("--threads", type=click.IntRange(min=0), default=d.threads, help="CPU threads for torch (0: torch's default)."),
-        click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint."),
+        click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint, with the run's "
+                     "own settings (only --epochs, --device and --threads may change; --latent-dim is not needed)."),
         click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), default=None,
                      help="Minutes: stop after the epoch that passes it (checkpoint kept); --resume continues the schedule."),
         click.option("--nproc", type=click.IntRange(min=1), default=1,
@@ -125,16 +126,23 @@ def train(kind, out, resume, time_limit, nproc, **opts) -> None:
     """Train a model and write checkpoints, metrics and plots into a run folder."""
     import os
 
+    from click.core import ParameterSource
+
     from zspace.training.plots import run_plots
-    from zspace.training.train import TrainConfig
+    from zspace.training.train import TrainConfig, resumed_config
     from zspace.training.train import train as run_training
 
-    if opts["latent_dim"] is None and kind != "hash":
+    if opts["latent_dim"] is None and kind != "hash" and not resume:
         raise InputError(f"--latent-dim: required for --model {kind} (the size K of the code)")
     if opts["latent_dim"] is not None and kind == "hash":
         raise InputError("--latent-dim: a hash model's code size is --bits")
     opts["latent_dim"] = opts["latent_dim"] or 0
     cfg = TrainConfig(model=kind.replace("-", "_"), **opts)
+    if resume:  # the run's own settings; an option given here that disagrees with them is refused by name
+        ctx = click.get_current_context()
+        given = {"model" if name == "kind" else name for name in ("kind", *opts)
+                 if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)}
+        cfg = resumed_config(cfg, Path(out), given)
     limit_s = time_limit * 60 if time_limit else None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun: this process is one rank
         from zspace.training.distributed import train_under_torchrun
@@ -157,7 +165,9 @@ def train(kind, out, resume, time_limit, nproc, **opts) -> None:
 @click.argument("target", type=click.Path(exists=True, file_okay=False))
 @click.option("--data", default=None, help=f"Data set ({SPEC_HELP}); default: the one the model was trained on.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write the report here.")
-@click.option("--k", "k", type=click.IntRange(min=0), default=1000, help="VAE kinds: importance samples per example (0: skip).")
+@click.option("--k", "k", type=click.IntRange(min=0), default=100,
+              help="VAE kinds: importance samples per test example for IS-NLL (0: skip; 1000 or more for the papers' "
+                   "protocol, ten times the time).")
 @click.option("--nll-examples", type=click.IntRange(min=1), default=None, help="VAE kinds: IS-NLL on the first N test rows only (default: all).")
 @click.option("--queries", type=click.IntRange(min=1), default=1000,
               help="mAP on this many test queries drawn with a fixed seed (precision@10 and k-NN always take all).")
@@ -197,8 +207,10 @@ def quickstart(workdir, epochs) -> None:
     """Train a VAE on the built-in digits, evaluate, export, serve it, call it, stop it; print where everything is."""
     from zspace.app.quickstart import quickstart as run_quickstart
 
-    click.echo(f"quickstart: a VAE on scikit-learn's 8x8 digits for {epochs} epochs (about {max(1, round(epochs * 0.35 / 60))} "
-               f"min on 2 cores; --epochs N to change), then evaluate, export, index, serve and call it", err=True)
+    minutes = max(1, round(epochs * 0.35 / 60))
+    click.echo(f"quickstart: a VAE on scikit-learn's 8x8 digits for {epochs} epochs ({minutes} to {5 * minutes} min on 2 "
+               "cores, idle to loaded; an estimate follows the first epoch; --epochs N to change), then evaluate, "
+               "export, index, serve and call it", err=True)
     summary = run_quickstart(Path(workdir), epochs=epochs)
     click.echo(format_summary(summary))
 

@@ -122,7 +122,7 @@ def encode(c, model, version, pngs, texts, npy, out) -> None:
     for name, array in codes.items():
         np.save(Path(out) / ("codes.npy" if name == "mean" else f"{name}.npy"), array)
     extra = "".join(f", {name}.npy" for name in codes if name != "mean")
-    click.echo(f"wrote {Path(out) / 'codes.npy'} {list(codes['mean'].shape)}{extra}")
+    click.echo(f"wrote {(Path(out) / 'codes.npy').resolve()} {list(codes['mean'].shape)}{extra}")
 
 
 @client.command()
