@@ -92,3 +92,17 @@ def cli():
         return result.exit_code, result.output
 
     return run
+
+
+@pytest.fixture(scope="module")
+def deployment(vae_bundle, tmp_path_factory) -> Path:
+    """models/digits/1 and its index of the 1,438 training digits (labels stored as the strings "0".."9"),
+    as a user has them after the README's first steps."""
+    import shutil
+
+    from zspace.index.build import build_index
+
+    root = tmp_path_factory.mktemp("deployment")
+    shutil.copytree(vae_bundle, root / "models" / "digits" / "1")
+    build_index(root / "models" / "digits", "digits", root / "indexes" / "digits", quiet=True).close()
+    return root

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import numpy as np
 import pytest
@@ -14,17 +13,6 @@ from helpers import train_run
 from serving import digits_served
 
 from zspace.service.client import ZSpaceClient
-
-
-@pytest.fixture(scope="module")
-def deployment(vae_bundle, tmp_path_factory):
-    """models/digits/1 and its index of the training digits."""
-    from zspace.index.build import build_index
-
-    root = tmp_path_factory.mktemp("first-hour")
-    shutil.copytree(vae_bundle, root / "models" / "digits" / "1")
-    build_index(root / "models" / "digits", "digits", root / "indexes" / "digits", quiet=True).close()
-    return root
 
 
 def one_line_error(code: int, out: str, names: str) -> None:

@@ -18,17 +18,6 @@ from zspace.index.latent_index import LatentIndex
 from zspace.training.export import export_run
 
 
-@pytest.fixture(scope="module")
-def deployment(vae_bundle, tmp_path_factory):
-    """models/digits/1 and its index of the 1,438 training digits (labels stored as the strings "0".."9")."""
-    import shutil
-
-    root = tmp_path_factory.mktemp("newcomer")
-    shutil.copytree(vae_bundle, root / "models" / "digits" / "1")
-    build_index(root / "models" / "digits", "digits", root / "indexes" / "digits", quiet=True).close()
-    return root
-
-
 def test_the_readme_filter_finds_sevens_whether_typed_as_number_or_string(deployment, cli):
     index = deployment / "indexes" / "digits"
     for where in ("label=7", 'label="7"'):
