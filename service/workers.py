@@ -30,10 +30,13 @@ worker 0 alone writes FAISS snapshots.
 from __future__ import annotations
 
 if __name__ == "__main__":  # a worker process: SIGTERM before the server's handlers are in place exits quietly
+    import os
     import signal
     import sys
 
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # os._exit: the worker serves nothing yet; an exception raised wherever the signal lands could become
+    # another error (exit 1) on its way out.
+    signal.signal(signal.SIGTERM, lambda *_: (sys.stdout.flush(), sys.stderr.flush(), os._exit(0)))
 
 import asyncio
 import base64

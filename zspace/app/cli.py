@@ -14,7 +14,9 @@ if len(sys.argv) > 1 and sys.argv[1] == "serve" and (__name__ == "__main__" or o
     # A process started to serve: SIGTERM ends it quietly (exit 0) from here on, before even click and numpy
     # load, until the server's own handlers are in place (an orchestrator may stop a container that is still
     # starting). The one place this handler is installed; a worker process has its own (service/workers.py).
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # os._exit, not sys.exit: nothing is served or written yet, and an exception raised wherever the signal
+    # lands (inside an import, a finally block) could turn into another error on its way out.
+    signal.signal(signal.SIGTERM, lambda *_: (sys.stdout.flush(), sys.stderr.flush(), os._exit(0)))
 
 from pathlib import Path  # noqa: E402
 
