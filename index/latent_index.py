@@ -354,18 +354,19 @@ class LatentIndex:
     def _still_here(self):
         """Around a write: IndexMoved before it when the folder was replaced, and after it too, when the
         folder was replaced while it ran (the write went into the removed file: it must not be acknowledged)."""
-        for when in ("before", "after"):
+        self._refuse_if_moved("nothing was written to the new one")
+        try:
+            yield
+        except Exception as exc:  # SQLite refuses a write to a file unlinked meanwhile ("readonly database")
             if self.moved():
-                raise IndexMoved(f"{self.path}: the index folder was replaced or removed after it was opened; "
-                                 f"nothing was written {'to the new one' if when == 'before' else 'that survives'}")
-            if when == "before":
-                try:
-                    yield
-                except Exception as exc:  # SQLite refuses a write to a file unlinked meanwhile ("readonly database")
-                    if self.moved():
-                        raise IndexMoved(f"{self.path}: the index folder was replaced or removed during a write; "
-                                         "nothing was written that survives") from exc
-                    raise
+                raise IndexMoved(f"{self.path}: the index folder was replaced or removed during a write; "
+                                 "nothing was written that survives") from exc
+            raise
+        self._refuse_if_moved("nothing was written that survives")
+
+    def _refuse_if_moved(self, outcome: str) -> None:
+        if self.moved():
+            raise IndexMoved(f"{self.path}: the index folder was replaced or removed after it was opened; {outcome}")
 
     def _apply(self, written: Written, keys: list[str] = (), vectors: np.ndarray | None = None,
                texts: list[str] = (), maintain: bool = True) -> None:

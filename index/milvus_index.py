@@ -27,6 +27,7 @@ import os
 import re
 import shutil
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -225,9 +226,7 @@ class MilvusIndex:
     def build(cls, out: Path, spec: IndexSpec, model: tuple[str, int], dim: int, metric: str, fill) -> MilvusIndex:
         """The collection is filled first and index.json written last, so a watcher sees no index until it is
         complete; a failed build drops the collection and removes what it wrote."""
-        cls.check_spec(spec, out)
-        if metric == "hamming":
-            raise IndexError_("--metric hamming: the Milvus backend here stores float codes; use --backend faiss")
+        cls.check_spec(replace(spec, metric=metric), out)  # the metric as resolved: a hash model's is hamming
         existed = out.exists()
         index = cls.create(out, model[0], model[1], dim, spec.uri, spec.collection, spec.factory or "HNSW32", metric,
                            deferred=True)

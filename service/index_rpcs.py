@@ -14,7 +14,7 @@ import json
 
 import numpy as np
 
-from zspace.index.contract import check_filter, check_key
+from zspace.index.contract import check_filter, check_key, check_text
 from zspace.index.errors import IndexMoved
 from zspace.service.config import Limits
 from zspace.service.indexes import IndexRegistry
@@ -115,6 +115,8 @@ class IndexRpcs(RpcHandlers):
         where = None
         if request.filter_field:
             value = parse_json(request.filter_value_json, "filter_value_json", 4096)
+            if isinstance(value, str):  # an escape such as "\\ud800" parses to a lone surrogate: named here
+                check_text(value, "filter_value_json")
             check_filter(request.filter_field, value)
             where = (request.filter_field, value)
         if which == "key":  # LatentIndex.get checks the key (empty, too long) and names the field

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from zspace.errors import UserError
-from zspace.index.contract import MAX_JSON_DEPTH, MAX_PAYLOAD_BYTES, check_text, json_depth, payload_json
+from zspace.index.contract import MAX_JSON_DEPTH, MAX_PAYLOAD_BYTES, json_depth, payload_json
 from zspace.service.config import Limits
 from zspace.service.pixels import pixel_budget
 from zspace.transforms import image_pixels
@@ -220,6 +220,4 @@ def parse_json(text: str, field: str, max_bytes: int):
         raise InvalidArgument(f"{field}: nested too deeply") from None
     if json_depth(value) > MAX_JSON_DEPTH:
         raise InvalidArgument(f"{field}: nested too deeply (more than {MAX_JSON_DEPTH} levels)")
-    # An escape such as "\\ud800" parses to a lone surrogate, which nothing after this point can encode.
-    check_text(json.dumps(value, ensure_ascii=False), field)
     return value

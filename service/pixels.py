@@ -1,9 +1,9 @@
 """A bound on the image pixels being decoded at once, server-wide, and memory handed back after a flood.
 
 Bytes in flight are bounded by the admission budget (rpc.Admission), but bytes say
-little about memory here: a 12 MB PNG may decode to 64 megapixels, which Pillow holds
-at 4 bytes a pixel, plus the converted and resized copies. Sixteen clients sending
-such images took a server to 1.7 GB. Each image now reserves its pixel count (read
+little about memory here: a PNG of a megabyte or two may decode to 64 megapixels,
+which Pillow holds at 4 bytes a pixel, plus the converted and resized copies
+(benchmarks/README.md, "Red-team run, round 3", has the figures). Each image reserves its pixel count (read
 from its header) before it is decoded and waits while the reservations of others
 would pass the budget; one image alone is always let through (the per-request pixel
 limit bounds it).
@@ -31,7 +31,7 @@ class PixelBudget:
 
     def __init__(self, limit: int, trim_after_s: float = 1.0):
         self.limit, self.in_flight, self.peak, self.since_trim = limit, 0, 0, 0
-        self.waiting, self.trims, self.trim_after_s = 0, 0, trim_after_s
+        self.waiting, self.trim_after_s = 0, trim_after_s
         self._changed = asyncio.Condition()
         self._trim_timer: asyncio.TimerHandle | None = None
 
@@ -65,7 +65,6 @@ class PixelBudget:
         if self.in_flight or self.waiting:
             return  # still busy: the end of this decoding sets the timer again
         self.since_trim = 0
-        self.trims += 1
         threading.Thread(target=release_freed_memory, name="malloc-trim", daemon=True).start()
 
 

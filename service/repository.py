@@ -66,13 +66,12 @@ class ModelRuntime:
         self.input_dim, self.latent_dim, self.likelihood = bundle.input_dim, bundle.latent_dim, bundle.likelihood
         self.out_logvar = None if bundle.out_logvar is None else np.asarray(bundle.out_logvar, np.float64)
         self.runtime = open_runtime(bundle, runtime)
-        cuda_tf32 = runtime.cuda_tf32
         self.transform, self.provider = self.runtime.transform, self.runtime.provider
         # The bundle promises ONNX Runtime within 1e-4 of torch (checked on the CPU at export); on a GPU
         # provider that promise is checked here, at load, against the CPU. TF32, when opted in, breaks it
         # knowingly: the gap is logged instead.
         self.parity = provider_parity(self.runtime)
-        if self.parity > PARITY_TOLERANCE and not cuda_tf32:
+        if self.parity > PARITY_TOLERANCE and not runtime.cuda_tf32:
             raise UserError(f"{bundle.label}: {self.provider} differs from the CPU by {self.parity:.1e} "
                             f"(the bundle promises {PARITY_TOLERANCE:.0e}); serve it with --device cpu")
         if self.parity:

@@ -100,7 +100,7 @@ class Role:
     shares_port = False       # SO_REUSEPORT: several processes listen on one port
     writes_snapshots = True   # of the indexes: one process of a group writes them
     follows_indexes = False   # others write the same index folders: replay their writes before reading
-    checks_ports = True       # a supervisor checked (and reserved) the ports already
+    checks_ports = True       # check the ports before loading (a worker's supervisor has done so already)
     log_prefix = ""
     group_serving = True      # the rest of the deployment serves (health is SERVING only then)
 
@@ -160,7 +160,7 @@ class Server:
         cfg = self.cfg
         if self.role.checks_ports:
             check_port_free(cfg.host, cfg.port, "--port")  # before minutes of loading, not after
-            check_port_free(cfg.metrics_host or cfg.host, cfg.metrics_port, "--metrics-port")
+            check_port_free(*self.role.metrics_address(cfg), "--metrics-port")
         await self.rescan()
         if not version_dirs(cfg.models):
             log.warning("--models %s: %s", cfg.models, repository_hint(Path(cfg.models)))

@@ -65,8 +65,8 @@ class ModelRpcs(RpcHandlers):
                           type(request).__name__.removesuffix("Request"))
 
     async def _decoded(self, rt: ModelRuntime, z: np.ndarray, request) -> pb.DecodeResponse:
-        """Decode latents through the batcher; the answer every decoding RPC gives (PNGs and dtype as asked)."""
-        self._check_decoded_size(rt, len(z), request)
+        """Decode latents through the batcher; the answer every decoding RPC gives (PNGs and dtype as asked).
+        Each caller has bounded the answer's size already (_check_decoded_size), before its own work."""
         dtype, return_png = output_dtype(request), request.return_png
         x_hat = await rt.decode(z)
         out = pb.Outputs(tensor=array_to_tensor(x_hat, dtype))
@@ -109,6 +109,7 @@ class ModelRpcs(RpcHandlers):
     async def Decode(self, request, context):
         rt = self._model(request.model)
         z = tensor_to_array(request.latents, "latents", cols=rt.latent_dim, max_rows=self.limits.max_rows)
+        self._check_decoded_size(rt, len(z), request)
         return await self._decoded(rt, z, request)
 
     @rpc

@@ -6,10 +6,9 @@ and handled in run.py.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -223,23 +222,22 @@ def resumed_config(cfg: TrainConfig, out: Path, given: set[str] | None = None) -
     except (OSError, KeyError, ValueError):
         raise UserError(f"--resume: {out} has no readable run.json to resume from") from None
     defaults = TrainConfig()
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    run_cfg = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items() if k in fields})
+    names = {f.name for f in fields(TrainConfig)}
+    run_cfg = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items() if k in names})
     if given is None:
-        given = {f for f in fields if getattr(cfg, f) != getattr(defaults, f)}
+        given = {n for n in names if getattr(cfg, n) != getattr(defaults, n)}
     for name in sorted(given - set(RESUMABLE)):
         mine, theirs = getattr(cfg, name), getattr(run_cfg, name)
         mine = tuple(mine) if isinstance(mine, list) else mine  # a config built from JSON holds lists
         if name == "latent_dim" and run_cfg.model == "hash":
             continue  # a hash model's latent_dim is its bits, resolved when the run began
         if mine != theirs:
-            option = "--" + ("model" if name == "model" else name).replace("_", "-")
-            shown_mine = ",".join(map(str, mine)) if isinstance(mine, tuple) else mine
-            shown_theirs = ",".join(map(str, theirs)) if isinstance(theirs, tuple) else theirs
-            raise UserError(f"{option} {shown_mine}: the run in {out} was trained with {shown_theirs}; --resume continues "
+            option = "--" + name.replace("_", "-")
+            shown = [",".join(map(str, v)) if isinstance(v, tuple) else v for v in (mine, theirs)]
+            raise UserError(f"{option} {shown[0]}: the run in {out} was trained with {shown[1]}; --resume continues "
                             f"a run with its own settings (only {', '.join('--' + r for r in RESUMABLE)} may change): "
                             f"drop {option}, or train into a new --out")
-    return dataclasses.replace(run_cfg, **{name: getattr(cfg, name) for name in RESUMABLE if name in given})
+    return replace(run_cfg, **{name: getattr(cfg, name) for name in RESUMABLE if name in given})
 
 
 def setup(cfg: TrainConfig, out: Path, resume: bool, log, rank: int = 0, world: int = 1) -> Session:

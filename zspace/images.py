@@ -1,8 +1,9 @@
 """What an image's bytes say before anything is decoded: its size, and the PNG chunks decoding needs.
 
 Pillow's `Image.open` reads a PNG's chunks up to the first pixels, decompressing every
-zTXt and iTXt on the way: a 66 KB PNG with 63 compressed text chunks took 290 ms to
-open, so a request of such images held whatever thread opened them for seconds. The
+zTXt and iTXt on the way: a small PNG full of compressed text takes a third of a second
+to open (benchmarks/README.md, "Red-team run, round 3"), so a request of such images
+held whatever thread opened them for seconds. The
 size of a PNG is in its first chunk and a JPEG's in its frame header; both are read
 here in microseconds, and the chunks that carry no pixels are dropped before Pillow
 sees a PNG at all.

@@ -89,9 +89,13 @@ def image_pixels(data: bytes, what: str = "image") -> int:
     """Width x height from the image's header alone (nothing decoded, no Pillow): to bound a request before
     decoding it. The decoder checks the same header again, so a file that lies here is refused there."""
     width, height = image_size(data, what)
+    check_image_pixels(width, height, what)
+    return width * height
+
+
+def check_image_pixels(width: int, height: int, what: str) -> None:
     if width * height > MAX_IMAGE_PIXELS:
         raise UserError(f"{what}: image is {width}x{height} pixels, more than the limit of {MAX_IMAGE_PIXELS}")
-    return width * height
 
 
 def decode_image(data: bytes, what: str = "image", draft: tuple[str, tuple[int, int]] | None = None, load: bool = True):
@@ -106,11 +110,7 @@ def decode_image(data: bytes, what: str = "image", draft: tuple[str, tuple[int, 
         with warnings.catch_warnings():  # Pillow's own bomb warning; our limit below is stricter
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
-        width, height = image.size
-        if width * height > MAX_IMAGE_PIXELS:
-            raise UserError(
-                f"{what}: image is {width}x{height} pixels, more than the limit of {MAX_IMAGE_PIXELS}"
-            )
+        check_image_pixels(*image.size, what)
         if draft is not None and image.format == "JPEG":
             image.draft(*draft)
         if load:

@@ -60,6 +60,13 @@ def main() -> None:
     """zspace: learn compact latent codes, export them as ONNX bundles, serve and search them."""
 
 
+def with_options(f, options: list):
+    """`f` decorated with each click option, in the order listed (as stacked decorators would read)."""
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
 def sizes(values: tuple[int, ...]) -> str:
     return ",".join(str(v) for v in values)
 
@@ -117,9 +124,7 @@ def train_options(f):
                        "one GPU each); same global batch. Or run under torchrun."),
         click.option("--out", type=click.Path(file_okay=False), required=True, help="Run folder to write."),
     ]
-    for option in reversed(options):
-        f = option(f)
-    return f
+    return with_options(f, options)
 
 
 @main.command()
@@ -278,9 +283,7 @@ def serve_options(f):
         click.option("--token-file", type=click.Path(dir_okay=False), default=None, help="Require this bearer token (first line of the file)."),
         click.option("--token-env", default="ZSPACE_TOKEN", help="Or require the token in this environment variable, when set."),
     ]
-    for option in reversed(options):
-        f = option(f)
-    return f
+    return with_options(f, options)
 
 
 @main.command()
