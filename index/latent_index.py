@@ -118,7 +118,9 @@ class LatentIndex:
     folder and one of them writes them). follow=True: other processes write the same store,
     so every search first asks whether the store changed and replays what it missed."""
 
-    def __init__(self, path: Path, manifest: dict, snapshots: bool = True, follow: bool = False):
+    def __init__(self, path: Path, manifest: dict, snapshots: bool = True, follow: bool = False,
+                 create: bool = False):
+        """create: make the item store (a new index, see `initialise`); otherwise it must exist."""
         import faiss
 
         self.faiss = faiss
@@ -128,7 +130,7 @@ class LatentIndex:
         self.dim, self.metric, self.factory = int(manifest["dim"]), manifest["metric"], manifest["factory"]
         self.binary = self.metric == "hamming"  # codes are bits; FAISS IndexBinary, distances are bit counts
         self.traits = traits(self.factory, self.dim, self.binary)  # FactoryError for a string FAISS cannot build
-        self.store = ItemStore(self.path / "items.sqlite", self.dim)
+        self.store = ItemStore(self.path / "items.sqlite", self.dim, create)
         # The store file this object writes: if the folder is replaced meanwhile (rm -rf; mv .new into place),
         # its path names another index's file, and nothing of this one may be written there (see `moved`).
         self.identity = file_identity(self.store.path)
@@ -160,7 +162,7 @@ class LatentIndex:
     def initialise(cls, folder: Path, manifest: dict) -> LatentIndex:
         """Make an empty folder (a staging one: see `create`) an empty index, and open it."""
         write_atomic(Path(folder) / "index.json", json.dumps(manifest, indent=1))
-        return cls(folder, manifest)
+        return cls(folder, manifest, create=True)
 
     @classmethod
     def create(cls, path: Path, model_name: str, model_version: int, dim: int, factory: str = "Flat",

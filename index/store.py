@@ -21,6 +21,7 @@ import numpy as np
 
 from zspace.errors import NotFound, shown, shown_list
 from zspace.index.contract import FilterError, Item, check_filter
+from zspace.index.errors import IndexError_
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
@@ -57,10 +58,16 @@ class ItemStore:
     connection, which in WAL mode sees committed transactions only, and never
     waits for the writer."""
 
-    def __init__(self, path: Path, dim: int):
+    def __init__(self, path: Path, dim: int, create: bool = False):
+        """create=False opens an existing store only: a missing file is an error, never a new empty store
+        (made in a folder being deleted, or passed off as an index whose items are gone)."""
         self.path, self.dim = Path(path), dim
+        self._uri = f"{self.path.resolve().as_uri()}?mode={'rwc' if create else 'rw'}"
         # check_same_thread=False: the index serialises writes itself (one writer at a time, any thread).
-        self.db = self._connect()
+        try:
+            self.db = self._connect()
+        except sqlite3.OperationalError as exc:
+            raise IndexError_(f"{self.path}: the item store is missing or unreadable ({exc})") from None
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(SCHEMA)
@@ -70,7 +77,7 @@ class ItemStore:
         self._watch = self._connect()
 
     def _connect(self) -> sqlite3.Connection:
-        return sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        return sqlite3.connect(self._uri, uri=True, isolation_level=None, check_same_thread=False)
 
     @property
     def reader(self) -> sqlite3.Connection:

@@ -134,19 +134,20 @@ class IndexRegistry:
 
     def reopen(self, name: str):
         """The index now in folder `name`, opened in place of the one served, whose folder was replaced on disk
-        (a write met IndexMoved). Requests in between keep getting the one served, never NOT_FOUND."""
+        (a write met IndexMoved). Requests in between keep getting the one served, never NOT_FOUND.
+
+        A folder caught mid-swap (`rm -rf X` under way, `mv .X.new X` not yet done) cannot be opened: the
+        write is answered UNAVAILABLE and the next one tries again. Only a rescan stops serving a name
+        (open_all, retire_removed), where a folder that stays unservable is reported as broken."""
         with self._opening:
             served = self.indexes.get(name)
             if served is not None and not served.moved():
                 return served  # another request reopened it already
-            if not (self.root / name / "index.json").is_file():  # between `rm -rf X` and `mv .X.new X`: not yet
-                raise IndexMoved(f"index {shown(name)}: its folder was replaced or removed, and no index is there now")
-            try:
+            try:  # opening never creates a file, so a folder being deleted stays deletable
                 index = self._open(self.root / name)
             except Exception as exc:
-                self.indexes = {n: ix for n, ix in self.indexes.items() if n != name}
-                raise NotFound(f"index {shown(name)}: its folder was replaced or removed, and what is there now "
-                               f"cannot be served ({exc})") from None
+                raise IndexMoved(f"index {shown(name)}: its folder was replaced or removed, and what is there now "
+                                 f"cannot be opened ({exc})") from None
             self.indexes = {**self.indexes, name: index}
             log.warning("index %s: its folder was replaced while served; reopened", name)
             return index
