@@ -1,6 +1,6 @@
 # Two commands for a fresh machine (both create .venv themselves):
 #   make quickstart   install everything, then run the main job on the built-in digits
-#                     (2 to 10 minutes on 2 cores after the install; make quickstart EPOCHS=30 for a shorter run)
+#                     (1 to 10 minutes on 2 cores after the install; make quickstart EPOCHS=30 for a shorter run)
 #   make test         install everything, then run the test suite
 PY ?= python3
 # Where torch comes from. Empty: pip's own configuration. On a machine whose pip does not offer a

@@ -214,8 +214,9 @@ def quickstart(workdir, epochs) -> None:
     """Train a VAE on the built-in digits, evaluate, export, serve it, call it, stop it; print where everything is."""
     from zspace.app.quickstart import quickstart as run_quickstart
 
-    minutes = max(1, round(epochs * 0.35 / 60))
-    click.echo(f"quickstart: a VAE on scikit-learn's 8x8 digits for {epochs} epochs ({minutes} to {5 * minutes} min on 2 "
+    # 0.1 s an epoch on an idle 2-core machine, 2 s on a loaded one (README): the range, then the measured pace.
+    fast, slow = max(1, round(epochs * 0.1 / 60)), max(2, round(epochs * 2 / 60))
+    click.echo(f"quickstart: a VAE on scikit-learn's 8x8 digits for {epochs} epochs ({fast} to {slow} min on 2 "
                "cores, idle to loaded; an estimate follows the first epoch; --epochs N to change), then evaluate, "
                "export, index, serve and call it", err=True)
     summary = run_quickstart(Path(workdir), epochs=epochs)
