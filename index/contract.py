@@ -10,7 +10,6 @@ name: a third backend is a module of its own plus one entry there.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -56,9 +55,13 @@ class LatentCodeIndex(Protocol):
 
     def get(self, key: str) -> Item: ...
 
-    def search(self, queries: np.ndarray, k: int, where: tuple[str, object] | None = None, nprobe: int = 16,
+    def search(self, queries: np.ndarray, k: int, where=None, nprobe: int = 16,
                ef_search: int = 16, blocking: bool = True, one_thread: bool | None = None,
                as_json: bool = False) -> list[list]: ...
+
+    def explain(self, where, k: int = 10, nprobe: int = 16, ef_search: int = 16) -> dict: ...
+
+    def add_fields(self, fields) -> None: ...
 
     def stats(self) -> dict: ...
 
@@ -116,24 +119,9 @@ MAX_FIELD_CHARS = 256
 
 
 class FilterError(IndexError_):
-    """A payload filter that cannot mean anything: a malformed field or value, or a field no item has."""
+    """A payload filter that cannot mean anything: a malformed field, operator or value, or a field no item has.
 
-
-def check_filter(field: str, value) -> None:
-    """A filter is FIELD = VALUE with a plain field name and a JSON scalar value."""
-    if not isinstance(field, str) or not field or len(field) > MAX_FIELD_CHARS:
-        raise FilterError(f"filter field: expected a payload field name of 1 to {MAX_FIELD_CHARS} characters")
-    if any(c in field for c in '"\\') or any(ord(c) < 32 for c in field):
-        raise FilterError("filter field: must not contain quotes, backslashes or control characters")
-    check_text(field, "filter field", FilterError)
-    if isinstance(value, str):
-        check_text(value, "filter value", FilterError)
-    if isinstance(value, (dict, list)):
-        raise FilterError(f"filter value: expected a string, number, true, false or null, got a JSON {type(value).__name__}")
-    if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
-        raise FilterError("filter value: integer out of the 64-bit range")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise FilterError("filter value: must be a finite number")
+    The filter language itself is filters.py."""
 
 
 def check_text(value: str, field: str, error: type[Exception] = IndexError_) -> str:
@@ -276,3 +264,4 @@ class IndexSpec:
     metric: str | None = None
     uri: str | None = None
     collection: str | None = None
+    fields: tuple[str, ...] = ()  # payload indexes to declare, NAME:TYPE (fields.py)

@@ -4,8 +4,9 @@ Folder layout:
   index.json      the contract: model name/version, latent dim, metric, factory
   items.sqlite    the item store (source of truth, see store.py)
   index-<seq>.faiss  a snapshot of the FAISS index as of store change <seq>
-  snapshot.json   which snapshot file is current (renamed into place last, so a
-                  crash leaves either the old pair or the new one, never a mix)
+  fields-<seq>.npz   the payload indexes (fields.py) as of the same change
+  snapshot.json   which snapshot files are current (renamed into place last, so a
+                  crash leaves either the old set or the new one, never a mix)
 
 Opening brings the snapshot up to date by replaying the store's changes after
 it; a missing or unreadable snapshot is rebuilt from the store with a warning.
@@ -13,6 +14,9 @@ HNSW cannot remove vectors, so deleted ids are hidden with an IDSelector and
 the index is rebuilt once tombstones pass a threshold. IVF and PQ indexes need
 training: until the store holds enough codes, search is exact over a flat
 index, and `stats()` says how many more are needed.
+
+Memory holds FAISS and the payload indexes; keys and payloads stay in the item store and
+are read for the k hits of each search only. Filtered searches are planned (planner.py).
 """
 
 from __future__ import annotations
@@ -39,7 +43,10 @@ from zspace.index.contract import (
 )
 from zspace.index.errors import IndexError_, IndexMoved
 from zspace.index.factory import empty_index, search_parameters, traits
-from zspace.index.hits import HitTable
+from zspace.index.fields import Column, FieldSpec, coerce, columns_bytes, extract, field_specs, load_columns
+from zspace.index.filters import Filter, as_filter, describe
+from zspace.index.hits import Hit, hits_of
+from zspace.index.planner import EXACT_LIMIT, EXACT_LIMIT_FROM_STORE, Plan, bitmap, choose, exact_knn
 from zspace.index.store import ItemStore, Written
 
 log = logging.getLogger("zspace.index")
@@ -143,8 +150,13 @@ class LatentIndex:
         self.seq = 0
         self.snapshots, self.follow = snapshots, follow
         self._seen_version = self.store.data_version()  # before loading: a commit meanwhile is replayed
-        # id -> key and payload of every item: a search answers from memory, not from SQLite.
-        self.hits = HitTable()
+        # Payload indexes: a column per declared field (fields.py), over ids below id_limit.
+        self.columns: dict[str, Column] = {}
+        self.id_limit = self.store.max_id() + 1
+        self._positions: np.ndarray | None = None  # id -> row of FAISS's own code storage (exact filtered search)
+        self._tombstone_selector = None  # made once per set of tombstones, not per search
+        self._faiss_bytes: tuple[int, int] | None = None
+        self.exact_limit: int | None = None  # the planner's, unless set (tests and benchmarks compare strategies)
         self._load()
 
     # ------------------------------------------------------------ create / open
@@ -159,22 +171,28 @@ class LatentIndex:
                 "dim": int(dim), "metric": metric, "factory": factory}
 
     @classmethod
-    def initialise(cls, folder: Path, manifest: dict) -> LatentIndex:
-        """Make an empty folder (a staging one: see `create`) an empty index, and open it."""
+    def initialise(cls, folder: Path, manifest: dict, fields=()) -> LatentIndex:
+        """Make an empty folder (a staging one: see `create`) an empty index with these payload
+        indexes (FieldSpecs or NAME:TYPE), and open it."""
+        specs = field_specs(fields)
         write_atomic(Path(folder) / "index.json", json.dumps(manifest, indent=1))
-        return cls(folder, manifest, create=True)
+        index = cls(folder, manifest, create=True)
+        if specs:
+            index.add_fields(specs)
+        return index
 
     @classmethod
     def create(cls, path: Path, model_name: str, model_version: int, dim: int, factory: str = "Flat",
-               metric: str = "l2") -> LatentIndex:
+               metric: str = "l2", fields=()) -> LatentIndex:
         """A new empty index folder, made whole or not at all: it is assembled in a hidden
         folder and renamed into place, so a failure leaves nothing that a retry would trip on."""
         path = Path(path)
         if (path / "index.json").exists():
             raise IndexError_(f"{path}: an index already exists here")
         manifest = cls.new_manifest(model_name, model_version, dim, factory, metric)
+        field_specs(fields)  # a bad declaration is refused before anything is made
         with staged_folder(path) as tmp:
-            cls.initialise(tmp, manifest).close()  # the item store and a first snapshot
+            cls.initialise(tmp, manifest, fields).close()  # the item store and a first snapshot
         return cls(path, manifest)
 
     @classmethod
@@ -207,8 +225,9 @@ class LatentIndex:
         """Assembled in a hidden folder and renamed into place whole (a failure leaves nothing)."""
         cls.check_spec(spec, out)
         manifest = cls.new_manifest(model[0], model[1], dim, spec.factory or cls.default_factory(metric), metric)
+        field_specs(spec.fields)
         with staged_folder(out) as tmp:
-            index = cls.initialise(tmp, manifest)
+            index = cls.initialise(tmp, manifest, spec.fields)
             try:
                 fill(index)
             finally:
@@ -228,12 +247,15 @@ class LatentIndex:
                 return
             try:
                 info = json.loads(meta.read_text())
-                read = self.faiss.deserialize_index_binary if self.binary else self.faiss.deserialize_index
-                self.index = read(np.fromfile(self.path / info["file"], dtype=np.uint8))
+                # FAISS reads the file itself: no second copy of it in memory while it is parsed.
+                read = self.faiss.read_index_binary if self.binary else self.faiss.read_index
+                index = read(str(self.path / info["file"]))
+                if index.d != self.dim:
+                    raise ValueError(f"snapshot has dimension {index.d}, index.json says {self.dim}")
+                columns = load_columns(self.path / info["fields"]) if info.get("fields") else {}
+                self.index, self.columns = index, columns
                 self.seq, self.trained_kind = int(info["seq"]), bool(info["trained_kind"])
                 self.tombstones = set(info.get("tombstones", []))
-                if self.index.d != self.dim:
-                    raise ValueError(f"snapshot has dimension {self.index.d}, index.json says {self.dim}")
                 break
             except FileNotFoundError:
                 if attempt == 1:  # another process replaced the snapshot between our two reads: read the new one
@@ -245,28 +267,62 @@ class LatentIndex:
                 log.warning("%s: snapshot unusable (%s); rebuilding from the item store", self.path, exc)
                 self.rebuild()
                 return
-        # The hit table holds the store as it is now, the snapshot an earlier state: replaying the
-        # changes after the snapshot brings FAISS level (for the table they are no-ops: ids are never reused).
-        _, _, _, entries = self.store.everything()
-        self.hits = HitTable(entries)
+        # Declared fields the snapshot lacks (declared by another process since, or a snapshot from before
+        # payload indexes) are built from the payloads; then the changes after the snapshot are replayed.
+        self._build_missing_columns()
         replayed = self._replay()
         if replayed:
             log.info("%s: replayed %d changes onto the snapshot", self.path, replayed)
 
+    def _build_missing_columns(self) -> None:
+        """Columns for declared fields that memory lacks, from every payload as of the snapshot's change seq.
+
+        A column built from today's payloads may already hold a change after self.seq; replaying it
+        again sets the same values (ids are never reused), so the order does not matter."""
+        specs = self.store.field_specs()
+        for name in [n for n in self.columns if n not in {s.name for s in specs}]:
+            del self.columns[name]  # a snapshot's column for a field no longer declared (cannot happen today)
+        missing = [s for s in specs if s.name not in self.columns]
+        if not missing:
+            return
+        log.info("%s: building payload indexes %s from the item store", self.path, ", ".join(map(str, missing)))
+        columns = {s.name: Column(s, self.id_limit) for s in missing}
+        for ids, texts in self.store.payloads():
+            self._fill(columns, missing, ids, texts)
+        self.columns.update(columns)
+
+    def _fill(self, columns: dict[str, Column], specs: list[FieldSpec], ids: np.ndarray, texts: list[str]) -> None:
+        """Set the columns of `specs` for items `ids` from their payload JSON texts.
+
+        These payloads were checked against the declared types when written; a value that does
+        not fit (written by a version without payload indexes) is no value, with a warning."""
+        payloads = [json.loads(t) for t in texts]
+        for spec in specs:
+            values = []
+            for i, p in zip(ids.tolist(), payloads):
+                try:
+                    values.append(coerce(spec, p.get(spec.name), spec.name))
+                except IndexError_ as exc:
+                    log.warning("%s: item id %d: %s; not in the payload index", self.path, i, exc)
+                    values.append(None)
+            columns[spec.name].set(ids, values)
+
     def _replay(self) -> int:
         """Apply the store's changes after self.seq to FAISS and the hit table; how many there were."""
+        if len(self.store.field_specs()) != len(self.columns):
+            self._build_missing_columns()  # another process declared a field (it wrote no change rows)
         changes = self.store.changes_since(self.seq)
         if not changes:
             return 0
         added = [new for _, _, new in changes if new is not None]
         born = set(added)  # ids made after self.seq were never in FAISS: removing them would leave false tombstones
         gone = [old for _, old, _ in changes if old is not None]
-        for i in gone:
-            self.hits.pop(i)
+        self._clear_columns(gone)
         self._remove([i for i in gone if i not in born])
-        ids, vecs, entries = self.store.entries_of(added)  # those replaced or deleted again later no longer exist
-        for i, (key, text) in zip(ids.tolist(), entries):
-            self.hits.put(i, key, text)
+        ids, vecs, texts = self.store.entries_of(added)  # those replaced or deleted again later no longer exist
+        if self.columns and len(ids):
+            self._grow(int(ids.max()) + 1)
+            self._fill(self.columns, [c.spec for c in self.columns.values()], ids, texts)
         self._add(ids, vecs)
         self.seq = changes[-1][0]
         self._maybe_train()
@@ -289,12 +345,16 @@ class LatentIndex:
 
     def rebuild(self) -> None:
         """Build the FAISS index and the hit table afresh from the store (also clears HNSW tombstones)."""
-        seq, ids, vecs, entries = self.store.everything()
+        seq, ids, vecs, texts = self.store.everything()
         self.index, self.trained_kind = self._empty(len(ids) >= self.traits.min_points)
         if self.trained_kind and not self.index.is_trained:
             self.index.train(self._prep(vecs))
         self.tombstones = set()
-        self.hits = HitTable(entries)
+        self._tombstone_selector = None
+        self.id_limit = max(self.id_limit, int(ids.max()) + 1 if len(ids) else 1)
+        specs = self.store.field_specs()
+        self.columns = {s.name: Column(s, self.id_limit) for s in specs}
+        self._fill(self.columns, specs, ids, texts)
         self._add(ids, vecs)
         self.seq = seq
         if self.snapshots:
@@ -313,14 +373,28 @@ class LatentIndex:
     def _add(self, ids: np.ndarray, vecs: np.ndarray) -> None:
         if len(ids):
             self.index.add_with_ids(self._prep(vecs), np.asarray(ids, dtype=np.int64))
+            self._grow(int(np.max(ids)) + 1)
+            self._positions = None
 
     def _remove(self, ids: list[int]) -> None:
         if not ids:
             return
         if self.removable or not self.trained_kind:
             self.index.remove_ids(np.asarray(ids, dtype=np.int64))
+            self._positions = None  # a flat index closes the gap: rows move
         else:
             self.tombstones.update(ids)
+            self._tombstone_selector = None
+
+    def _grow(self, limit: int) -> None:
+        if limit > self.id_limit:
+            self.id_limit = limit
+            for col in self.columns.values():
+                col.grow(limit)
+
+    def _clear_columns(self, ids: list[int]) -> None:
+        for col in self.columns.values():
+            col.clear(ids)
 
     def _maybe_train(self) -> None:
         """Swap the flat stand-in for the real factory once enough codes exist."""
@@ -339,8 +413,26 @@ class LatentIndex:
         rebuild() once at the end (so IVF trains on all codes, not the first batch).
         """
         vectors, texts = check_items(keys, vectors, payloads, self.dim, self.binary)
+        values: dict[str, list] = {}
+
+        def check(specs: list[FieldSpec]) -> None:  # in the store's write transaction: see ItemStore.upsert
+            values.update(extract(specs, payloads))
+
         with self.lock.write(), self._still_here():
-            self._apply(self.store.upsert(keys, vectors, texts), keys, vectors, texts, maintain)
+            written = self.store.upsert(keys, vectors, texts, check)
+            self._apply(written, keys, vectors, values, maintain)
+
+    def import_new(self, keys: list[str], vectors: np.ndarray, payloads: list[dict], texts: list[str]) -> None:
+        """Bulk-load items into an index being built (`zspace index import`): checked like an upsert,
+        inserted without per-key lookups; the builder's close() snapshots the result."""
+        values = extract(self.store.field_specs(), payloads)
+        with self.lock.write():
+            ids = self.store.insert_new(keys, vectors, texts)
+            self._grow(int(ids[-1]) + 1 if len(ids) else 1)
+            for name, vals in values.items():
+                self.columns[name].set(ids, vals)
+            self._add(ids, vectors)
+            self.seq = self.store.last_seq()
 
     def delete(self, keys: list[str]) -> None:
         for i, key in enumerate(keys):
@@ -371,7 +463,7 @@ class LatentIndex:
             raise IndexMoved(f"{self.path}: the index folder was replaced or removed after it was opened; {outcome}")
 
     def _apply(self, written: Written, keys: list[str] = (), vectors: np.ndarray | None = None,
-               texts: list[str] = (), maintain: bool = True) -> None:
+               values: dict[str, list] | None = None, maintain: bool = True) -> None:
         """Bring FAISS and the hit table level with a write just committed (the write lock is held).
 
         When this index was level with the store before the write, the write's own rows are
@@ -381,14 +473,15 @@ class LatentIndex:
             self._replay()
             return
         gone = [old for old, _ in written.pairs if old is not None]
-        for i in gone:
-            self.hits.pop(i)
+        self._clear_columns(gone)
         self._remove(gone)
         if vectors is not None:
             new = np.array([n for _, n in written.pairs], dtype=np.int64)
-            for i, key, text in zip(new.tolist(), keys, texts):
-                self.hits.put(i, key, text)
             self._add(new, vectors)
+            if values and any(name not in self.columns for name in values):
+                self._build_missing_columns()  # declared by another process since this one last looked
+            for name, vals in (values or {}).items():
+                self.columns[name].set(new, vals)
         self.seq = written.after
         if maintain:
             self._maybe_train()
@@ -400,76 +493,206 @@ class LatentIndex:
             raise NotFound(f"key {shown(key)} is not in the index")
         return item
 
-    def search(self, queries: np.ndarray, k: int, where: tuple[str, object] | None = None, nprobe: int = 16,
-               ef_search: int = 16, blocking: bool = True, one_thread: bool | None = None, as_json: bool = False):
+    def search(self, queries: np.ndarray, k: int, where=None, nprobe: int = 16, ef_search: int = 16,
+               blocking: bool = True, one_thread: bool | None = None, as_json: bool = False) -> list[list[Hit]]:
         """-> per query a list of Hit(key, distance, payload), nearest first. Cosine distance = 1 − cos.
 
-        as_json gives each payload as its stored JSON text (what a server sends on).
-        blocking=False raises IndexBusy instead of waiting for a write: for callers
-        (an event loop) that must never block. one_thread runs FAISS on the calling
-        thread alone; by default a single HNSW query does, since one graph walk
-        gains nothing from OpenMP but pays its fork and join."""
+        where: a filter in any shape `filters.as_filter` takes (conditions, {"label": 3}, ...);
+        filtered searches are planned (`explain` says how). as_json gives each payload as its
+        stored JSON text (what a server sends on). blocking=False raises IndexBusy instead of
+        waiting for a write: for callers (an event loop) that must never block. one_thread runs
+        FAISS on the calling thread alone; by default a single HNSW query does, since one graph
+        walk gains nothing from OpenMP but pays its fork and join."""
         queries = check_queries(queries, k, self.dim, self.binary)
+        where = as_filter(where)
         if self.follow:
             self.catch_up(blocking)
         lock = self.lock
         lock.acquire_read(blocking)  # not `with lock.read()`: the generator costs a microsecond here
         try:
-            ntotal = self.index.ntotal
-            if ntotal == 0:
+            if self.index.ntotal == 0:
                 return [[] for _ in queries]
-            params = self._search_params(where, nprobe, max(ef_search, k))
             if one_thread is None:
                 one_thread = len(queries) == 1 and self.trained_family == "HNSW"
-            if one_thread:
-                dist, ids = self._search_one_thread(queries, min(k, ntotal), params)
+            if where:
+                dist, ids = self._filtered(queries, k, where, nprobe, ef_search, one_thread)
             else:
-                dist, ids = self._faiss_search(self._prep(queries), min(k, ntotal), params)
-            return self.hits.hits(dist, ids, self.metric == "cosine", as_json)
+                params = self._plain_search_params(nprobe, max(ef_search, k))
+                dist, ids = self._faiss_search(self._prep(queries), min(k, self.index.ntotal), params, one_thread)
+            rows = self.store.rows_of(np.unique(ids[ids >= 0]))
+            return hits_of(dist, ids, rows, self.metric == "cosine", as_json)
         finally:
             lock.release_read()
 
-    def _search_one_thread(self, queries: np.ndarray, k: int, params):
-        faiss = self.faiss
-        threads = faiss.omp_get_max_threads()
-        faiss.omp_set_num_threads(1)
-        try:
-            return self._faiss_search(self._prep(queries), k, params)
-        finally:
-            faiss.omp_set_num_threads(threads)
+    def explain(self, where, k: int = 10, nprobe: int = 16, ef_search: int = 16) -> dict:
+        """The plan a search with this filter would follow (Plan.to_dict): the count it matches, the
+        fields read from payload indexes and those parsed from every payload, the strategy."""
+        where = as_filter(where)
+        if self.follow:
+            self.catch_up()
+        with self.lock.read():
+            return self._plan(where, k, nprobe, ef_search)[0].to_dict()
 
-    def _faiss_search(self, x: np.ndarray, k: int, params) -> tuple[np.ndarray, np.ndarray]:
+    def _plan(self, where: Filter, k: int, nprobe: int, ef_search: int) -> tuple[Plan, np.ndarray | None]:
+        """(the plan, the mask of matching ids) for a filter; the read lock is held."""
+        total = self.store.count() if not where else None
+        if not where:
+            return Plan("(none)", total, total, (), (), "ann" if self.trained_family else "flat",
+                        ef_search if self.trained_family == "HNSW" else None,
+                        nprobe if self.trained_family == "IVF" else None), None
+        mask = self._mask(where)
+        matches = int(np.count_nonzero(mask))
+        total = int(self.index.ntotal) - len(self.tombstones)
+        exact_limit = self.exact_limit if self.exact_limit is not None else \
+            EXACT_LIMIT if self._raw_storage() is not None else EXACT_LIMIT_FROM_STORE
+        strategy, ef, probes = choose(matches, total, k, self.trained_family, nprobe, ef_search,
+                                      self._nlist(), exact_limit)
+        indexed = tuple(dict.fromkeys(c.field for c in where if c.field in self.columns))
+        scanned = tuple(dict.fromkeys(c.field for c in where if c.field not in self.columns))
+        return Plan(describe(where), total, matches, indexed, scanned, strategy, ef, probes), mask
+
+    def _mask(self, where: Filter) -> np.ndarray:
+        """Which ids (below id_limit) satisfy every condition: columns for declared fields, one scan of the
+        payloads for the rest (all undeclared conditions in one SQL statement)."""
+        size = self.id_limit
+        mask = None
+        for cond in where:
+            if cond.field in self.columns:
+                m = self.columns[cond.field].mask(cond, size)
+                mask = m if mask is None else (mask & m)
+        scanned = tuple(c for c in where if c.field not in self.columns)
+        if scanned:
+            ids = self.store.ids_matching(scanned)
+            m = np.zeros(size, bool)
+            m[ids[ids < size]] = True
+            mask = m if mask is None else (mask & m)
+        return mask
+
+    def _filtered(self, queries: np.ndarray, k: int, where: Filter, nprobe: int, ef_search: int,
+                  one_thread: bool) -> tuple[np.ndarray, np.ndarray]:
+        plan, mask = self._plan(where, k, nprobe, ef_search)
+        if plan.strategy == "empty":
+            return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
+        if plan.strategy == "exact":
+            ids = np.flatnonzero(mask)
+            metric = self.metric
+            if self.binary:  # compare bits as 0/1 floats: the count of differing bits, as FAISS's hamming
+                q, codes = np.unpackbits(self._prep(queries), axis=1).astype(np.float32), self.store.vectors_of(ids)
+            else:
+                q, codes = self._prep(queries), self._codes_of(ids)
+            return exact_knn(q, codes, ids, k, metric)
+        bits = bitmap(mask)
+        selector = self.faiss.IDSelectorBitmap(len(bits), self.faiss.swig_ptr(bits))
+        params = search_parameters(self.trained_family, plan.nprobe or nprobe, plan.ef_search or ef_search, selector)
+        try:
+            return self._faiss_search(self._prep(queries), min(k, self.index.ntotal), params, one_thread)
+        finally:
+            del params, selector, bits  # FAISS held the bitmap by raw pointer until here
+
+    def _raw_storage(self):
+        """FAISS's own float codes in insertion order (a flat index, or an HNSW graph's storage), or None."""
+        if self.binary or not self.traits.id_mapped:
+            return None
+        inner = self.faiss.downcast_index(self.index.index)
+        if isinstance(inner, self.faiss.IndexHNSW):
+            inner = self.faiss.downcast_index(inner.storage)
+        return inner if isinstance(inner, self.faiss.IndexFlat) else None
+
+    def _codes_of(self, ids: np.ndarray) -> np.ndarray:
+        """The prepared codes of `ids` (which exist), from FAISS's memory where it holds them raw, else the store."""
+        flat = self._raw_storage()
+        if flat is None:
+            return self._prep(self.store.vectors_of(ids))
+        n = int(flat.ntotal)
+        if self._positions is None or len(self._positions) < self.id_limit:
+            order = self.faiss.vector_to_array(self.index.id_map)
+            positions = np.full(max(self.id_limit, int(order.max()) + 1 if len(order) else 1), -1, np.int64)
+            positions[order] = np.arange(len(order))
+            self._positions = positions
+        codes = self.faiss.rev_swig_ptr(flat.get_xb(), n * self.dim).reshape(n, self.dim)
+        return codes[self._positions[ids]]
+
+    def _nlist(self) -> int:
+        if self.trained_family != "IVF":
+            return 0
+        return int(self.faiss.extract_index_ivf(self.index).nlist)
+
+    def _faiss_search(self, x: np.ndarray, k: int, params, one_thread: bool) -> tuple[np.ndarray, np.ndarray]:
         """FAISS's search without its Python wrapper, whose checks we have made already (x from _prep:
         contiguous float32 rows of self.dim): they would be a noticeable share of a single HNSW query."""
-        if self.binary:  # Hamming distances come back as int32 bit counts
-            dist, ids = self.index.search(x, k, params=params)
-            return dist.astype(np.float32), ids
-        swig_ptr = self.faiss.swig_ptr
-        dist = np.empty((len(x), k), dtype=np.float32)
-        ids = np.empty((len(x), k), dtype=np.int64)
-        self.index.search_c(len(x), swig_ptr(x), k, swig_ptr(dist), swig_ptr(ids), params)
-        return dist, ids
+        faiss = self.faiss
+        threads = faiss.omp_get_max_threads() if one_thread else 0
+        if one_thread:
+            faiss.omp_set_num_threads(1)
+        try:
+            if self.binary:  # Hamming distances come back as int32 bit counts
+                dist, ids = self.index.search(x, k, params=params)
+                return dist.astype(np.float32), ids
+            dist = np.empty((len(x), k), dtype=np.float32)
+            ids = np.empty((len(x), k), dtype=np.int64)
+            self.index.search_c(len(x), faiss.swig_ptr(x), k, faiss.swig_ptr(dist), faiss.swig_ptr(ids), params)
+            return dist, ids
+        finally:
+            if one_thread:
+                faiss.omp_set_num_threads(threads)
 
-    def _search_params(self, where: tuple[str, object] | None, nprobe: int, ef_search: int):
-        """FAISS search parameters: nprobe/efSearch for trained IVF/HNSW, a selector for filters and tombstones."""
+    def _plain_search_params(self, nprobe: int, ef_search: int):
+        """FAISS search parameters of an unfiltered search: nprobe/efSearch, and the tombstones hidden."""
         family = self.trained_family
-        if where is None and not self.tombstones:  # the common case: no selector, parameters made once
+        if not self.tombstones:  # the common case: no selector, parameters made once
             key = (family, nprobe, ef_search)
             if key not in self._plain_params:
                 self._plain_params[key] = search_parameters(family, nprobe, ef_search)
             return self._plain_params[key]
-        faiss = self.faiss
-        selectors, keep = [], []  # FAISS holds selectors by raw pointer: `keep` keeps every Python object alive
-        if where is not None:
-            selectors.append(faiss.IDSelectorBatch(self.store.ids_where(*where)))
-        if self.tombstones and self.trained_kind:
-            keep.append(faiss.IDSelectorBatch(np.fromiter(self.tombstones, np.int64)))
-            selectors.append(faiss.IDSelectorNot(keep[-1]))
-        sel = selectors[0] if len(selectors) == 1 else (faiss.IDSelectorAnd(*selectors) if selectors else None)
-        params = search_parameters(family, nprobe, ef_search, sel)
-        if params is not None and sel is not None:
-            params.referenced_objects = [*keep, *selectors, sel]  # alive as long as params is
+        if self._tombstone_selector is None:  # made once per set of tombstones: a selector of 100k ids is not free
+            batch = self.faiss.IDSelectorBatch(np.fromiter(self.tombstones, np.int64))
+            self._tombstone_selector = (batch, self.faiss.IDSelectorNot(batch))
+        params = search_parameters(family, nprobe, ef_search, self._tombstone_selector[1])
+        params.referenced_objects = list(self._tombstone_selector)  # alive as long as params is
         return params
+
+    # ------------------------------------------------------------ payload indexes
+
+    def add_fields(self, fields) -> None:
+        """Declare payload fields (FieldSpecs or NAME:TYPE) and build their indexes over every stored item.
+
+        One store transaction: every payload is checked against the type first, and a value that
+        does not fit refuses the whole declaration, naming the item's key; nothing is declared then.
+        Durable when this returns (a snapshot follows where this process writes them)."""
+        specs = field_specs(fields)
+        if not specs:
+            return
+        columns = {s.name: Column(s, self.id_limit) for s in specs}
+
+        def check(specs: list[FieldSpec], ids: np.ndarray, texts: list[str]) -> None:
+            payloads = [json.loads(t) for t in texts]
+            for spec in specs:
+                try:
+                    values = [coerce(spec, p.get(spec.name), spec.name) for p in payloads]
+                except IndexError_:
+                    for i, p in zip(ids.tolist(), payloads):
+                        try:
+                            coerce(spec, p.get(spec.name), spec.name)
+                        except IndexError_ as exc:
+                            key = self.store.reader.execute("SELECT key FROM items WHERE id = ?", (i,)).fetchone()
+                            raise IndexError_(f"item {shown(key[0] if key else str(i))}: {exc}; "
+                                              "nothing was declared") from None
+                    raise
+                self._grow(int(ids.max()) + 1)
+                columns[spec.name].grow(self.id_limit)
+                columns[spec.name].set(ids, values)
+
+        with self.lock.write(), self._still_here():
+            self.store.declare_fields(specs, check)
+            for c in columns.values():
+                c.grow(self.id_limit)
+            self.columns.update(columns)
+            if self.snapshots:
+                self._write_snapshot()
+
+    @property
+    def fields(self) -> list[str]:
+        return [str(c.spec) for c in self.columns.values()]
 
     @property
     def model(self) -> tuple[str, int]:
@@ -493,9 +716,19 @@ class LatentIndex:
         count = self.store.count()
         return {"model": self.manifest["model"], "dim": self.dim, "metric": self.metric, "factory": self.factory,
                 "count": count, "faiss_ntotal": int(self.index.ntotal), "tombstones": len(self.tombstones),
+                "fields": self.fields, "memory_bytes": self.memory_bytes(),
                 "trained": self.trained_kind or not need,
                 "training_note": None if (self.trained_kind or not need) else
                 f"{self.factory} trains at {need} codes; {count} stored, searching exactly until then"}
+
+    def memory_bytes(self) -> int:
+        """What this process holds for the index: the FAISS structure (its serialised size, which is
+        its memory within a few percent) and the payload indexes."""
+        if self._faiss_bytes is None or self._faiss_bytes[0] != self.index.ntotal:
+            size = self.path / f"index-{self.seq}.faiss"
+            nbytes = size.stat().st_size if size.exists() else 0
+            self._faiss_bytes = (self.index.ntotal, nbytes or int(self.index.ntotal) * (self.dim * 4 + 8))
+        return self._faiss_bytes[1] + sum(c.nbytes for c in self.columns.values())
 
     def snapshot(self) -> None:
         """Write a FAISS snapshot of the current state (callable while searches run)."""
@@ -510,10 +743,14 @@ class LatentIndex:
         name = f"index-{self.seq}.faiss"
         serialize = self.faiss.serialize_index_binary if self.binary else self.faiss.serialize_index
         write_atomic(self.path / name, serialize(self.index).tobytes())
-        info = {"file": name, "seq": self.seq, "trained_kind": self.trained_kind, "tombstones": sorted(self.tombstones)}
+        fields = f"fields-{self.seq}.npz" if self.columns else None
+        if fields:
+            write_atomic(self.path / fields, columns_bytes(self.columns))
+        info = {"file": name, "fields": fields, "seq": self.seq, "trained_kind": self.trained_kind,
+                "tombstones": sorted(self.tombstones)}
         write_atomic(self.path / "snapshot.json", json.dumps(info).encode())
-        for old in self.path.glob("index-*.faiss"):
-            if old.name != name:
+        for old in [*self.path.glob("index-*.faiss"), *self.path.glob("fields-*.npz")]:
+            if old.name not in (name, fields):
                 old.unlink(missing_ok=True)
 
     def finish_build(self) -> None:

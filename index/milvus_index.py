@@ -10,7 +10,9 @@ when inside it, so the folder can move).
 Same contract as the FAISS backend (latent_index.LatentIndex): caller-given
 string keys, JSON object payloads, the model version bound to the index and
 checked on open (it is also stored as a collection property, so two index
-folders cannot disagree about one collection), equality filters on payload fields.
+folders cannot disagree about one collection), the filter language of filters.py
+(translated to a Milvus expression), payload fields declared with a type (checked on
+every write; Milvus evaluates the filters itself).
 
 What Milvus decides: the collection is created with consistency level Strong, so
 a search sees every write acknowledged before it (read-your-writes, also across
@@ -22,7 +24,6 @@ deployment's). Upsert replaces by primary key; delete is by key.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shutil
@@ -34,8 +35,10 @@ import numpy as np
 
 from zspace.errors import NotFound, shown
 from zspace.files import file_identity, write_atomic
-from zspace.index.contract import FilterError, IndexSpec, Item, check_filter, check_items, check_key, check_queries
+from zspace.index.contract import FilterError, IndexSpec, Item, check_items, check_key, check_queries
 from zspace.index.errors import FactoryError, IndexError_, IndexMoved
+from zspace.index.fields import coerce, extract, field_specs
+from zspace.index.filters import Condition, as_filter, describe, equal_forms
 from zspace.index.hits import Hit
 
 MODEL_PROPERTY = "zspace.model"
@@ -69,24 +72,26 @@ def literal(value) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def filter_expression(field: str, value) -> str:
-    """`payload["field"] == value`, with the FAISS backend's number/string tolerance: 7 matches 7 and "7"."""
-    check_filter(field, value)  # the field has no quotes, backslashes or control characters
-    if value is None:
-        raise FilterError("filter value: null is not supported by the milvus backend")
-    path = f'payload["{field}"]'
-    same = f"{path} == {literal(value)}"
-    if isinstance(value, bool):
-        return same
-    if isinstance(value, (int, float)):
-        return f"({same} or {path} == {literal(json.dumps(value))})"
-    try:
-        number = json.loads(value)
-    except ValueError:
-        return same
-    if isinstance(number, (int, float)) and not isinstance(number, bool) and math.isfinite(number):
-        return f"({same} or {path} == {literal(number)})"
-    return same
+def filter_expression(where) -> str:
+    """A filter (any shape filters.as_filter takes) as a Milvus boolean expression over the payload JSON.
+
+    Conditions are joined with `and`; `==` and `in` keep the FAISS backend's number/string
+    tolerance (7 matches 7 and "7"); fields were checked to hold no quotes, backslashes or
+    control characters, and every value goes through `literal`, so no value is ever syntax."""
+    return " and ".join(_condition_expression(c) for c in as_filter(where))
+
+
+def _condition_expression(c: Condition) -> str:
+    path = f'payload["{c.field}"]'
+    if c.op in ("<", "<=", ">", ">="):
+        return f"{path} {c.op} {literal(c.value)}"
+    forms = [f for v in (c.value if c.op == "in" else (c.value,)) for f in equal_forms(v)]
+    forms = list(dict.fromkeys(json.dumps(f) for f in forms))  # each once, in order
+    if c.op == "!=":
+        return "(" + " and ".join(f"{path} != {literal(json.loads(f))}" for f in forms) + ")"
+    if len(forms) == 1:
+        return f"{path} == {literal(json.loads(forms[0]))}"
+    return "(" + " or ".join(f"{path} == {literal(json.loads(f))}" for f in forms) + ")"
 
 
 def stored_uri(uri: str, folder: Path) -> str:
@@ -228,8 +233,10 @@ class MilvusIndex:
         complete; a failed build drops the collection and removes what it wrote."""
         cls.check_spec(replace(spec, metric=metric), out)  # the metric as resolved: a hash model's is hamming
         existed = out.exists()
+        field_specs(spec.fields)
         index = cls.create(out, model[0], model[1], dim, spec.uri, spec.collection, spec.factory or "HNSW32", metric,
                            deferred=True)
+        index.manifest["fields"] = [str(f) for f in field_specs(spec.fields)]
         try:
             fill(index)
             index.publish()
@@ -258,8 +265,53 @@ class MilvusIndex:
             raise IndexMoved(f"{self.path}: the index folder was replaced or removed after it was opened; "
                              "nothing was written")
 
+    @property
+    def specs(self):
+        return field_specs(self.manifest.get("fields", []), f"{self.path}/index.json fields")
+
+    @property
+    def fields(self) -> list[str]:
+        return [str(s) for s in self.specs]
+
+    def add_fields(self, fields) -> None:
+        """Declare payload fields: every stored payload is checked against the type first (a value that
+        does not fit refuses the declaration, naming the item), then index.json records them."""
+        specs = field_specs(fields)
+        known = {s.name for s in self.specs}
+        for spec in specs:
+            if spec.name in known:
+                raise IndexError_(f"field {shown(spec.name)} is already indexed")
+        self._check_here()
+        it = self.client.query_iterator(self.collection, batch_size=10_000, filter="", output_fields=["key", "payload"])
+        try:
+            while rows := it.next():
+                for row in rows:
+                    for spec in specs:
+                        try:
+                            coerce(spec, row["payload"].get(spec.name), spec.name)
+                        except IndexError_ as exc:
+                            raise IndexError_(f"item {shown(row['key'])}: {exc}; nothing was declared") from None
+        finally:
+            it.close()
+        self.manifest = {**self.manifest, "fields": [*self.fields, *map(str, specs)]}
+        if self.identity is not None:  # published: record the declaration (a build publishes it with the rest)
+            self.publish()
+
+    def explain(self, where, k: int = 10, nprobe: int = 16, ef_search: int = 16) -> dict:
+        """What a search with this filter asks Milvus, and how many items it matches."""
+        where = as_filter(where)
+        expr = filter_expression(where)
+        total = self.count()
+        matches = int(self.client.query(self.collection, filter=expr, output_fields=["count(*)"])[0]["count(*)"]) \
+            if where else total
+        return {"filter": describe(where), "backend": "milvus", "expression": expr, "total": total,
+                "matches": matches, "selectivity": round(matches / total, 6) if total else 0.0,
+                "strategy": "milvus evaluates the expression", "indexed": [], "scanned": [],
+                "fields": self.fields}
+
     def upsert(self, keys: list[str], vectors: np.ndarray, payloads: list[dict], maintain: bool = True) -> None:
         vectors, texts = check_items(keys, vectors, payloads, self.dim)
+        extract(self.specs, payloads)  # declared fields hold values of their type, as in the FAISS backend
         self._check_here()
         rows = [{"key": k, "vector": v, "payload": json.loads(t)} for k, v, t in zip(keys, vectors.tolist(), texts)]
         self.client.upsert(self.collection, rows)
@@ -281,11 +333,11 @@ class MilvusIndex:
             raise NotFound(f"key {shown(key)} is not in the index")
         return Item(0, key, np.asarray(rows[0]["vector"], np.float32), rows[0]["payload"])
 
-    def search(self, queries: np.ndarray, k: int, where: tuple[str, object] | None = None, nprobe: int = 16,
+    def search(self, queries: np.ndarray, k: int, where=None, nprobe: int = 16,
                ef_search: int = 16, blocking: bool = True, one_thread: bool | None = None, as_json: bool = False):
         """-> per query a list of Hit(key, distance, payload), nearest first (cosine distance = 1 - cos, as FAISS's)."""
         queries = check_queries(queries, k, self.dim)
-        expr = filter_expression(*where) if where is not None else ""
+        expr = filter_expression(where)
         found = self.client.search(self.collection, data=queries.tolist(), limit=int(k), filter=expr,
                                    output_fields=["payload"],
                                    search_params={"params": {"ef": max(ef_search, k), "nprobe": nprobe}})
@@ -307,7 +359,7 @@ class MilvusIndex:
     def stats(self) -> dict:
         return {"model": self.manifest["model"], "dim": self.dim, "metric": self.metric, "factory": self.factory,
                 "backend": "milvus", "uri": self.manifest["uri"], "collection": self.collection,
-                "count": self.count(), "trained": True, "training_note": None}
+                "count": self.count(), "fields": self.fields, "trained": True, "training_note": None}
 
     def finish_build(self) -> None:
         self.client.flush(self.collection)  # sealed segments, indexed: the first searches do not build them

@@ -20,8 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from zspace.errors import NotFound, shown, shown_list
-from zspace.index.contract import FilterError, Item, check_filter
+from zspace.index.contract import FilterError, Item
 from zspace.index.errors import IndexError_
+from zspace.index.fields import FieldSpec
+from zspace.index.filters import Condition, equal_forms
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
@@ -34,6 +36,10 @@ CREATE TABLE IF NOT EXISTS changes (
   seq INTEGER PRIMARY KEY AUTOINCREMENT,
   old_id INTEGER,
   new_id INTEGER
+);
+CREATE TABLE IF NOT EXISTS fields (
+  name TEXT PRIMARY KEY,
+  type TEXT NOT NULL
 );
 """
 
@@ -100,11 +106,16 @@ class ItemStore:
     def _vector(self, blob: bytes) -> np.ndarray:
         return np.frombuffer(blob, dtype="<f4")
 
-    def upsert(self, keys: list[str], vectors: np.ndarray, texts: list[str]) -> Written:
-        """Insert or replace items (payloads as JSON texts) in one transaction; (old id or None, new id) per item."""
+    def upsert(self, keys: list[str], vectors: np.ndarray, texts: list[str], check=None) -> Written:
+        """Insert or replace items (payloads as JSON texts) in one transaction; (old id or None, new id) per item.
+
+        check(declared fields) runs inside the transaction, before anything is written: a field
+        declared by another process a moment ago is checked too (the write lock is held)."""
         pairs = []
         vectors = np.ascontiguousarray(vectors, dtype="<f4")
         with self._transaction() as before:
+            if check is not None:
+                check(self._field_specs(self.db))
             for key, vec, text in zip(keys, vectors, texts):
                 row = self.db.execute("SELECT id FROM items WHERE key = ?", (key,)).fetchone()
                 old = row[0] if row else None
@@ -116,6 +127,20 @@ class ItemStore:
                 pairs.append((old, cur.lastrowid))
             after = self._last_seq(self.db)
         return Written(before, after, pairs)
+
+    def insert_new(self, keys: list[str], vectors: np.ndarray, texts: list[str]) -> np.ndarray:
+        """Bulk-insert items into a store being built (an import): no per-key lookup and no change-log rows.
+
+        Only for a store no reader serves yet, whose builder snapshots FAISS as of the end
+        (so there is nothing to replay); a key already stored fails the transaction (UNIQUE).
+        The new ids, in order."""
+        vectors = np.ascontiguousarray(vectors, dtype="<f4")
+        with self._transaction():
+            first = self.db.execute("SELECT COALESCE(MAX(id), 0) FROM items").fetchone()[0] + 1
+            ids = np.arange(first, first + len(keys), dtype=np.int64)
+            self.db.executemany("INSERT INTO items (id, key, vector, payload) VALUES (?, ?, ?, ?)",
+                                zip(ids.tolist(), keys, (v.tobytes() for v in vectors), texts))
+        return ids
 
     def delete(self, keys: list[str]) -> Written:
         """Delete items by key in one transaction (pairs: removed id, None). Unknown keys raise NotFound first."""
@@ -160,8 +185,8 @@ class ItemStore:
         row = self.reader.execute("SELECT id, key, vector, payload FROM items WHERE key = ?", (key,)).fetchone()
         return None if row is None else Item(row[0], row[1], self._vector(row[2]), json.loads(row[3]))
 
-    def everything(self) -> tuple[int, np.ndarray, np.ndarray, dict[int, tuple[str, str]]]:
-        """(change-log position, ids, vectors, id -> (key, payload JSON)) as of one moment.
+    def everything(self) -> tuple[int, np.ndarray, np.ndarray, list[str]]:
+        """(change-log position, ids, vectors, payload JSON texts) as of one moment.
 
         One read transaction: another process may commit between two plain SELECTs, and an
         index rebuilt from a mix would replay a change it already holds (a duplicate id)."""
@@ -169,25 +194,39 @@ class ItemStore:
         conn.execute("BEGIN")
         try:
             seq = self._last_seq(conn)
-            rows = conn.execute("SELECT id, key, vector, payload FROM items ORDER BY id").fetchall()
+            rows = conn.execute("SELECT id, vector, payload FROM items ORDER BY id").fetchall()
         finally:
             conn.execute("COMMIT")
-        ids, vectors = self._stack([(r[0], r[2]) for r in rows])
-        return seq, ids, vectors, {r[0]: (r[1], r[3]) for r in rows}
+        ids, vectors = self._stack([(r[0], r[1]) for r in rows])
+        return seq, ids, vectors, [r[2] for r in rows]
 
-    def entries_of(self, ids: list[int]) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
-        """(ids that still exist, their vectors, their (key, payload JSON)): what a replay adds."""
-        if not ids:
-            return np.zeros(0, np.int64), np.zeros((0, self.dim), np.float32), []
+    def entries_of(self, ids: list[int]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """(ids that still exist, their vectors, their payload JSON texts): what a replay adds."""
+        found = self._by_id("id, vector, payload", ids)
+        i, v = self._stack([(r[0], r[1]) for r in found])
+        return i, v, [r[2] for r in found]
+
+    def vectors_of(self, ids: np.ndarray) -> np.ndarray:
+        """The stored vectors of `ids` (all of which exist), in the order given."""
+        found = dict(self._by_id("id, vector", ids))
+        if not len(ids):
+            return np.zeros((0, self.dim), np.float32)
+        return np.stack([self._vector(found[i]) for i in np.asarray(ids).tolist()]).astype(np.float32)
+
+    def rows_of(self, ids) -> dict[int, tuple[str, str]]:
+        """id -> (key, payload JSON) of those `ids` that exist: a search's hits, read for the k found only."""
+        return {r[0]: (r[1], r[2]) for r in self._by_id("id, key, payload", ids)}
+
+    def _by_id(self, columns: str, ids) -> list[tuple]:
+        ids = [int(i) for i in ids]
         found = []
         for start in range(0, len(ids), 500):  # SQLite caps the parameters of one statement
-            chunk = list(ids[start:start + 500])
+            chunk = ids[start:start + 500]
             marks = ",".join("?" * len(chunk))
-            found += self.reader.execute(f"SELECT id, key, vector, payload FROM items WHERE id IN ({marks}) ORDER BY id",
+            found += self.reader.execute(f"SELECT {columns} FROM items WHERE id IN ({marks}) ORDER BY id",
                                          chunk).fetchall()
         found.sort()
-        i, v = self._stack([(r[0], r[2]) for r in found])
-        return i, v, [(r[1], r[3]) for r in found]
+        return found
 
     def _stack(self, rows) -> tuple[np.ndarray, np.ndarray]:
         if not rows:
@@ -195,31 +234,67 @@ class ItemStore:
         ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
         return ids, np.stack([self._vector(r[1]) for r in rows]).astype(np.float32)
 
-    def ids_where(self, field: str, value) -> np.ndarray:
-        """Ids of items whose payload's `field` equals `value`, a string or a number meaning the same.
+    def payloads(self, batch: int = 50_000) -> Iterator[tuple[np.ndarray, list[str]]]:
+        """Every item's (ids, payload JSON texts), a batch at a time, in id order: to build payload indexes."""
+        last = 0
+        while True:
+            rows = self.reader.execute("SELECT id, payload FROM items WHERE id > ? ORDER BY id LIMIT ?",
+                                       (last, batch)).fetchall()
+            if not rows:
+                return
+            last = rows[-1][0]
+            yield np.fromiter((r[0] for r in rows), np.int64, len(rows)), [r[1] for r in rows]
 
-        Labels come as numbers from some data sets and as strings from others, and a
-        command line cannot tell `label=7` the number from "7" the string: 7 matches
-        both 7 and "7" (and "7" both), as a user means. Booleans and null match
-        themselves only. A field that no item has is an error, not an empty answer:
+    def max_id(self) -> int:
+        return self.reader.execute("SELECT COALESCE(MAX(id), 0) FROM items").fetchone()[0]
+
+    # ------------------------------------------------------------ declared fields (payload indexes)
+
+    @staticmethod
+    def _field_specs(conn: sqlite3.Connection) -> list[FieldSpec]:
+        return [FieldSpec(n, t) for n, t in conn.execute("SELECT name, type FROM fields ORDER BY rowid")]
+
+    def field_specs(self) -> list[FieldSpec]:
+        """The declared payload fields, in the order they were declared."""
+        return self._field_specs(self.reader)
+
+    def declare_fields(self, specs: list[FieldSpec], check) -> None:
+        """Declare payload fields in one transaction; check(specs, ids, texts) runs over every stored
+        payload first, under the write lock (no write can slip in between), and may refuse them."""
+        with self._transaction():
+            known = {s.name: s for s in self._field_specs(self.db)}
+            for spec in specs:
+                if spec.name in known:
+                    raise IndexError_(f"field {shown(spec.name)} is already indexed (as {known[spec.name].type})")
+            last = 0
+            while rows := self.db.execute("SELECT id, payload FROM items WHERE id > ? ORDER BY id LIMIT 50000",
+                                          (last,)).fetchall():
+                last = rows[-1][0]
+                check(specs, np.fromiter((r[0] for r in rows), np.int64, len(rows)), [r[1] for r in rows])
+            self.db.executemany("INSERT INTO fields (name, type) VALUES (?, ?)", [(s.name, s.type) for s in specs])
+
+    # ------------------------------------------------------------ filters on fields that are not indexed
+
+    def ids_matching(self, conditions: tuple[Condition, ...]) -> np.ndarray:
+        """Ids of items whose payloads satisfy every condition, by parsing every payload (SQLite's json_extract).
+
+        The slow path, for fields nobody declared (a full scan: about a second at a million
+        items); declared fields are answered from their columns (fields.py). Same meaning as
+        the columns: see filters.py. A field that no item has is an error, not an empty answer:
         it is nearly always a typo."""
-        check_filter(field, value)
-        path = f'$."{field}"'
-        if isinstance(value, bool) or value is None:
-            sql, args = "json_extract(payload, ?) IS ? AND json_type(payload, ?) IN ('true', 'false', 'null')", \
-                (path, None if value is None else int(value), path)
-        elif isinstance(value, (int, float)):
-            sql, args = ("(json_type(payload, ?) IN ('integer', 'real') AND json_extract(payload, ?) = ?) OR "
-                         "(json_type(payload, ?) = 'text' AND json_extract(payload, ?) = ?)",
-                         (path, path, value, path, path, json.dumps(value)))
-        else:
-            sql, args = ("json_extract(payload, ?) = ? OR (json_type(payload, ?) IN ('integer', 'real') "
-                         "AND CAST(json_extract(payload, ?) AS TEXT) = ?)", (path, value, path, path, value))
-        rows = self.reader.execute(f"SELECT id FROM items WHERE {sql}", args).fetchall()
-        if not rows and self.reader.execute("SELECT 1 FROM items LIMIT 1").fetchone() and not self.reader.execute(
-                "SELECT 1 FROM items WHERE json_type(payload, ?) IS NOT NULL LIMIT 1", (path,)).fetchone():
-            fields = {k for (p,) in self.reader.execute("SELECT payload FROM items LIMIT 100") for k in json.loads(p)}
-            raise FilterError(f"filter: no item has a field {shown(field)} (fields seen: {shown_list(fields)})")
+        terms, args = [], []
+        for c in conditions:
+            sql, a = _condition_sql(c)
+            terms.append(f"({sql})")
+            args += a
+        rows = self.reader.execute(f"SELECT id FROM items WHERE {' AND '.join(terms)}", args).fetchall()
+        if not rows and self.reader.execute("SELECT 1 FROM items LIMIT 1").fetchone():
+            for c in conditions:
+                if not self.reader.execute("SELECT 1 FROM items WHERE json_type(payload, ?) IS NOT NULL LIMIT 1",
+                                           (_path(c.field),)).fetchone():
+                    fields = {k for (p,) in self.reader.execute("SELECT payload FROM items LIMIT 100")
+                              for k in json.loads(p)}
+                    raise FilterError(f"filter: no item has a field {shown(c.field)} (fields seen: {shown_list(fields)})")
         return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
 
     def changes_since(self, seq: int) -> list[tuple[int, int | None, int | None]]:
@@ -230,3 +305,42 @@ class ItemStore:
 
     def count(self) -> int:
         return self.reader.execute("SELECT COUNT(*) FROM items").fetchone()[0]
+
+
+def _path(field: str) -> str:
+    return f'$."{field}"'  # the field has no quotes or backslashes (filters.check_field)
+
+
+_NUMBER = "json_type(payload, ?) IN ('integer', 'real')"
+
+
+def _equal_sql(path: str, value) -> tuple[str, list]:
+    """Payload field at `path` equals `value` with the filter language's tolerance (filters.equal_forms)."""
+    terms, args = [], []
+    for form in equal_forms(value):
+        if isinstance(form, bool):
+            terms.append("json_type(payload, ?) = ?")
+            args += [path, "true" if form else "false"]
+        elif isinstance(form, (int, float)):
+            terms.append(f"({_NUMBER} AND json_extract(payload, ?) = ?)")
+            args += [path, path, form]
+        else:
+            terms.append("(json_type(payload, ?) = 'text' AND json_extract(payload, ?) = ?)")
+            args += [path, path, form]
+    return " OR ".join(terms), args
+
+
+def _condition_sql(c: Condition) -> tuple[str, list]:
+    path = _path(c.field)
+    if c.op in ("<", "<=", ">", ">="):
+        kind = _NUMBER if isinstance(c.value, (int, float)) else "json_type(payload, ?) = 'text'"
+        return f"{kind} AND json_extract(payload, ?) {c.op} ?", [path, path, c.value]
+    terms, args = [], []
+    for value in (c.value if c.op == "in" else (c.value,)):
+        sql, a = _equal_sql(path, value)
+        terms.append(sql)
+        args += a
+    same = " OR ".join(terms)
+    if c.op == "!=":  # the item has a value there (not null), and not an equal one
+        return f"COALESCE(json_type(payload, ?), 'null') != 'null' AND NOT ({same})", [path, *args]
+    return same, args

@@ -21,6 +21,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from zspace.errors import UserError
+from zspace.index.filters import as_filter
 from zspace.index.hits import Hit
 from zspace.v1 import zspace_pb2 as pb
 from zspace.v1 import zspace_pb2_grpc as pb_grpc
@@ -115,16 +116,19 @@ def retry_config(attempts: int) -> str:
     }]})
 
 
-def filter_of(where: dict | tuple[str, object]) -> tuple[str, object]:
-    """A search filter as (field, value), from {"field": value} or (field, value); ValueError naming `where`
-    for anything else (one field for now: the server filters on one equality)."""
-    if isinstance(where, dict):
-        if len(where) != 1:
-            raise ValueError(f"where: one field and its value, as {{'label': 'coat'}}; got {len(where)} fields")
-        return next(iter(where.items()))
-    if isinstance(where, tuple) and len(where) == 2 and isinstance(where[0], str):
-        return where
-    raise ValueError(f"where: expected {{'field': value}} or ('field', value), got {type(where).__name__}")
+OPERATORS = {"==": pb.Condition.EQ, "!=": pb.Condition.NE, "in": pb.Condition.IN, "<": pb.Condition.LT,
+             "<=": pb.Condition.LE, ">": pb.Condition.GT, ">=": pb.Condition.GE}
+
+
+def filter_message(where) -> pb.Filter:
+    """A search filter in any shape zspace.index.filters.as_filter takes, as the request's Filter message:
+    {"label": 3} (each field an equality, a list meaning IN), "year >= 2000" or a list of such
+    strings (AND), or Conditions. A malformed filter raises FilterError (a ValueError) here, before
+    anything is sent."""
+    message = pb.Filter()
+    for c in as_filter(where):
+        message.all.add(field=c.field, op=OPERATORS[c.op], value_json=json.dumps(list(c.value) if c.op == "in" else c.value))
+    return message
 
 
 class ZSpaceClient:
@@ -239,12 +243,20 @@ class ZSpaceClient:
         return self._call("IndexStats", pb.IndexStatsRequest(index=index))
 
     def search(self, index: str, x=None, *, images=None, texts=None, vectors=None, key: str | None = None,
-               k: int = 10, where: dict | tuple[str, object] | None = None) -> list[list[Hit]]:
+               k: int = 10, where=None) -> list[list[Hit]]:
         """Nearest stored items per query: [Hit(key, distance, payload), ...], nearest first.
 
-        where: items whose payload field equals a value, as {"label": "coat"} or ("label", "coat");
-        a number and its string match each other (7 and "7")."""
-        req = pb.SearchRequest(index=index, k=k)
+        where: a payload filter, every condition holding: {"label": "coat"}, {"cat": [1, 2]} (IN),
+        "year >= 2000", ["label == 3", "year < 2000"]; a number and its string match each other
+        (7 and "7")."""
+        return self.search_explained(index, x, images=images, texts=texts, vectors=vectors, key=key, k=k,
+                                     where=where)[0]
+
+    def search_explained(self, index: str, x=None, *, images=None, texts=None, vectors=None, key: str | None = None,
+                         k: int = 10, where=None, explain: bool = False) -> tuple[list[list[Hit]], dict | None]:
+        """search(), and with explain=True the server's plan of the filter (how many items it matches, which
+        fields came from payload indexes, exact or ANN)."""
+        req = pb.SearchRequest(index=index, k=k, explain=explain)
         if key is not None:
             req.key = key
         elif vectors is not None:
@@ -252,10 +264,10 @@ class ZSpaceClient:
         else:
             req.inputs.CopyFrom(make_inputs(x, images, texts))
         if where is not None:
-            req.filter_field, value = filter_of(where)
-            req.filter_value_json = json.dumps(value)
+            req.filter.CopyFrom(filter_message(where))
         resp = self._call("Search", req)
-        return [[Hit(h.key, h.distance, json.loads(h.payload_json)) for h in hits.hits] for hits in resp.results]
+        hits = [[Hit(h.key, h.distance, json.loads(h.payload_json)) for h in hits.hits] for hits in resp.results]
+        return hits, (json.loads(resp.plan_json) if resp.plan_json else None)
 
     def upsert(self, index: str, keys: list[str], x=None, *, images=None, texts=None, vectors=None,
                payloads: list[dict] | None = None) -> int:

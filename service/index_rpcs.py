@@ -14,8 +14,9 @@ import json
 
 import numpy as np
 
-from zspace.index.contract import check_filter, check_key, check_text
+from zspace.index.contract import check_key
 from zspace.index.errors import IndexMoved
+from zspace.index.filters import MAX_IN_VALUES, Condition, Filter, as_filter, check_field, check_scalar, condition
 from zspace.service.config import Limits
 from zspace.service.indexes import IndexRegistry
 from zspace.service.inputs import (
@@ -32,6 +33,29 @@ from zspace.service.rpc import RpcHandlers, TooLarge, rpc
 from zspace.v1 import zspace_pb2 as pb
 
 MAX_NAME_CHARS = 255  # an index is a folder: its name is a file name
+OPERATORS = {pb.Condition.EQ: "==", pb.Condition.NE: "!=", pb.Condition.IN: "in", pb.Condition.LT: "<",
+             pb.Condition.LE: "<=", pb.Condition.GT: ">", pb.Condition.GE: ">="}
+MAX_VALUE_JSON = 64 * MAX_IN_VALUES  # one condition's value_json: an IN of the most values, each a short scalar
+
+
+def request_filter(request) -> Filter:
+    """A SearchRequest's filter, checked: the old single equality (filter_field, filter_value_json) and the
+    structured `filter` (conditions, AND), both holding when both are given. Errors name the part."""
+    conditions = []
+    if request.filter_field:
+        value = parse_json(request.filter_value_json, "filter_value_json", 4096)
+        check_field(request.filter_field, "filter_field")
+        check_scalar(value, "filter_value_json")
+        conditions.append(Condition(request.filter_field, "==", value))
+    for i, c in enumerate(request.filter.all):
+        part = f"filter.all[{i}]"
+        if c.op not in OPERATORS:
+            raise InvalidArgument(f"{part}.op: unknown operator {c.op}; expected EQ, NE, IN, LT, LE, GT or GE")
+        if not c.value_json:
+            raise InvalidArgument(f"{part}.value_json: empty; give a JSON value, as 3 or \"coat\" (IN: [1, 2])")
+        value = parse_json(c.value_json, f"{part}.value_json", MAX_VALUE_JSON)
+        conditions.append(condition(c.field, OPERATORS[c.op], value, part))
+    return as_filter(conditions)
 
 
 def search_response(results: list[list[tuple[str, float, str]]]) -> pb.SearchResponse:
@@ -112,22 +136,19 @@ class IndexRpcs(RpcHandlers):
         if rows * request.k > self.limits.max_hits:
             raise InvalidArgument(f"k: {rows} queries x k={request.k} is {rows * request.k} hits, over the limit of "
                                   f"{self.limits.max_hits}; send fewer queries per request or a smaller k")
-        where = None
-        if request.filter_field:
-            value = parse_json(request.filter_value_json, "filter_value_json", 4096)
-            if isinstance(value, str):  # an escape such as "\\ud800" parses to a lone surrogate: named here
-                check_text(value, "filter_value_json")
-            check_filter(request.filter_field, value)
-            where = (request.filter_field, value)
+        where = request_filter(request)
         if which == "key":  # LatentIndex.get checks the key (empty, too long) and names the field
             q = (await asyncio.to_thread(index.get, request.key)).vector[None]
         else:
             q = await self._query_codes(index, request, which)
-        if where is None:
+        if not where:
             results = await self.indexes.search(request.index, q, int(request.k))
         else:
             results = await asyncio.to_thread(index.search, q, int(request.k), where, as_json=True)
-        return search_response(self._bounded(results))
+        response = search_response(self._bounded(results))
+        if request.explain:
+            response.plan_json = json.dumps(await asyncio.to_thread(index.explain, where, int(request.k)))
+        return response
 
     async def _write(self, name: str, write):
         """Run `write(index)` in a thread on the index served as `name`, and return that index.

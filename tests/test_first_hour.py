@@ -12,6 +12,7 @@ import pytest
 from helpers import train_run
 from serving import digits_served
 
+from zspace.index.contract import FilterError
 from zspace.service.client import ZSpaceClient
 
 
@@ -61,8 +62,10 @@ def test_the_python_client_takes_a_dict_filter(vae_bundle, tmp_path):
         assert [len(h) for h in hits] == [3, 3] and all(h.payload["label"] == "3" for row in hits for h in row)
         same = c.search("digits", vectors=np.zeros((2, 4), np.float32), k=3, where=("label", "3"))
         assert [[h.key for h in row] for row in same] == [[h.key for h in row] for row in hits]
-        with pytest.raises(ValueError, match="where: one field and its value"):
-            c.search("digits", vectors=np.zeros((1, 4), np.float32), where={"label": 3, "split": "test"})
+        both = c.search("digits", vectors=np.zeros((1, 4), np.float32), k=3, where={"label": 3, "split": "test"})
+        assert both[0] and all(h.payload["label"] == "3" and h.payload["split"] == "test" for h in both[0])
+        with pytest.raises(FilterError, match="where: expected conditions"):
+            c.search("digits", vectors=np.zeros((1, 4), np.float32), where=42)
 
 
 def test_evaluate_says_what_the_slow_part_costs_and_defaults_to_a_small_k(vae_run, cli):

@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 import numpy as np
 
+from zspace.app.index_cli import WHERE_HELP
 from zspace.transforms import is_png_or_jpeg
 
 
@@ -177,22 +178,28 @@ def score(c, model, version, pngs, texts, npy) -> None:
 @click.option("--key", default=None, help="Query with the code of this stored item.")
 @input_options
 @click.option("-k", "k", type=int, default=10, help="Neighbours per query.")
-@click.option("--where", default=None, help="Payload filter FIELD=VALUE (VALUE as JSON, else a string).")
+@click.option("--where", multiple=True, help=WHERE_HELP)
 @click.option("--vectors", is_flag=True, help="--npy holds latent codes, not inputs.")
+@click.option("--explain", is_flag=True, help="Also print the server's plan of the filter.")
 @click.pass_obj
-def search(c, index_name, key, pngs, texts, npy, k, where, vectors) -> None:
+def search(c, index_name, key, pngs, texts, npy, k, where, vectors, explain) -> None:
     """Nearest stored items to a key, inputs or codes; JSON out."""
     from zspace.app.index_cli import hits_json, parse_where
 
+    where = parse_where(where) or None
     if key is not None:
-        hits = c.search(index_name, key=key, k=k, where=parse_where(where))
+        query = {"key": key}
     elif vectors:
         if npy is None:
             raise click.UsageError("--vectors needs --npy")
-        hits = c.search(index_name, vectors=np.load(npy).astype(np.float32), k=k, where=parse_where(where))
+        query = {"vectors": np.load(npy).astype(np.float32)}
     else:
-        hits = c.search(index_name, k=k, where=parse_where(where), **gather_inputs(pngs, texts, npy))
-    click.echo(hits_json(hits))
+        query = gather_inputs(pngs, texts, npy)
+    hits, plan = c.search_explained(index_name, k=k, where=where, explain=explain, **query)
+    if explain:
+        click.echo(json.dumps({"plan": plan, "hits": json.loads(hits_json(hits))}, indent=1))
+    else:
+        click.echo(hits_json(hits))
 
 
 @client.command()

@@ -1,4 +1,4 @@
-"""`zspace index build|search|stats`: latent indexes on local disk, no server needed."""
+"""`zspace index build|import|search|stats|field add`: latent indexes on local disk, no server needed."""
 
 from __future__ import annotations
 
@@ -12,17 +12,17 @@ from zspace.data import SPEC_HELP
 from zspace.errors import NotFound, UserError
 
 
-def parse_where(value: str | None):
-    """`field=value` -> (field, JSON value, or the raw string when not JSON)."""
-    if not value:
-        return None
-    field, sep, raw = value.partition("=")
-    if not sep or not field:
-        raise click.BadParameter(f"expected FIELD=VALUE such as label=3, got {value!r}", param_hint="--where")
-    try:
-        return field, json.loads(raw)
-    except json.JSONDecodeError:
-        return field, raw
+def parse_where(values: tuple[str, ...]):
+    """Repeated --where conditions (all must hold) as one filter; FilterError naming the bad one."""
+    from zspace.index.filters import as_filter, parse_condition
+
+    return as_filter([parse_condition(v, f"--where {v!r}") for v in values or ()])
+
+
+WHERE_HELP = ("Payload filter FIELD OP VALUE, OP one of = == != < <= > >= in; as label=3, 'year>=2000', "
+              "'cat in (1, 2)'. VALUE as JSON, else a string. Repeat for AND.")
+FIELD_HELP = ("Index a payload field, NAME:TYPE with TYPE keyword, int, float or bool (repeatable): filters on it "
+              "never parse payloads.")
 
 
 def hits_json(hits) -> str:
@@ -32,7 +32,7 @@ def hits_json(hits) -> str:
 
 
 def query_options(f):
-    f = click.option("--where", default=None, help="Payload filter FIELD=VALUE (VALUE as JSON, else a string).")(f)
+    f = click.option("--where", multiple=True, help=WHERE_HELP)(f)
     f = click.option("-k", "k", type=click.IntRange(min=1), default=10, help="Neighbours per query.")(f)
     f = click.option("--npy", type=click.Path(exists=True, dir_okay=False), default=None, help="Latent codes [n, dim] as a .npy file (for raw inputs use --png or --text).")(f)
     f = click.option("--text", "texts", multiple=True, help="A document query (repeatable).")(f)
@@ -62,28 +62,88 @@ def index_group() -> None:
 @click.option("--uri", default=None, help="milvus: a milvus-lite file, e.g. indexes/NAME/milvus.db (recorded relative to the index folder) "
                                           "or a server, e.g. http://host:19530.")
 @click.option("--collection", default=None, help="milvus: the collection name (default: the folder's name).")
-def build(model_ref, data, out, factory, metric, split, batch_size, backend, uri, collection) -> None:
+@click.option("--field", "fields", multiple=True, help=FIELD_HELP)
+def build(model_ref, data, out, factory, metric, split, batch_size, backend, uri, collection, fields) -> None:
     """Encode a data set's split with the exported encoder and store the codes."""
     from zspace.index.build import build_index
     from zspace.index.contract import IndexSpec
 
     spec = IndexSpec(backend=backend, factory=factory, metric=None if metric == "auto" else metric, uri=uri,
-                     collection=collection)
+                     collection=collection, fields=tuple(fields))
     index = build_index(Path(model_ref), data, Path(out), spec, split=split, batch_size=batch_size)
     click.echo(json.dumps({"index": out, **index.stats()}, indent=1))
     index.close()
+
+
+@index_group.command("import")
+@click.option("--model", "model_ref", type=click.Path(exists=True, file_okay=False), required=True,
+              help="models/NAME (highest version) or models/NAME/VERSION: whose codes these are.")
+@click.option("--codes", type=click.Path(exists=True, dir_okay=False), required=True,
+              help="Latent codes [n, latent_dim] as .npy (float; a hash model's packed bits as uint8).")
+@click.option("--keys", type=click.Path(exists=True, dir_okay=False), required=True,
+              help="Item keys, one per line, in the codes' order.")
+@click.option("--payloads", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Payloads, one JSON object per line, in the codes' order (default: empty payloads).")
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Index folder to create, e.g. indexes/NAME.")
+@click.option("--factory", default=None, help="FAISS factory string (as for build). Default: Flat (faiss), HNSW32 (milvus).")
+@click.option("--metric", type=click.Choice(["auto", "l2", "cosine", "hamming"]), default="auto",
+              help="auto: hamming for a hash model's bits, cosine for text models, l2 otherwise.")
+@click.option("--field", "fields", multiple=True, help=FIELD_HELP)
+@click.option("--backend", type=click.Choice(["faiss", "milvus"]), default="faiss", help="As for build.")
+@click.option("--uri", default=None, help="milvus: a milvus-lite file or a server URI (as for build).")
+@click.option("--collection", default=None, help="milvus: the collection name (default: the folder's name).")
+def import_(model_ref, codes, keys, payloads, out, factory, metric, fields, backend, uri, collection) -> None:
+    """Make an index of codes computed elsewhere (whole or not at all)."""
+    from zspace.index.contract import IndexSpec
+    from zspace.index.importing import import_codes
+
+    spec = IndexSpec(backend=backend, factory=factory, metric=None if metric == "auto" else metric, uri=uri,
+                     collection=collection, fields=tuple(fields))
+    index = import_codes(Path(model_ref), Path(codes), Path(keys), Path(payloads) if payloads else None, Path(out), spec)
+    click.echo(json.dumps({"index": out, **index.stats()}, indent=1))
+    index.close()
+
+
+@index_group.group("field")
+def field_group() -> None:
+    """Payload indexes: declared, typed payload fields that filters read without parsing payloads."""
+
+
+@field_group.command("add")
+@click.argument("index_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("fields", nargs=-1, required=True)
+def field_add(index_dir, fields) -> None:
+    """Index payload fields NAME:TYPE (keyword, int, float, bool) over the items already stored.
+
+    Every stored payload is checked first; a value of another type refuses the whole
+    declaration, naming the item. A running server picks the new index up on its next search."""
+    from zspace.index.backends import open_index
+
+    index = open_index(Path(index_dir))
+    try:
+        index.add_fields(list(fields))
+        click.echo(json.dumps({"index": index_dir, "fields": index.fields}, indent=1))
+    finally:
+        index.close()
 
 
 @index_group.command()
 @click.argument("index_dir", type=click.Path(exists=True, file_okay=False))
 @query_options
 @click.option("--models", type=click.Path(file_okay=False), default="models", help="Model repository, to encode --png/--text.")
-def search(index_dir, key, pngs, texts, npy, k, where, models) -> None:
+@click.option("--explain", is_flag=True, help="Print the filter's query plan (matching items, indexed or scanned "
+                                              "fields, exact or ANN); with a query, the hits too.")
+def search(index_dir, key, pngs, texts, npy, k, where, models, explain) -> None:
     """Nearest stored items to a stored key, raw inputs, or codes; JSON out."""
     from zspace.index.backends import open_index
     from zspace.index.build import query_codes
 
-    index = open_index(Path(index_dir))
+    where = parse_where(where)
+    index = open_index(Path(index_dir), snapshots=False)
+    plan = index.explain(where, k) if explain else None
+    if explain and key is None and npy is None and not pngs and not texts:
+        click.echo(json.dumps({"plan": plan}, indent=1))
+        return
     if key is not None:
         try:
             queries = index.get(key).vector[None]
@@ -95,8 +155,11 @@ def search(index_dir, key, pngs, texts, npy, k, where, models) -> None:
         queries = query_codes(index, Path(models), pngs, texts)
     else:
         raise click.UsageError("give a query: --key, --png, --text or --npy")
-    hits = index.search(queries, k, parse_where(where))
-    click.echo(hits_json(hits))
+    hits = index.search(queries, k, where)
+    if plan is not None:
+        click.echo(json.dumps({"plan": plan, "hits": json.loads(hits_json(hits))}, indent=1))
+    else:
+        click.echo(hits_json(hits))
 
 
 @index_group.command()
@@ -105,6 +168,6 @@ def stats(index_dir) -> None:
     """Model, metric, factory, count and training state of an index."""
     from zspace.index.backends import open_index
 
-    index = open_index(Path(index_dir))
+    index = open_index(Path(index_dir), snapshots=False)
     click.echo(json.dumps(index.stats(), indent=1))
     index.release()

@@ -265,7 +265,7 @@ class IndexStatsRequest(_message.Message):
     def __init__(self, index: _Optional[str] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
-    __slots__ = ("index", "inputs", "vectors", "key", "k", "filter_field", "filter_value_json")
+    __slots__ = ("index", "inputs", "vectors", "key", "k", "filter_field", "filter_value_json", "filter", "explain")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     VECTORS_FIELD_NUMBER: _ClassVar[int]
@@ -273,6 +273,8 @@ class SearchRequest(_message.Message):
     K_FIELD_NUMBER: _ClassVar[int]
     FILTER_FIELD_FIELD_NUMBER: _ClassVar[int]
     FILTER_VALUE_JSON_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
+    EXPLAIN_FIELD_NUMBER: _ClassVar[int]
     index: str
     inputs: Inputs
     vectors: Tensor
@@ -280,7 +282,41 @@ class SearchRequest(_message.Message):
     k: int
     filter_field: str
     filter_value_json: str
-    def __init__(self, index: _Optional[str] = ..., inputs: _Optional[_Union[Inputs, _Mapping]] = ..., vectors: _Optional[_Union[Tensor, _Mapping]] = ..., key: _Optional[str] = ..., k: _Optional[int] = ..., filter_field: _Optional[str] = ..., filter_value_json: _Optional[str] = ...) -> None: ...
+    filter: Filter
+    explain: bool
+    def __init__(self, index: _Optional[str] = ..., inputs: _Optional[_Union[Inputs, _Mapping]] = ..., vectors: _Optional[_Union[Tensor, _Mapping]] = ..., key: _Optional[str] = ..., k: _Optional[int] = ..., filter_field: _Optional[str] = ..., filter_value_json: _Optional[str] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ..., explain: bool = ...) -> None: ...
+
+class Filter(_message.Message):
+    __slots__ = ("all",)
+    ALL_FIELD_NUMBER: _ClassVar[int]
+    all: _containers.RepeatedCompositeFieldContainer[Condition]
+    def __init__(self, all: _Optional[_Iterable[_Union[Condition, _Mapping]]] = ...) -> None: ...
+
+class Condition(_message.Message):
+    __slots__ = ("field", "op", "value_json")
+    class Op(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        EQ: _ClassVar[Condition.Op]
+        NE: _ClassVar[Condition.Op]
+        IN: _ClassVar[Condition.Op]
+        LT: _ClassVar[Condition.Op]
+        LE: _ClassVar[Condition.Op]
+        GT: _ClassVar[Condition.Op]
+        GE: _ClassVar[Condition.Op]
+    EQ: Condition.Op
+    NE: Condition.Op
+    IN: Condition.Op
+    LT: Condition.Op
+    LE: Condition.Op
+    GT: Condition.Op
+    GE: Condition.Op
+    FIELD_FIELD_NUMBER: _ClassVar[int]
+    OP_FIELD_NUMBER: _ClassVar[int]
+    VALUE_JSON_FIELD_NUMBER: _ClassVar[int]
+    field: str
+    op: Condition.Op
+    value_json: str
+    def __init__(self, field: _Optional[str] = ..., op: _Optional[_Union[Condition.Op, str]] = ..., value_json: _Optional[str] = ...) -> None: ...
 
 class Hit(_message.Message):
     __slots__ = ("key", "distance", "payload_json")
@@ -299,10 +335,12 @@ class HitList(_message.Message):
     def __init__(self, hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
-    __slots__ = ("results",)
+    __slots__ = ("results", "plan_json")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
+    PLAN_JSON_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[HitList]
-    def __init__(self, results: _Optional[_Iterable[_Union[HitList, _Mapping]]] = ...) -> None: ...
+    plan_json: str
+    def __init__(self, results: _Optional[_Iterable[_Union[HitList, _Mapping]]] = ..., plan_json: _Optional[str] = ...) -> None: ...
 
 class UpsertRequest(_message.Message):
     __slots__ = ("index", "inputs", "vectors", "keys", "payloads_json")
