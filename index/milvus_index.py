@@ -87,8 +87,8 @@ def _condition_expression(c: Condition) -> str:
         return f"{path} {c.op} {literal(c.value)}"
     forms = [f for v in (c.value if c.op == "in" else (c.value,)) for f in equal_forms(v)]
     forms = list(dict.fromkeys(json.dumps(f) for f in forms))  # each once, in order
-    if c.op == "!=":
-        return "(" + " and ".join(f"{path} != {literal(json.loads(f))}" for f in forms) + ")"
+    if c.op == "!=":  # Milvus 2.3 servers let `!=` match items without the field: `exists` says they must have it
+        return f"((exists {path}) and (" + " and ".join(f"{path} != {literal(json.loads(f))}" for f in forms) + "))"
     if len(forms) == 1:
         return f"{path} == {literal(json.loads(forms[0]))}"
     return "(" + " or ".join(f"{path} == {literal(json.loads(f))}" for f in forms) + ")"

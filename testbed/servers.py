@@ -3,6 +3,7 @@ waited for, stopped with SIGTERM as an orchestrator would), the server's own req
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -127,3 +128,89 @@ def start_milvus_lite(data_dir: Path, timeout: float = 60) -> tuple[subprocess.P
                 proc.kill()
                 raise RuntimeError(f"milvus-lite server did not start:\n{proc.communicate()[1][-2000:]}") from None
             time.sleep(0.5)
+
+
+class MilvusServer:
+    """A real Milvus standalone server (PyPI `milvus`: Milvus 2.3.5 with its own etcd and local storage) in
+    `data_dir`, its ports moved to free ones so it clashes with nothing (its health port 9091 is fixed)."""
+
+    def __init__(self, data_dir: Path, timeout: float = 180):
+        binary = Path(sys.executable).parent / "milvus-server"
+        if not binary.exists():
+            raise FileNotFoundError("milvus-server is not installed (pip install milvus==2.3.5, Linux x86-64)")
+        if not port_free(9091):
+            raise OSError("port 9091, which a Milvus standalone server always takes, is busy")
+        self.data_dir = Path(data_dir)
+        ports = {flag: free_port() for flag in ("--proxy-port", "--etcd-port", "--root-coord-port",
+                                                 "--proxy-internal-port", "--query-coord-port", "--query-node-port",
+                                                 "--index-coord-port", "--index-node-port", "--data-coord-port",
+                                                 "--data-node-port")}
+        args = [str(binary), "--data", str(self.data_dir)] + [x for flag, port in ports.items() for x in (flag, str(port))]
+        self.log = open(self.data_dir.parent / f"{self.data_dir.name}.log", "w")
+        # Its own session: the wrapper starts `DIR/bin/milvus run standalone`, which outlives the wrapper
+        # unless stopped by its own PID (stop() finds it among the session's processes).
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.uri = f"http://127.0.0.1:{ports['--proxy-port']}"
+        deadline = time.monotonic() + timeout
+        from zspace.index.errors import IndexError_
+        from zspace.index.milvus_index import MilvusIndex
+
+        while True:
+            try:
+                client = MilvusIndex.connect(self.uri, self.data_dir)
+                client.list_collections()
+                client.close()
+                return
+            except Exception as exc:  # not up yet: pymilvus raises its own types while the proxy starts
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    self.stop()
+                    tail = (self.data_dir.parent / f"{self.data_dir.name}.log").read_text()[-2000:]
+                    raise RuntimeError(f"milvus-server did not start ({exc}):\n{tail}") from None
+                if not isinstance(exc, IndexError_):
+                    time.sleep(0.5)
+                time.sleep(0.5)
+
+    def pids(self) -> list[int]:
+        """The wrapper and every process of its session (the standalone server it started)."""
+        found = [self.proc.pid]
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and int(entry.name) != self.proc.pid:
+                try:
+                    if os.getsid(int(entry.name)) == self.proc.pid:
+                        found.append(int(entry.name))
+                except (ProcessLookupError, PermissionError):
+                    pass
+        return found
+
+    def stop(self, timeout: float = 30) -> None:
+        pids = self.pids()
+        for pid in reversed(pids):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(_alive(p) for p in pids[1:]):
+            time.sleep(0.2)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                if _alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(10)
+        self.log.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True

@@ -106,3 +106,17 @@ def deployment(vae_bundle, tmp_path_factory) -> Path:
     shutil.copytree(vae_bundle, root / "models" / "digits" / "1")
     build_index(root / "models" / "digits", "digits", root / "indexes" / "digits", quiet=True).close()
     return root
+
+
+@pytest.fixture(scope="session")
+def milvus_server(tmp_path_factory):
+    """A real Milvus standalone server (PyPI `milvus`, in the dev extra) for the session, stopped by PID with the
+    standalone process it starts; skipped, saying why, where it cannot run (not Linux x86-64, port 9091 busy)."""
+    from testbed.servers import MilvusServer
+
+    try:
+        server = MilvusServer(tmp_path_factory.mktemp("milvus-server") / "data")
+    except (FileNotFoundError, OSError) as exc:
+        pytest.skip(f"no Milvus standalone server here: {exc}")
+    yield server
+    server.stop()

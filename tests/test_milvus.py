@@ -23,14 +23,16 @@ TRICKY = ['x" or payload["label"] == "a', 'back\\slash', 'quote"inside', "7", "a
 
 
 def test_filter_values_are_literals_never_syntax():
-    assert filter_expression("label", 7) == '(payload["label"] == 7 or payload["label"] == "7")'
-    assert filter_expression("label", "7") == '(payload["label"] == "7" or payload["label"] == 7)'
-    assert filter_expression("ok", True) == 'payload["ok"] == true'
-    assert filter_expression("s", 'a"b') == 'payload["s"] == "a\\"b"'
+    assert filter_expression(("label", 7)) == '(payload["label"] == 7 or payload["label"] == "7")'
+    assert filter_expression(("label", "7")) == '(payload["label"] == "7" or payload["label"] == 7)'
+    assert filter_expression(("ok", True)) == 'payload["ok"] == true'
+    assert filter_expression(("s", 'a"b')) == 'payload["s"] == "a\\"b"'
+    assert filter_expression(["year >= 2000", "cat != a"]) == \
+        'payload["year"] >= 2000 and ((exists payload["cat"]) and (payload["cat"] != "a"))'
     with pytest.raises(FilterError, match="quotes"):
-        filter_expression('la"bel', 1)
-    with pytest.raises(FilterError, match="null is not supported"):
-        filter_expression("label", None)
+        filter_expression(('la"bel', 1))
+    with pytest.raises(FilterError, match="null cannot be matched"):
+        filter_expression(("label", None))
 
 
 def test_a_value_with_quotes_or_operators_matches_itself_only(tmp_path):
