@@ -152,18 +152,15 @@ class Column:
             return present & self._range(values, op, cond.value, cond)
         targets = cond.value if op == "in" else (cond.value,)
         if t == "keyword":
-            words = {w for v in targets for w in _keyword_forms(v)}
-            codes = [self.code_of[w] for w in words if w in self.code_of]
-            hit = np.isin(values, np.asarray(codes, np.int32)) if codes else np.zeros(size, bool)
+            wanted = [self.code_of[w] for v in targets for w in _keyword_forms(v) if w in self.code_of]
         elif t == "bool":
             wanted = [int(v) for v in targets if isinstance(v, bool)]
-            hit = np.isin(values, np.asarray(wanted, np.int8)) if wanted else np.zeros(size, bool)
         else:
             numbers = [n for v in targets if not isinstance(v, bool) and (n := number_of(v)) is not None]
-            hit = np.isin(values, np.asarray(numbers, values.dtype if t == "float" else np.float64)) \
-                if numbers else np.zeros(size, bool)
-            if t == "int" and numbers and any(isinstance(n, float) and not n.is_integer() for n in numbers):
-                hit = np.isin(values.astype(np.float64), np.asarray(numbers, np.float64))
+            if t == "int":  # an int column equals only integral numbers: compare as int64, no float pass over it
+                numbers = [int(n) for n in numbers if float(n).is_integer() and abs(n) < 2**63]
+            wanted = numbers
+        hit = _one_of(values, sorted(set(wanted)))
         return present & (~hit if op == "!=" else hit)
 
     def _range(self, values: np.ndarray, op: str, value, cond: Condition) -> np.ndarray:
@@ -199,6 +196,15 @@ class Column:
         col.words = json.loads(bytes(arrays["words"]).decode())
         col.code_of = {w: i for i, w in enumerate(col.words)}
         return col
+
+
+def _one_of(values: np.ndarray, wanted: list) -> np.ndarray:
+    """values == any of `wanted`: one comparison for one value (the common case), np.isin for several."""
+    if not wanted:
+        return np.zeros(len(values), bool)
+    if len(wanted) == 1:
+        return values == values.dtype.type(wanted[0])
+    return np.isin(values, np.asarray(wanted, values.dtype))
 
 
 def _keyword_forms(value) -> list[str]:

@@ -63,8 +63,8 @@ def check_scalar(value, part: str) -> None:
         if not math.isfinite(value):
             raise FilterError(f"{part}: must be a finite number")
     else:
-        raise FilterError(f"{part}: expected a string, number, true, false or null, got a JSON "
-                          f"{'array' if isinstance(value, list) else type(value).__name__}")
+        kind = {"list": "array", "dict": "object", "tuple": "array"}.get(type(value).__name__, type(value).__name__)
+        raise FilterError(f"{part}: expected a string, number, true or false, got a JSON {kind}")
 
 
 def check_field(field, part: str) -> None:

@@ -110,8 +110,8 @@ def deep(n: int) -> str:
 @pytest.mark.parametrize("field, value_json, says", [
     ('la"bel', '"7"', "quotes"),
     ("la\x00bel", '"7"', "control characters"),
-    ("label", '{"a": 1}', "got a JSON dict"),
-    ("label", "[1, 2]", "got a JSON list"),
+    ("label", '{"a": 1}', "got a JSON object"),
+    ("label", "[1, 2]", "got a JSON array"),
     ("label", str(2**64), "64-bit"),
     ("label", "NaN", "NaN is not JSON"),
     ("label", "not json", "filter_value_json: not valid JSON"),
