@@ -235,7 +235,7 @@ def measure_factory(factory: str, bundle: Path, inputs: tuple, data: dict, truth
     index = open_index(folder, snapshots=False)
     searches = []
     for fname, where, _ in [*FILTERS, SCANNED]:
-        plan = index.explain(where) if where else {"strategy": "ann", "matches": n}
+        plan = index.explain(where)
         r = timed_searches(index, data["queries"], where, truths[fname], seconds if fname != SCANNED[0] else 10)
         searches.append({"factory": factory, "filter": fname, "matches": plan["matches"], "strategy": plan["strategy"],
                          "ef_search": plan.get("ef_search"), "nprobe": plan.get("nprobe"), **r})

@@ -218,8 +218,15 @@ def extract(specs: list[FieldSpec], payloads: list[dict], part: str = "payloads"
     """field name -> each payload's coerced value (None: none), IndexError_ naming payloads[i].field on a bad one."""
     out: dict[str, list] = {}
     for spec in specs:
-        out[spec.name] = [coerce(spec, p.get(spec.name), f"{part}[{i}].{spec.name}") for i, p in enumerate(payloads)]
+        name, exact = spec.name, _EXACT[spec.type]
+        values = [p.get(name) for p in payloads]
+        # Values already of the declared type (nearly all, in practice) pass as they are; the rest are coerced.
+        out[name] = [v if type(v) is exact or v is None else coerce(spec, v, f"{part}[{i}].{name}")
+                     for i, v in enumerate(values)]
     return out
+
+
+_EXACT = {"keyword": str, "int": int, "float": float, "bool": bool}
 
 
 def columns_bytes(columns: dict[str, Column]) -> bytes:

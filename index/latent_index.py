@@ -46,7 +46,7 @@ from zspace.index.factory import empty_index, search_parameters, traits
 from zspace.index.fields import Column, FieldSpec, coerce, columns_bytes, extract, field_specs, load_columns
 from zspace.index.filters import Filter, as_filter, describe
 from zspace.index.hits import Hit, hits_of
-from zspace.index.planner import EXACT_LIMIT, EXACT_LIMIT_FROM_STORE, Plan, bitmap, choose, exact_knn
+from zspace.index.planner import Plan, bitmap, choose, exact_knn, exact_limit
 from zspace.index.store import ItemStore, Written
 
 log = logging.getLogger("zspace.index")
@@ -543,10 +543,10 @@ class LatentIndex:
         mask = self._mask(where)
         matches = int(np.count_nonzero(mask))
         total = int(self.index.ntotal) - len(self.tombstones)
-        exact_limit = self.exact_limit if self.exact_limit is not None else \
-            EXACT_LIMIT if self._raw_storage() is not None else EXACT_LIMIT_FROM_STORE
+        limit = self.exact_limit if self.exact_limit is not None else \
+            exact_limit(self.trained_family, self._raw_storage() is not None, total)
         strategy, ef, probes = choose(matches, total, k, self.trained_family, nprobe, ef_search,
-                                      self._nlist(), exact_limit)
+                                      self._nlist(), limit)
         indexed = tuple(dict.fromkeys(c.field for c in where if c.field in self.columns))
         scanned = tuple(dict.fromkeys(c.field for c in where if c.field not in self.columns))
         return Plan(describe(where), total, matches, indexed, scanned, strategy, ef, probes), mask
@@ -591,7 +591,7 @@ class LatentIndex:
 
     def _raw_storage(self):
         """FAISS's own float codes in insertion order (a flat index, or an HNSW graph's storage), or None."""
-        if self.binary or not self.traits.id_mapped:
+        if self.binary or not isinstance(self.index, self.faiss.IndexIDMap):  # an IVF keeps ids (and codes) itself
             return None
         inner = self.faiss.downcast_index(self.index.index)
         if isinstance(inner, self.faiss.IndexHNSW):

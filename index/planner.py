@@ -50,6 +50,17 @@ class Plan:
         return d
 
 
+def exact_limit(family: str, codes_in_memory: bool, total: int) -> int:
+    """Matches up to which the exact scan of just them is chosen.
+
+    A flat index scans every code anyway: gathering the matching half or less is never slower.
+    A graph or an inverted file is faster than the exact scan of a few tens of thousands of codes.
+    Codes read from SQLite (IVF/PQ keep none raw) cost about 2 µs each: only a few thousand pay."""
+    if not codes_in_memory:
+        return EXACT_LIMIT_FROM_STORE
+    return max(EXACT_LIMIT, total // 2) if family == "" else EXACT_LIMIT
+
+
 def choose(matches: int, total: int, k: int, family: str, nprobe: int, ef_search: int, nlist: int,
            exact_limit: int) -> tuple[str, int | None, int | None]:
     """(strategy, efSearch, nprobe) for a filter matching `matches` of `total` items."""

@@ -84,7 +84,8 @@ class IndexRpcs(RpcHandlers):
         st = index.stats()
         return pb.IndexInfo(name=name, model=st["model"]["name"], model_version=st["model"]["version"], dim=st["dim"],
                             metric=st["metric"], factory=st["factory"], count=st["count"], trained=st["trained"],
-                            note=st["training_note"] or "")
+                            note=st["training_note"] or "", fields=st.get("fields", []),
+                            memory_bytes=st.get("memory_bytes", 0))
 
     def _index(self, name: str):
         if not name:

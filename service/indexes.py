@@ -174,6 +174,11 @@ class IndexRegistry:
             raise NotFound(f"index {shown(name)} is not served (served: {', '.join(sorted(self.indexes)) or 'none'})")
         return self.indexes[name]
 
+    def memory_bytes(self) -> dict[str, int]:
+        """Index name -> the bytes it holds in this process (backends that hold nothing here are left out)."""
+        return {name: index.memory_bytes() for name, index in list(self.indexes.items())
+                if hasattr(index, "memory_bytes")}
+
     def close(self) -> None:
         for _, batcher in self.batchers.values():
             batcher.close()

@@ -12,9 +12,10 @@ thread, copying each dict in one step (atomic under the GIL).
 from __future__ import annotations
 
 from bisect import bisect_left
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
@@ -62,6 +63,11 @@ class _Collector:
         yield requests
         for histograms in (m.latency, m.batch_rows, m.queue_seconds):
             yield histograms.family()
+        sizes = GaugeMetricFamily("zspace_index_bytes", "Memory an index takes in this process (FAISS and payload "
+                                  "indexes; keys and payloads stay in its item store)", labels=("index",))
+        for name, nbytes in m.index_bytes().items():
+            sizes.add_metric([name], nbytes)
+        yield sizes
 
 
 class Metrics:
@@ -76,6 +82,7 @@ class Metrics:
         self.models_loaded = Gauge("zspace_models_loaded", "Bundle versions being served", registry=self.registry)
         self.models_broken = Gauge("zspace_models_broken", "Bundle versions that failed to load", registry=self.registry)
         self._http = None
+        self.index_bytes: Callable[[], dict[str, int]] = dict  # the server's indexes, asked at scrape time
 
     def observe(self, method: str, model: str, code: str, seconds: float) -> None:
         key = (method, model, code)

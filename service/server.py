@@ -136,6 +136,7 @@ class Server:
                                     self.metrics.on_batch)
         self.indexes = IndexRegistry(cfg.indexes, self.repo, cfg.search, snapshots=self.role.writes_snapshots,
                                      follow=self.role.follows_indexes)
+        self.metrics.index_bytes = self.indexes.memory_bytes
         self.health = health.aio.HealthServicer()
         self.stopping = asyncio.Event()
         self.server: grpc.aio.Server | None = None

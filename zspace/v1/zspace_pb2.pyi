@@ -225,7 +225,7 @@ class ScoreResponse(_message.Message):
     def __init__(self, scores: _Optional[_Iterable[float]] = ..., score_kind: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class IndexInfo(_message.Message):
-    __slots__ = ("name", "model", "model_version", "dim", "metric", "factory", "count", "trained", "note")
+    __slots__ = ("name", "model", "model_version", "dim", "metric", "factory", "count", "trained", "note", "fields", "memory_bytes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -235,6 +235,8 @@ class IndexInfo(_message.Message):
     COUNT_FIELD_NUMBER: _ClassVar[int]
     TRAINED_FIELD_NUMBER: _ClassVar[int]
     NOTE_FIELD_NUMBER: _ClassVar[int]
+    FIELDS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     name: str
     model: str
     model_version: int
@@ -244,7 +246,9 @@ class IndexInfo(_message.Message):
     count: int
     trained: bool
     note: str
-    def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[int] = ..., dim: _Optional[int] = ..., metric: _Optional[str] = ..., factory: _Optional[str] = ..., count: _Optional[int] = ..., trained: bool = ..., note: _Optional[str] = ...) -> None: ...
+    fields: _containers.RepeatedScalarFieldContainer[str]
+    memory_bytes: int
+    def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[int] = ..., dim: _Optional[int] = ..., metric: _Optional[str] = ..., factory: _Optional[str] = ..., count: _Optional[int] = ..., trained: bool = ..., note: _Optional[str] = ..., fields: _Optional[_Iterable[str]] = ..., memory_bytes: _Optional[int] = ...) -> None: ...
 
 class ListIndexesRequest(_message.Message):
     __slots__ = ()
