@@ -212,7 +212,7 @@ def folder_mb(folder: Path) -> float:
 
 
 def measure_factory(factory: str, bundle: Path, inputs: tuple, data: dict, truths: dict, work: Path,
-                    seconds: float, service: bool) -> dict:
+                    seconds: float, service: bool, reuse: bool = False) -> dict:
     from zspace.index.backends import open_index
     from zspace.index.contract import IndexSpec
     from zspace.index.importing import import_codes
@@ -220,13 +220,18 @@ def measure_factory(factory: str, bundle: Path, inputs: tuple, data: dict, truth
     name = f"scale-{factory.replace(',', '-').lower()}"
     folder = work / "indexes" / name
     n = len(data["codes"])
-    print(f"{factory}: importing {n:,} items", flush=True)
-    t0 = time.perf_counter()
-    import_codes(bundle, *inputs, folder, IndexSpec(factory=factory, fields=FIELDS)).close()
-    import_s = time.perf_counter() - t0
-    row = {"factory": factory, "items": n, "import_s": import_s, "import_items_s": n / import_s,
-           "disk_mb": folder_mb(folder)}
-    print(f"  import {import_s:.1f} s ({n / import_s:,.0f} items/s), {row['disk_mb']:.0f} MB on disk", flush=True)
+    if reuse and (folder / "index.json").exists():
+        print(f"{factory}: reusing {folder}", flush=True)
+        row = {"factory": factory, "items": n, "import_s": None, "import_items_s": None, "disk_mb": folder_mb(folder)}
+    else:
+        shutil.rmtree(folder, ignore_errors=True)
+        print(f"{factory}: importing {n:,} items", flush=True)
+        t0 = time.perf_counter()
+        import_codes(bundle, *inputs, folder, IndexSpec(factory=factory, fields=FIELDS)).close()
+        import_s = time.perf_counter() - t0
+        row = {"factory": factory, "items": n, "import_s": import_s, "import_items_s": n / import_s,
+               "disk_mb": folder_mb(folder)}
+        print(f"  import {import_s:.1f} s ({n / import_s:,.0f} items/s), {row['disk_mb']:.0f} MB on disk", flush=True)
     one, two = open_in_processes(folder, 1)[0], open_in_processes(folder, 2)
     row.update(open_s=one["open_s"], rss_mb=one["rss_mb"], index_mb=one["index_mb"],
                rss_2_workers_mb=sum(r["rss_mb"] for r in two), pss_2_workers_mb=sum(r["pss_mb"] for r in two))
@@ -278,6 +283,9 @@ def measure_milvus(factory: str, bundle: Path, inputs: tuple, data: dict, truths
                 break
             time.sleep(5)
         index_s = time.perf_counter() - t0
+        # Segments loaded before their index was built are searched by brute force until loaded again.
+        index.client.release_collection(index.collection)
+        index.client.load_collection(index.collection)
         row = {"factory": f"milvus {factory}", "items": n, "import_s": import_s, "import_items_s": n / import_s,
                "index_build_s": index_s}
         print(f"  import {import_s:.1f} s, vector index built {index_s:.0f} s later", flush=True)
@@ -297,21 +305,23 @@ def measure_milvus(factory: str, bundle: Path, inputs: tuple, data: dict, truths
 
 
 def run(items: int, factories: list[str], queries: int, seconds: float, service: bool, milvus: str | None,
-        bundle: str | None, work: Path, json_path: Path) -> dict:
+        bundle: str | None, work: Path, json_path: Path, reuse: bool = False) -> dict:
     work.mkdir(parents=True, exist_ok=True)
-    path = Path(bundle) if bundle else bundle_for(None, work)
     models = work / "models" / "mnist-ae"
+    path = Path(bundle) if bundle else models / "1" if reuse and (models / "1").exists() else bundle_for(None, work)
     if not (models / "1").exists():
         shutil.copytree(path, models / "1")
     path = models / "1"
     print(f"drawing {items:,} codes from the AE's latent distribution", flush=True)
-    data = draw(path, items, queries)
-    inputs = write_inputs(data, work / "inputs")
+    data = draw(path, items, queries)  # the same seed: the same items as an earlier run in this folder
+    inputs = (work / "inputs" / "codes.npy", work / "inputs" / "keys.txt", work / "inputs" / "payloads.jsonl")
+    if not (reuse and all(p.exists() for p in inputs)):
+        inputs = write_inputs(data, work / "inputs")
     truths = {}
     for fname, where, _ in [*FILTERS, SCANNED]:
         mask = mask_of(data, where)
         truths[fname], truths[f"{fname} count"] = exact_top10(data["codes"], data["queries"], mask), int(mask.sum())
-    rows = [measure_factory(f, path, inputs, data, truths, work, seconds, service) for f in factories]
+    rows = [measure_factory(f, path, inputs, data, truths, work, seconds, service, reuse) for f in factories]
     if milvus:
         rows.append(measure_milvus(milvus, path, inputs, data, truths, work, seconds))
     searches = [s for r in rows for s in r["searches"]]
@@ -337,14 +347,15 @@ def run(items: int, factories: list[str], queries: int, seconds: float, service:
 @click.option("--bundle", type=click.Path(exists=True, file_okay=False), default=None,
               help="An exported MNIST bundle (models/NAME/N); default: train a 1-epoch AE.")
 @click.option("--work", type=click.Path(file_okay=False), default=None, help="Working folder (default: a temp one, removed).")
+@click.option("--reuse", is_flag=True, help="With --work: keep the inputs and indexes an earlier run made there.")
 @click.option("--json", "json_path", default=None, help="Where the figures go (default results/scale_<items>.json).")
-def main(items, factories, queries, seconds, service, milvus, bundle, work, json_path):
+def main(items, factories, queries, seconds, service, milvus, bundle, work, reuse, json_path):
     keep = work is not None
     work = Path(work) if work else Path(tempfile.mkdtemp(prefix="zspace-scale-"))
     try:
         run(items, list(factories), queries, seconds, service,
             None if milvus == "none" else milvus, bundle, work,
-            Path(json_path) if json_path else RESULTS / f"scale_{items}.json")
+            Path(json_path) if json_path else RESULTS / f"scale_{items}.json", reuse)
     finally:
         if not keep:
             shutil.rmtree(work, ignore_errors=True)

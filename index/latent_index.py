@@ -46,7 +46,17 @@ from zspace.index.factory import empty_index, search_parameters, traits
 from zspace.index.fields import Column, FieldSpec, coerce, columns_bytes, extract, field_specs, load_columns
 from zspace.index.filters import Filter, as_filter, describe
 from zspace.index.hits import Hit, hits_of
-from zspace.index.planner import Plan, bitmap, choose, exact_knn, exact_limit
+from zspace.index.planner import (
+    EXACT_FALLBACK_LIMIT,
+    MAX_EF_SEARCH,
+    PROBE,
+    Plan,
+    bitmap,
+    choose,
+    exact_knn,
+    exact_limit,
+    local_ef,
+)
 from zspace.index.store import ItemStore, Written
 
 log = logging.getLogger("zspace.index")
@@ -574,20 +584,53 @@ class LatentIndex:
         if plan.strategy == "empty":
             return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
         if plan.strategy == "exact":
-            ids = np.flatnonzero(mask)
-            metric = self.metric
-            if self.binary:  # compare bits as 0/1 floats: the count of differing bits, as FAISS's hamming
-                q, codes = np.unpackbits(self._prep(queries), axis=1).astype(np.float32), self.store.vectors_of(ids)
-            else:
-                q, codes = self._prep(queries), self._codes_of(ids)
-            return exact_knn(q, codes, ids, k, metric)
+            return self._exact(queries, k, np.flatnonzero(mask))
         bits = bitmap(mask)
         selector = self.faiss.IDSelectorBitmap(len(bits), self.faiss.swig_ptr(bits))
-        params = search_parameters(self.trained_family, plan.nprobe or nprobe, plan.ef_search or ef_search, selector)
         try:
-            return self._faiss_search(self._prep(queries), min(k, self.index.ntotal), params, one_thread)
+            if self.trained_family != "HNSW":
+                params = search_parameters(self.trained_family, plan.nprobe or nprobe, ef_search, selector)
+                return self._faiss_search(self._prep(queries), min(k, self.index.ntotal), params, one_thread)
+            # A graph walk meets the matches where the query's own neighbourhood holds them: a filter correlated
+            # with the query (label == 3, asked with a 7) leaves few there, and efSearch from the global
+            # selectivity stops the walk before it reaches them. Each query's neighbourhood is probed first.
+            local = self._local_selectivity(queries, mask, one_thread)
+            out_d = np.full((len(queries), k), np.inf, np.float32)
+            out_i = np.full((len(queries), k), -1, np.int64)
+            matches = None
+            for row, share in enumerate(local):
+                ef = local_ef(share, plan.matches / max(plan.total, 1), k, plan.ef_search or ef_search)
+                if ef is None and plan.matches > EXACT_FALLBACK_LIMIT:
+                    ef = MAX_EF_SEARCH  # too many to scan in a few milliseconds: the widest walk instead
+                if ef is None:  # the neighbourhood holds none: the matches lie elsewhere, scan them exactly
+                    matches = np.flatnonzero(mask) if matches is None else matches
+                    d, i = self._exact(queries[row:row + 1], k, matches)
+                else:
+                    params = search_parameters("HNSW", nprobe, ef, selector)
+                    d, i = self._faiss_search(self._prep(queries[row:row + 1]), min(k, self.index.ntotal), params,
+                                              one_thread)
+                out_d[row, :d.shape[1]], out_i[row, :i.shape[1]] = d[0], i[0]
+            return out_d, out_i
         finally:
-            del params, selector, bits  # FAISS held the bitmap by raw pointer until here
+            del selector, bits  # FAISS held the bitmap by raw pointer until here
+
+    def _local_selectivity(self, queries: np.ndarray, mask: np.ndarray, one_thread: bool) -> np.ndarray:
+        """Per query, the share of its PROBE nearest items (unfiltered, a cheap graph walk) that match."""
+        params = self._plain_search_params(16, PROBE)
+        _, ids = self._faiss_search(self._prep(queries), min(PROBE, self.index.ntotal), params, one_thread)
+        found = ids >= 0
+        hit = np.zeros(ids.shape, bool)
+        inside = found & (ids < len(mask))
+        hit[inside] = mask[ids[inside]]
+        return hit.sum(1) / np.maximum(found.sum(1), 1)
+
+    def _exact(self, queries: np.ndarray, k: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Exact nearest of just `ids`, FAISS-shaped."""
+        if self.binary:  # compare bits as 0/1 floats: squared L2 is the count of differing bits, as FAISS's hamming
+            q, codes = np.unpackbits(self._prep(queries), axis=1).astype(np.float32), self.store.vectors_of(ids)
+        else:
+            q, codes = self._prep(queries), self._codes_of(ids)
+        return exact_knn(q, codes, ids, k, self.metric)
 
     def _raw_storage(self):
         """FAISS's own float codes in insertion order (a flat index, or an HNSW graph's storage), or None."""
@@ -610,7 +653,7 @@ class LatentIndex:
             positions[order] = np.arange(len(order))
             self._positions = positions
         codes = self.faiss.rev_swig_ptr(flat.get_xb(), n * self.dim).reshape(n, self.dim)
-        return codes[self._positions[ids]]
+        return np.take(codes, self._positions[ids], axis=0)  # take: twice as fast as codes[...] for 100k rows
 
     def _nlist(self) -> int:
         if self.trained_family != "IVF":

@@ -10,6 +10,11 @@ Its count decides the strategy:
   from the mask in well under a millisecond), widening the search as the filter narrows:
   efSearch or nprobe grow like 1/selectivity, so about as many matching candidates are
   visited as an unfiltered search would visit, and recall holds.
+- HNSW, per query: the global selectivity misleads when a filter is correlated with where
+  the query lies (label == 3 asked with a 7: 10% of all items, almost none near the query).
+  Each query's PROBE nearest neighbours (an unfiltered walk, a fraction of a millisecond) are
+  checked against the mask; efSearch follows the lower of the two rates, and a neighbourhood
+  with no match at all is answered by the exact scan of the matches.
 
 Functions over arrays, no state: the index supplies the mask, the codes and FAISS.
 """
@@ -23,8 +28,10 @@ import numpy as np
 
 EXACT_LIMIT = 30_000        # matches up to which an exact scan of them beats the filtered graph walk (benchmarks.scale)
 EXACT_LIMIT_FROM_STORE = 2_000  # the same when the codes must be read from SQLite (IVF/PQ keep no raw codes)
+EXACT_FALLBACK_LIMIT = 250_000  # a query whose neighbourhood holds no match scans this many matches exactly, at most
 MAX_EF_SEARCH = 2048
 ANN_BREADTH = 2.0           # efSearch ≈ ANN_BREADTH · k / selectivity, at least the caller's
+PROBE = 64                  # unfiltered neighbours of each query probed for the filter's local selectivity (HNSW)
 
 
 @dataclass(frozen=True)
@@ -82,28 +89,34 @@ def bitmap(mask: np.ndarray) -> np.ndarray:
     return np.packbits(mask, bitorder="little")
 
 
+def local_ef(local: float, selectivity: float, k: int, ef: int) -> int | None:
+    """efSearch for one query from the share of its own neighbourhood that matches (`local`, probed), or None
+    when the neighbourhood holds no match: the walk would not find them, an exact scan will.
+
+    The walk keeps efSearch candidates, matching or not, so it must be wide enough to hold about
+    ANN_BREADTH·k matches at the rate it meets them: the lower of the global and local rates."""
+    if local == 0:
+        return None
+    rate = min(selectivity, local)
+    return min(MAX_EF_SEARCH, max(ef, k, math.ceil(ANN_BREADTH * k / rate)))
+
+
 def exact_knn(queries: np.ndarray, codes: np.ndarray, ids: np.ndarray, k: int,
               metric: str) -> tuple[np.ndarray, np.ndarray]:
     """FAISS-shaped (distances, ids) [n, k'] of the k nearest of `codes` (rows for `ids`), k' = min(k, len(ids)).
 
     Distances as FAISS gives them: squared L2; inner product for cosine (codes and queries
-    normalised, larger is nearer); for hamming, codes and queries are 0/1 bits and the
-    distance is the count of differing bits."""
+    normalised, larger is nearer); for hamming, codes and queries are 0/1 bits, whose squared
+    L2 distance is the count of differing bits. FAISS's own brute force (`faiss.knn`)."""
+    import faiss
+
     k = min(k, len(ids))
-    q = queries.astype(np.float32, copy=False)
-    dots = q @ codes.T
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    codes = np.ascontiguousarray(codes, dtype=np.float32)
     if metric == "cosine":
-        score, nearest_first = dots, -1
+        dist, rows = faiss.knn(q, codes, k, metric=faiss.METRIC_INNER_PRODUCT)
     else:
-        score = (np.einsum("ij,ij->i", codes, codes)[None, :] - 2 * dots + np.einsum("ij,ij->i", q, q)[:, None])
-        np.maximum(score, 0, out=score)
-        nearest_first = 1
-    part = np.argpartition(nearest_first * score, k - 1, axis=1)[:, :k] if k < len(ids) else \
-        np.tile(np.arange(len(ids)), (len(q), 1))
-    top = np.take_along_axis(score, part, axis=1)
-    order = np.argsort(nearest_first * top, axis=1, kind="stable")
-    rows = np.take_along_axis(part, order, axis=1)
-    dist = np.take_along_axis(top, order, axis=1).astype(np.float32)
+        dist, rows = faiss.knn(q, codes, k)
     if metric == "hamming":
         dist = np.rint(dist)
-    return dist, ids[rows]
+    return dist.astype(np.float32), np.where(rows >= 0, ids[np.maximum(rows, 0)], -1)
