@@ -56,7 +56,7 @@ def test_import_filter_explain_and_declare_later(cli, vae_bundle, inputs):
 
 
 @pytest.mark.parametrize("mutate, says", [
-    (lambda f, n, d: np.save(f / "codes.npy", np.zeros((n, d + 1), np.float32)), f"but the model's codes are [n, "),
+    (lambda f, n, d: np.save(f / "codes.npy", np.zeros((n, d + 1), np.float32)), "but the model's codes are [n, "),
     (lambda f, n, d: (f / "keys.txt").write_text("".join(f"k{i}\n" for i in range(n - 1))), "--keys: 499 lines"),
     (lambda f, n, d: (f / "keys.txt").write_text("".join(f"k{i % 300}\n" for i in range(n))),
      "--keys line 301: 'k0' appears earlier"),
