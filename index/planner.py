@@ -29,7 +29,7 @@ import numpy as np
 EXACT_LIMIT = 30_000        # matches up to which an exact scan of them beats the filtered graph walk (benchmarks.scale)
 EXACT_LIMIT_FROM_STORE = 2_000  # the same when the codes must be read from SQLite (IVF/PQ keep no raw codes)
 EXACT_FALLBACK_LIMIT = 250_000  # a query whose neighbourhood holds no match scans this many matches exactly, at most
-MAX_EF_SEARCH = 2048
+MAX_EF_SEARCH = 1024
 ANN_BREADTH = 2.0           # efSearch ≈ ANN_BREADTH · k / selectivity, at least the caller's
 PROBE = 64                  # unfiltered neighbours of each query probed for the filter's local selectivity (HNSW)
 
@@ -60,12 +60,13 @@ class Plan:
 def exact_limit(family: str, codes_in_memory: bool, total: int) -> int:
     """Matches up to which the exact scan of just them is chosen.
 
-    A flat index scans every code anyway: gathering the matching half or less is never slower.
+    A flat index scans every code anyway (≈16 ms at a million 30-d codes, with or without a
+    selector); gathering and scanning the matches costs ≈85 ns each: up to a fifth is faster.
     A graph or an inverted file is faster than the exact scan of a few tens of thousands of codes.
     Codes read from SQLite (IVF/PQ keep none raw) cost about 2 µs each: only a few thousand pay."""
     if not codes_in_memory:
         return EXACT_LIMIT_FROM_STORE
-    return max(EXACT_LIMIT, total // 2) if family == "" else EXACT_LIMIT
+    return max(EXACT_LIMIT, total // 5) if family == "" else EXACT_LIMIT
 
 
 def choose(matches: int, total: int, k: int, family: str, nprobe: int, ef_search: int, nlist: int,
@@ -91,14 +92,15 @@ def bitmap(mask: np.ndarray) -> np.ndarray:
 
 def local_ef(local: float, selectivity: float, k: int, ef: int) -> int | None:
     """efSearch for one query from the share of its own neighbourhood that matches (`local`, probed), or None
-    when the neighbourhood holds no match: the walk would not find them, an exact scan will.
+    when the neighbourhood holds no match, or too few for a walk of MAX_EF_SEARCH: the exact scan then.
 
     The walk keeps efSearch candidates, matching or not, so it must be wide enough to hold about
     ANN_BREADTH·k matches at the rate it meets them: the lower of the global and local rates."""
     if local == 0:
         return None
     rate = min(selectivity, local)
-    return min(MAX_EF_SEARCH, max(ef, k, math.ceil(ANN_BREADTH * k / rate)))
+    wanted = max(ef, k, math.ceil(ANN_BREADTH * k / rate))
+    return wanted if wanted <= MAX_EF_SEARCH else None  # wider than that walk: the exact scan is as fast
 
 
 def exact_knn(queries: np.ndarray, codes: np.ndarray, ids: np.ndarray, k: int,

@@ -253,3 +253,22 @@ def _tensor(x):
     from zspace.service.client import to_tensor
 
     return to_tensor(x)
+
+
+@pytest.mark.parametrize("factory", ["Flat", "HNSW32"])
+def test_exact_scans_of_many_matches_agree_with_brute_force(tmp_path, factory):
+    """24,000 matches: the exact path on two threads (index.latent_index.SPLIT_EXACT_AT), merged."""
+    rng = np.random.default_rng(3)
+    n, dim = 30_000, 8
+    x = rng.standard_normal((n, dim)).astype(np.float32)
+    index = LatentIndex.create(tmp_path / "ix", "m", 1, dim, factory, fields=["g:int"])
+    index.upsert([f"k{i}" for i in range(n)], x, [{"g": int(i % 5 != 0)} for i in range(n)])
+    q = rng.standard_normal((3, dim)).astype(np.float32)
+    assert index.explain(["g == 1"])["strategy"] == "exact"
+    hits = index.search(q, 10, ["g == 1"])
+    keep = np.flatnonzero(np.arange(n) % 5 != 0)
+    d = ((x[keep][None, :, :] - q[:, None, :]) ** 2).sum(-1)
+    for row, drow in zip(hits, d):
+        assert [h.key for h in row] == [f"k{keep[j]}" for j in np.argsort(drow)[:10]]
+        assert [h.distance for h in row] == pytest.approx(np.sort(drow)[:10], rel=1e-4)
+    index.close()

@@ -1,11 +1,13 @@
 """Indexes end to end: built by the CLI from an exported encoder, served over gRPC on loopback.
 
 Every test runs on both backends with the same body: FAISS + SQLite in the folder, and
-Milvus (a milvus-lite file in the folder, through the real pymilvus client)."""
+Milvus through the real pymilvus client, twice: a milvus-lite file in the folder, and a real
+Milvus 2.3.5 standalone server (the PyPI `milvus` package; conftest's `milvus_server`)."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import grpc
@@ -21,33 +23,45 @@ from zspace.training.export import export_run
 from zspace.v1 import zspace_pb2 as pb
 
 
-def backend_options(backend: str, out) -> list[str]:
+def backend_options(backend: str, out, uri: str | None = None) -> list[str]:
     """`zspace index build` options of a backend: milvus keeps its items in a milvus-lite file in the folder
-    (given as the issue's command shape does: `--uri indexes/NAME/milvus.db`)."""
-    return ["--backend", "milvus", "--uri", out / "milvus.db"] if backend == "milvus" else []
-
-
-def create_index(backend: str, folder, model: str, version: int, dim: int) -> None:
+    (given as the issue's command shape does: `--uri indexes/NAME/milvus.db`); milvus-server in a collection
+    of the session's Milvus standalone server, named after the folder and its deployment."""
     if backend == "milvus":
+        return ["--backend", "milvus", "--uri", out / "milvus.db"]
+    if backend == "milvus-server":
+        return ["--backend", "milvus", "--uri", uri, "--collection", collection_of(out)]
+    return []
+
+
+def collection_of(folder) -> str:
+    return re.sub(r"[^A-Za-z0-9_]", "_", f"{folder.parent.parent.name}_{folder.name}")
+
+
+def create_index(backend: str, folder, model: str, version: int, dim: int, uri: str | None = None) -> None:
+    if backend.startswith("milvus"):
         from zspace.index.milvus_index import MilvusIndex
 
-        MilvusIndex.create(folder, model, version, dim, str(folder / "milvus.db"), factory="Flat").close()
+        uri = uri if backend == "milvus-server" else str(folder / "milvus.db")
+        MilvusIndex.create(folder, model, version, dim, uri, collection=collection_of(folder), factory="Flat").close()
     else:
         LatentIndex.create(folder, model, version, dim).close()
 
 
-@pytest.fixture(scope="module", params=["faiss", "milvus"])
+@pytest.fixture(scope="module", params=["faiss", "milvus", "milvus-server"])
 def layout(request, vae_run, tmp_path_factory, cli):
     root = tmp_path_factory.mktemp(f"deploy-{request.param}")
     root.joinpath("backend").write_text(request.param)
+    uri = request.getfixturevalue("milvus_server").uri if request.param == "milvus-server" else None
+    root.joinpath("uri").write_text(uri or "")
     export_run(vae_run, root / "models", "digits")
     code, out = cli("index", "build", "--model", root / "models" / "digits", "--data", "digits",
                     "--out", root / "indexes" / "digits", "--factory", "Flat",
-                    *backend_options(request.param, root / "indexes" / "digits"))
+                    *backend_options(request.param, root / "indexes" / "digits", uri))
     assert code == 0, out
     code, out = cli("index", "build", "--model", root / "models" / "digits" / "1", "--data", "digits",
                     "--out", root / "indexes" / "digits-hnsw", "--factory", "HNSW32", "--split", "test",
-                    *backend_options(request.param, root / "indexes" / "digits-hnsw"))
+                    *backend_options(request.param, root / "indexes" / "digits-hnsw", uri))
     assert code == 0, out
     return root
 
@@ -137,9 +151,9 @@ def test_index_bad_input(client):
 def test_empty_index_and_model_pairing(layout, tmp_path):
     models = tmp_path / "models"
     shutil.copytree(layout / "models" / "digits", models / "digits")
-    backend = (layout / "backend").read_text()
-    create_index(backend, tmp_path / "indexes" / "empty", "digits", 1, 4)
-    create_index(backend, tmp_path / "indexes" / "orphan", "digits", 7, 4)
+    backend, uri = (layout / "backend").read_text(), (layout / "uri").read_text()
+    create_index(backend, tmp_path / "indexes" / "empty", "digits", 1, 4, uri)
+    create_index(backend, tmp_path / "indexes" / "orphan", "digits", 7, 4, uri)
     s = start_thread(models, indexes=tmp_path / "indexes")
     try:
         with ZSpaceClient(s.target) as c:

@@ -35,8 +35,11 @@ def test_filter_values_are_literals_never_syntax():
         filter_expression(("label", None))
 
 
-def test_a_value_with_quotes_or_operators_matches_itself_only(tmp_path):
-    index = MilvusIndex.create(tmp_path / "ix", "m", 1, 4, str(tmp_path / "ix" / "milvus.db"), factory="Flat")
+@pytest.mark.parametrize("where", ["lite", "server"])
+def test_a_value_with_quotes_or_operators_matches_itself_only(tmp_path, request, where):
+    uri = request.getfixturevalue("milvus_server").uri if where == "server" else str(tmp_path / "ix" / "milvus.db")
+    index = MilvusIndex.create(tmp_path / "ix", "m", 1, 4, uri, collection=f"quotes_{tmp_path.name[-10:]}"
+                               .replace("-", "_"), factory="Flat")
     values = ["a", *TRICKY]
     x = np.eye(4, dtype=np.float32)[np.arange(len(values)) % 4] + np.arange(len(values))[:, None]
     index.upsert([f"k{i}" for i in range(len(values))], x, [{"label": v} for v in values])
@@ -88,15 +91,19 @@ def test_target_lists_are_balanced_and_checked():
         channel_target("127.0.0.1:1,nowhere")
 
 
-def test_two_replicas_behind_one_milvus_server_both_answer_and_agree(vae_bundle, tmp_path, cli):
-    milvus, uri = start_milvus_lite(tmp_path / "milvus-data")
+@pytest.mark.parametrize("kind", ["milvus-lite server", "milvus standalone"])
+def test_two_replicas_behind_one_milvus_server_both_answer_and_agree(vae_bundle, tmp_path, cli, request, kind):
+    if kind == "milvus standalone":
+        milvus, uri = None, request.getfixturevalue("milvus_server").uri
+    else:
+        milvus, uri = start_milvus_lite(tmp_path / "milvus-data")
     replicas = []
     try:
         models = tmp_path / "models"
         shutil.copytree(vae_bundle, models / "digits" / "1")
         code, out = cli("index", "build", "--model", models / "digits", "--data", "digits", "--split", "test",
                         "--out", tmp_path / "indexes" / "shared", "--backend", "milvus", "--uri", uri,
-                        "--collection", "shared")
+                        "--collection", f"shared_{tmp_path.name[-10:]}".replace("-", "_"))
         assert code == 0, out
         for _ in range(2):  # two stateless replicas: the same folders, the same Milvus
             p, m = free_port(), free_port()
@@ -120,5 +127,6 @@ def test_two_replicas_behind_one_milvus_server_both_answer_and_agree(vae_bundle,
     finally:
         for child, _ in replicas:
             child.stop()
-        milvus.terminate()
-        milvus.wait(30)
+        if milvus is not None:
+            milvus.terminate()
+            milvus.wait(30)

@@ -32,8 +32,10 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
-    """Temp file beside `path`, fsync, rename over `path`, fsync the folder: all or nothing."""
+def write_atomic(path: str | os.PathLike, data: bytes | str | memoryview) -> Path:
+    """Temp file beside `path`, fsync, rename over `path`, fsync the folder: all or nothing.
+
+    data: bytes, text, or any buffer (a numpy array's bytes are written without a copy)."""
     path = Path(path)
     if isinstance(data, str):
         data = data.encode("utf-8")
