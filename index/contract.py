@@ -241,16 +241,24 @@ def check_items(keys: list[str], vectors, payloads: list[dict], dim: int,
     vectors = as_codes(vectors, dim, binary, "vectors")
     if len(keys) != len(vectors) or len(payloads) != len(vectors):
         raise IndexError_(f"keys, vectors and payloads must have the same length ({len(keys)}, {len(vectors)}, {len(payloads)})")
+    check_keys(keys)
+    texts = [payload_json(p, f"payloads[{i}]") for i, p in enumerate(payloads)]
+    check_finite(vectors)
+    return vectors, texts
+
+
+def check_keys(keys: list[str]) -> None:
     first: dict[str, int] = {}
     for i, key in enumerate(keys):
         check_key(key, f"keys[{i}]")
         if key in first:
             raise IndexError_(f"keys[{i}]: {shown(key)} repeats keys[{first[key]}]; give each key once per request")
         first[key] = i
-    texts = [payload_json(p, f"payloads[{i}]") for i, p in enumerate(payloads)]
+
+
+def check_finite(vectors: np.ndarray) -> None:
     if not np.isfinite(vectors).all():
         raise IndexError_("vectors: contain NaN or infinity")
-    return vectors, texts
 
 
 def check_queries(queries, k: int, dim: int, binary: bool = False) -> np.ndarray:

@@ -13,8 +13,9 @@ lines, so an import's memory is the index being built plus one batch.
 from __future__ import annotations
 
 import json
+import multiprocessing
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +23,13 @@ import numpy as np
 from zspace.bundle import load_bundle, resolve_bundle
 from zspace.errors import shown
 from zspace.index import backends
-from zspace.index.contract import IndexSpec, LatentCodeIndex, check_items
+from zspace.index.contract import IndexSpec, LatentCodeIndex, as_codes, check_keys, payload_json
 from zspace.index.errors import IndexError_
+from zspace.index.fields import FieldSpec, extract, field_specs
 from zspace.progress import Progress
 
 BATCH = 50_000
+PARSE_ELSEWHERE_FROM = 200_000  # items from which payloads are parsed in a second process (its start costs ~0.5 s)
 
 
 def import_codes(model_ref: Path, codes_path: Path, keys_path: Path, payloads_path: Path | None, out: Path,
@@ -46,54 +49,98 @@ def import_codes(model_ref: Path, codes_path: Path, keys_path: Path, payloads_pa
     if payloads_path is not None and (rows := count_lines(Path(payloads_path), "--payloads")) != n:
         raise IndexError_(f"--payloads: {rows} lines, but --codes holds {n} rows; one JSON object per code, same order")
 
+    specs = field_specs(spec.fields)
+
     def fill(index: LatentCodeIndex) -> None:
         bar = None if quiet else Progress(-(-n // BATCH), "import")
         seen: set[str] = set()
-        lines = read_payloads(Path(payloads_path)) if payloads_path is not None else None
-        # The store's inserts and FAISS's adds (both release the GIL) run in a thread while the next batch is
-        # read and checked here: on two cores that halves an import's time. One batch in flight at a time.
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="import") as writer:
-            pending = None
-            for start, key_batch in enumerate_batches(read_keys(Path(keys_path)), BATCH):
-                batch = prepare(index, start, key_batch, codes, lines, seen)
-                if pending is not None:
-                    pending.result()
-                    if bar:
-                        bar.update(note=f"{start:,} items")
-                pending = writer.submit(write, index, start, *batch)
-            if pending is not None:
-                pending.result()
+        bulk = hasattr(index, "import_new")  # the FAISS backend: bulk SQLite inserts, payload dicts not needed
+        lines = read_lines(Path(payloads_path)) if payloads_path is not None else None
+        # Payload lines are parsed and checked in a second process while this one writes the batch before:
+        # JSON is most of an import's Python time, and the GIL would serialise it with the writes here.
+        parser = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) \
+            if bulk and lines is not None and n >= PARSE_ELSEWHERE_FROM else None
+        try:
+            batches = enumerate_batches(read_keys(Path(keys_path)), BATCH)
+            ahead = _parse(parser, next(batches, None), lines, specs, not bulk)
+            while ahead is not None:
+                (start, key_batch), parsed = ahead
+                ahead = _parse(parser, next(batches, None), lines, specs, not bulk)  # the next batch, meanwhile
+                texts, values, payloads = parsed.result()
+                vectors = _checked(index, start, key_batch, codes, seen)
+                try:
+                    if bulk:
+                        index.import_new(key_batch, vectors, values, texts)
+                    else:
+                        index.upsert(key_batch, vectors, payloads, maintain=False)
+                except IndexError_ as exc:
+                    raise IndexError_(_with_rows(str(exc), start)) from None
+                if bar:
+                    bar.update(note=f"{start + len(key_batch):,} items")
+        finally:
+            if parser is not None:
+                parser.shutdown(cancel_futures=True)
         if bar:
-            bar.update(note=f"{n:,} items")
             bar.close(f"{n:,} items")
         index.finish_build()
 
     return backends.build(out, spec, (bundle.name, bundle.version), bundle.latent_dim, metric, fill)
 
 
-def prepare(index: LatentCodeIndex, start: int, keys: list[str], codes: np.ndarray, lines, seen: set[str]) -> tuple:
-    """One batch read and checked as an upsert is: (keys, vectors, payloads, their JSON texts)."""
-    payloads = [next(lines) for _ in keys] if lines is not None else [{} for _ in keys]
+def _parse(parser, batch, lines, specs: list[FieldSpec], dicts: bool):
+    """((start, keys), a future of parse_lines for the batch's payload lines), or None after the last batch."""
+    if batch is None:
+        return None
+    start, keys = batch
+    raw = [next(lines) for _ in keys] if lines is not None else None
+    if parser is not None:
+        return batch, parser.submit(parse_lines, raw, start, specs, dicts)
+    done: Future = Future()
+    try:
+        done.set_result(parse_lines(raw, start, specs, dicts, len(keys)))
+    except IndexError_ as exc:
+        done.set_exception(exc)
+    return batch, done
+
+
+def parse_lines(raw: list[bytes] | None, start: int, specs: list[FieldSpec], dicts: bool,
+                count: int = 0) -> tuple[list[str], dict[str, list], list[dict] | None]:
+    """Payload lines checked as an upsert checks payloads: (their JSON texts, the declared fields' values,
+    the payloads themselves when `dicts`). No lines: `count` empty payloads. Errors name the line."""
+    if raw is None:
+        return ["{}"] * count, {s.name: [None] * count for s in specs}, [{} for _ in range(count)] if dicts else None
+    payloads = []
+    for i, line in enumerate(raw):
+        try:
+            payload = json.loads(line.decode())  # str: json would sniff the bytes' encoding every line
+        except ValueError as exc:  # UnicodeDecodeError included
+            raise IndexError_(f"--payloads line {start + i + 1}: not JSON ({exc})") from None
+        if not isinstance(payload, dict):
+            raise IndexError_(f"--payloads line {start + i + 1}: expected a JSON object, got {type(payload).__name__}")
+        payloads.append(payload)
+    try:
+        texts = [payload_json(p, f"payloads[{i}]") for i, p in enumerate(payloads)]
+        values = extract(specs, payloads)
+    except IndexError_ as exc:
+        raise IndexError_(_with_rows(str(exc), start)) from None
+    return texts, values, payloads if dicts else None
+
+
+def _checked(index: LatentCodeIndex, start: int, keys: list[str], codes: np.ndarray, seen: set[str]) -> np.ndarray:
+    """A batch's keys (unique in the whole file) and codes, checked as an upsert's; the codes as float32."""
     for i, key in enumerate(keys):
         if key in seen:
             raise IndexError_(f"--keys line {start + i + 1}: {shown(key)} appears earlier in the file; keys are unique")
         seen.add(key)
-    try:  # errors name the line, not the position in the batch
-        vectors, texts = check_items(keys, np.asarray(codes[start:start + len(keys)]), payloads, index.dim, index.binary)
+    try:
+        check_keys(keys)
+        vectors = as_codes(np.asarray(codes[start:start + len(keys)]), index.dim, index.binary, "--codes")
+        if not np.isfinite(vectors).all():
+            row = int(np.flatnonzero(~np.isfinite(vectors).all(1))[0])
+            raise IndexError_(f"--codes row {start + row}: NaN or infinity")
     except IndexError_ as exc:
         raise IndexError_(_with_rows(str(exc), start)) from None
-    return keys, vectors, payloads, texts
-
-
-def write(index: LatentCodeIndex, start: int, keys: list[str], vectors: np.ndarray, payloads: list[dict],
-          texts: list[str]) -> None:
-    try:
-        if hasattr(index, "import_new"):  # the FAISS backend: bulk SQLite inserts
-            index.import_new(keys, vectors, payloads, texts)
-        else:
-            index.upsert(keys, vectors, payloads, maintain=False)
-    except IndexError_ as exc:  # a payload index's type, checked with the rows
-        raise IndexError_(_with_rows(str(exc), start)) from None
+    return vectors
 
 
 def read_codes(path: Path, dim: int, binary: bool) -> np.ndarray:
@@ -140,16 +187,9 @@ def read_keys(path: Path) -> Iterator[str]:
             yield key
 
 
-def read_payloads(path: Path) -> Iterator[dict]:
+def read_lines(path: Path) -> Iterator[bytes]:
     with open(path, "rb") as f:
-        for number, line in enumerate(f, 1):
-            try:
-                payload = json.loads(line.decode())  # str: json would sniff the bytes' encoding every line
-            except ValueError as exc:  # UnicodeDecodeError included
-                raise IndexError_(f"--payloads line {number}: not JSON ({exc})") from None
-            if not isinstance(payload, dict):
-                raise IndexError_(f"--payloads line {number}: expected a JSON object, got {type(payload).__name__}")
-            yield payload
+        yield from f
 
 
 def enumerate_batches(items: Iterator[str], size: int) -> Iterator[tuple[int, list[str]]]:

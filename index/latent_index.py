@@ -437,10 +437,10 @@ class LatentIndex:
             written = self.store.upsert(keys, vectors, texts, check)
             self._apply(written, keys, vectors, values, maintain)
 
-    def import_new(self, keys: list[str], vectors: np.ndarray, payloads: list[dict], texts: list[str]) -> None:
-        """Bulk-load items into an index being built (`zspace index import`): checked like an upsert,
-        inserted without per-key lookups; the builder's close() snapshots the result."""
-        values = extract(self.store.field_specs(), payloads)
+    def import_new(self, keys: list[str], vectors: np.ndarray, values: dict[str, list], texts: list[str]) -> None:
+        """Bulk-load checked items into an index being built (`zspace index import`): payloads as their JSON
+        texts and the declared fields' values (fields.extract); inserted without per-key lookups, and
+        the builder's close() snapshots the result."""
         with self.lock.write():
             ids = self.store.insert_new(keys, vectors, texts)
             self._grow(int(ids[-1]) + 1 if len(ids) else 1)

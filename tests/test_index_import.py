@@ -65,6 +65,8 @@ def test_import_filter_explain_and_declare_later(cli, vae_bundle, inputs):
      "--payloads line 21, year: field 'year' is indexed as int"),
     (lambda f, n, d: (f / "keys.txt").write_text("a\n\nb\n" + "".join(f"k{i}\n" for i in range(n - 3))),
      "--keys line 2: empty"),
+    (lambda f, n, d: np.save(f / "codes.npy", np.where(np.arange(n)[:, None] == 77, np.nan, np.zeros((n, d), np.float32))),
+     "--codes row 77: NaN or infinity"),
 ])
 def test_a_failed_import_says_which_line_and_leaves_nothing(cli, vae_bundle, inputs, mutate, says):
     folder, n, dim = inputs
@@ -95,10 +97,36 @@ def test_served_index_reports_its_fields_and_memory(vae_bundle, tmp_path):
 
     from zspace.service.client import ZSpaceClient
 
-    with digits_served(vae_bundle, tmp_path, metrics_port=0) as s, ZSpaceClient(s.target) as c:
+    with digits_served(vae_bundle, tmp_path) as s, ZSpaceClient(s.target) as c:
         info = c.index_stats("digits")
         assert info.memory_bytes > 0 and list(info.fields) == []
-        with urllib.request.urlopen(f"http://127.0.0.1:{s.metrics_port}/metrics", timeout=10) as r:
+        with urllib.request.urlopen(f"http://127.0.0.1:{s.server.metrics_port}/metrics", timeout=10) as r:
             text = r.read().decode()
         assert f'zspace_index_bytes{{index="digits"}} {float(info.memory_bytes)}' in text, \
             [line for line in text.splitlines() if "index_bytes" in line]
+
+
+def test_payloads_parsed_in_a_second_process_give_the_same_index(cli, vae_bundle, inputs, monkeypatch):
+    """Big imports parse payloads in a spawned process (index.importing.PARSE_ELSEWHERE_FROM): same items, same
+    payload indexes, and an error there still names its line and leaves nothing."""
+    from zspace.index import importing
+    from zspace.index.contract import IndexSpec
+
+    folder, n, _ = inputs
+    monkeypatch.setattr(importing, "PARSE_ELSEWHERE_FROM", 100)
+    monkeypatch.setattr(importing, "BATCH", 128)  # several batches in flight
+    index = importing.import_codes(vae_bundle, folder / "codes.npy", folder / "keys.txt", folder / "payloads.jsonl",
+                                   folder / "ix", IndexSpec(fields=("year:int",)), quiet=True)
+    try:
+        assert index.stats()["count"] == n
+        assert index.get("doc/7").payload == {"year": 1997, "tag": "t3"}
+        assert index.explain(["year == 1997"])["matches"] == sum(1 for i in range(n) if i % 30 == 7)
+    finally:
+        index.close()
+    lines = (folder / "payloads.jsonl").read_text().splitlines()
+    lines[300] = '{"year": "later"}'
+    (folder / "payloads.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(importing.IndexError_, match="--payloads line 301, year: field 'year' is indexed as int"):
+        importing.import_codes(vae_bundle, folder / "codes.npy", folder / "keys.txt", folder / "payloads.jsonl",
+                               folder / "ix2", IndexSpec(fields=("year:int",)), quiet=True)
+    assert not (folder / "ix2").exists()
