@@ -51,8 +51,9 @@ from zspace.index.planner import (
     EXACT_FALLBACK_LIMIT,
     MAX_EF_SEARCH,
     PROBE,
+    MatchCache,
+    Matches,
     Plan,
-    bitmap,
     choose,
     exact_knn,
     exact_limit,
@@ -62,7 +63,19 @@ from zspace.index.store import ItemStore, Written
 
 log = logging.getLogger("zspace.index")
 SPLIT_EXACT_AT = 20_000  # an exact scan of this many codes or more runs on two threads
-_EXACT_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="exact-scan")
+
+
+def _one_openmp_thread() -> None:
+    """In each exact-scan thread: FAISS's scan of one query would fork an OpenMP team per call otherwise
+    (OpenMP's thread count is per calling thread), four threads fighting over two cores."""
+    import faiss
+
+    faiss.omp_set_num_threads(1)
+
+
+_SCAN_BUFFERS = threading.local()  # per thread: the codes an exact scan gathers (see _codes_of)
+MAX_SCAN_BUFFER_ROWS = 300_000     # larger gathers get an array of their own, not kept
+_EXACT_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="exact-scan", initializer=_one_openmp_thread)
 TOMBSTONE_FRACTION = 0.2
 
 
@@ -171,6 +184,7 @@ class LatentIndex:
         self._faiss_bytes: tuple[int, int] | None = None
         self.exact_limit: int | None = None  # the planner's, unless set (tests and benchmarks compare strategies)
         self._snapshotted: tuple | None = None  # the state the current snapshot holds (see snapshot)
+        self._matches = MatchCache()  # recent filters' matches, per state of the index (planner.MatchCache)
         self._load()
 
     # ------------------------------------------------------------ create / open
@@ -548,23 +562,22 @@ class LatentIndex:
         with self.lock.read():
             return self._plan(where, k, nprobe, ef_search)[0].to_dict()
 
-    def _plan(self, where: Filter, k: int, nprobe: int, ef_search: int) -> tuple[Plan, np.ndarray | None]:
-        """(the plan, the mask of matching ids) for a filter; the read lock is held."""
+    def _plan(self, where: Filter, k: int, nprobe: int, ef_search: int) -> tuple[Plan, Matches | None]:
+        """(the plan, the items the filter matches) for a filter; the read lock is held."""
         total = self.store.count() if not where else None
         if not where:
             return Plan("(none)", total, total, (), (), "ann" if self.trained_family else "flat",
                         ef_search if self.trained_family == "HNSW" else None,
                         nprobe if self.trained_family == "IVF" else None), None
-        mask = self._mask(where)
-        matches = int(np.count_nonzero(mask))
+        matches = self._matches.get((where, self.seq, self.id_limit), lambda: Matches(self._mask(where)))
         total = int(self.index.ntotal) - len(self.tombstones)
         limit = self.exact_limit if self.exact_limit is not None else \
             exact_limit(self.trained_family, self._raw_storage() is not None, total)
-        strategy, ef, probes = choose(matches, total, k, self.trained_family, nprobe, ef_search,
+        strategy, ef, probes = choose(matches.count, total, k, self.trained_family, nprobe, ef_search,
                                       self._nlist(), limit)
         indexed = tuple(dict.fromkeys(c.field for c in where if c.field in self.columns))
         scanned = tuple(dict.fromkeys(c.field for c in where if c.field not in self.columns))
-        return Plan(describe(where), total, matches, indexed, scanned, strategy, ef, probes), mask
+        return Plan(describe(where), total, matches.count, indexed, scanned, strategy, ef, probes), matches
 
     def _mask(self, where: Filter) -> np.ndarray:
         """Which ids (below id_limit) satisfy every condition: columns for declared fields, one scan of the
@@ -585,12 +598,12 @@ class LatentIndex:
 
     def _filtered(self, queries: np.ndarray, k: int, where: Filter, nprobe: int, ef_search: int,
                   one_thread: bool) -> tuple[np.ndarray, np.ndarray]:
-        plan, mask = self._plan(where, k, nprobe, ef_search)
+        plan, matches = self._plan(where, k, nprobe, ef_search)
         if plan.strategy == "empty":
             return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
         if plan.strategy == "exact":
-            return self._exact(queries, k, np.flatnonzero(mask))
-        bits = bitmap(mask)
+            return self._exact(queries, k, matches.ids)
+        bits = matches.bits
         selector = self.faiss.IDSelectorBitmap(len(bits), self.faiss.swig_ptr(bits))
         try:
             if self.trained_family != "HNSW":
@@ -599,17 +612,15 @@ class LatentIndex:
             # A graph walk meets the matches where the query's own neighbourhood holds them: a filter correlated
             # with the query (label == 3, asked with a 7) leaves few there, and efSearch from the global
             # selectivity stops the walk before it reaches them. Each query's neighbourhood is probed first.
-            local = self._local_selectivity(queries, mask, one_thread)
+            local = self._local_selectivity(queries, matches.mask, one_thread)
             out_d = np.full((len(queries), k), np.inf, np.float32)
             out_i = np.full((len(queries), k), -1, np.int64)
-            matches = None
             for row, share in enumerate(local):
                 ef = local_ef(share, plan.matches / max(plan.total, 1), k, plan.ef_search or ef_search)
                 if ef is None and plan.matches > EXACT_FALLBACK_LIMIT:
                     ef = MAX_EF_SEARCH  # too many to scan in a few milliseconds: the widest walk instead
                 if ef is None:  # the neighbourhood holds none: the matches lie elsewhere, scan them exactly
-                    matches = np.flatnonzero(mask) if matches is None else matches
-                    d, i = self._exact(queries[row:row + 1], k, matches)
+                    d, i = self._exact(queries[row:row + 1], k, matches.ids)
                 else:
                     params = search_parameters("HNSW", nprobe, ef, selector)
                     d, i = self._faiss_search(self._prep(queries[row:row + 1]), min(k, self.index.ntotal), params,
@@ -617,7 +628,7 @@ class LatentIndex:
                 out_d[row, :d.shape[1]], out_i[row, :i.shape[1]] = d[0], i[0]
             return out_d, out_i
         finally:
-            del selector, bits  # FAISS held the bitmap by raw pointer until here
+            del selector  # FAISS held the bitmap by raw pointer until here (the Matches keeps the array alive)
 
     def _local_selectivity(self, queries: np.ndarray, mask: np.ndarray, one_thread: bool) -> np.ndarray:
         """Per query, the share of its PROBE nearest items (unfiltered, a cheap graph walk) that match."""
@@ -668,7 +679,15 @@ class LatentIndex:
             positions[order] = np.arange(len(order))
             self._positions = positions
         codes = self.faiss.rev_swig_ptr(flat.get_xb(), n * self.dim).reshape(n, self.dim)
-        return np.take(codes, self._positions[ids], axis=0)  # take: twice as fast as codes[...] for 100k rows
+        # take: twice as fast as codes[...] for 100k rows; into this thread's buffer, kept between searches, since
+        # a fresh 12 MB array is 3,000 pages the kernel faults in and zeroes (a millisecond of each scan).
+        buffer = getattr(_SCAN_BUFFERS, "codes", None)
+        if buffer is None or buffer.shape[0] < len(ids) or buffer.shape[1] != self.dim:
+            buffer = _SCAN_BUFFERS.codes = np.empty((max(len(ids), 1024), self.dim), np.float32) \
+                if len(ids) <= MAX_SCAN_BUFFER_ROWS else None
+        if buffer is None:
+            return np.take(codes, self._positions[ids], axis=0)
+        return np.take(codes, self._positions[ids], axis=0, out=buffer[:len(ids)], mode="clip")  # "raise" copies
 
     def _nlist(self) -> int:
         if self.trained_family != "IVF":

@@ -22,6 +22,9 @@ Functions over arrays, no state: the index supplies the mask, the codes and FAIS
 from __future__ import annotations
 
 import math
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -83,6 +86,70 @@ def choose(matches: int, total: int, k: int, family: str, nprobe: int, ef_search
     if family == "IVF":
         return "ann+bitmap", None, min(nlist, max(nprobe, math.ceil(nprobe / selectivity)))
     return "flat+bitmap", None, None
+
+
+class Matches:
+    """The items a filter matches as of one state of the index: the mask over ids, its count, and, made when
+    first asked for, the ids and the bitmap FAISS reads. Immutable once made (two threads making the
+    same lazy part make equal arrays), so searches share it."""
+
+    def __init__(self, mask: np.ndarray):
+        self.mask = mask
+        self.count = int(np.count_nonzero(mask))
+        self._ids: np.ndarray | None = None
+        self._bits: np.ndarray | None = None
+
+    @property
+    def ids(self) -> np.ndarray:
+        if self._ids is None:
+            self._ids = np.flatnonzero(self.mask)
+        return self._ids
+
+    @property
+    def bits(self) -> np.ndarray:
+        if self._bits is None:
+            self._bits = bitmap(self.mask)
+        return self._bits
+
+    @property
+    def nbytes(self) -> int:
+        return self.mask.nbytes + 8 * self.count + self.mask.nbytes // 8
+
+
+class MatchCache:
+    """Recent filters' Matches by (filter, index state), least recently used out past `max_bytes`.
+
+    A served filter is usually asked again and again (a catalogue page, a facet): its mask,
+    ids and bitmap are made once per state of the index instead of on every query, and a
+    filter on undeclared fields scans the payloads once instead of once a query. Any write
+    changes the state, and with it the key."""
+
+    def __init__(self, max_bytes: int = 64 << 20):
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[tuple, Matches] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple, make: Callable[[], Matches]) -> Matches:
+        with self._lock:
+            found = self._entries.get(key)
+            if found is not None:
+                self._entries.move_to_end(key)
+                return found
+        made = make()  # outside the lock: a scan of the payloads may take a second
+        with self._lock:
+            if key not in self._entries:
+                self._entries[key] = made
+                self._bytes += made.nbytes
+                while self._bytes > self.max_bytes and len(self._entries) > 1:
+                    _, old = self._entries.popitem(last=False)
+                    self._bytes -= old.nbytes
+        return made
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._bytes = 0
 
 
 def bitmap(mask: np.ndarray) -> np.ndarray:
