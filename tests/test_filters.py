@@ -272,3 +272,23 @@ def test_exact_scans_of_many_matches_agree_with_brute_force(tmp_path, factory):
         assert [h.key for h in row] == [f"k{keep[j]}" for j in np.argsort(drow)[:10]]
         assert [h.distance for h in row] == pytest.approx(np.sort(drow)[:10], rel=1e-4)
     index.close()
+
+
+@pytest.mark.parametrize("fields", [(), ("tag:keyword",)])
+def test_a_write_is_seen_by_the_next_filtered_search(tmp_path, fields):
+    """Filters' matches are cached per state of the index: every write (here and in another process) is a new state."""
+    index = LatentIndex.create(tmp_path / "ix", "m", 1, DIM, fields=fields)
+    x = np.eye(DIM, dtype=np.float32)
+    index.upsert(["a", "b"], x[:2], [{"tag": "red"}, {"tag": "blue"}])
+    assert [h.key for h in index.search(x[:1], 5, {"tag": "red"})[0]] == ["a"]
+    index.upsert(["c"], x[2:3], [{"tag": "red"}])
+    assert {h.key for h in index.search(x[:1], 5, {"tag": "red"})[0]} == {"a", "c"}
+    other = LatentIndex.open(tmp_path / "ix", snapshots=False)
+    other.delete(["a"])
+    other.release()
+    follower = LatentIndex.open(tmp_path / "ix", snapshots=False, follow=True)
+    assert [h.key for h in follower.search(x[:1], 5, {"tag": "red"})[0]] == ["c"]
+    index.upsert(["d"], x[3:4], [{"tag": "red"}])
+    assert {h.key for h in follower.search(x[:1], 5, {"tag": "red"})[0]} == {"c", "d"}
+    follower.release()
+    index.close()

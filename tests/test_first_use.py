@@ -35,7 +35,7 @@ def test_filters_match_numbers_and_strings_alike_and_refuse_nonsense(tmp_path):
     keys = lambda where: sorted(h.key for h in idx.search(q, 3, where)[0])  # noqa: E731
     assert keys(("label", 7)) == keys(("label", "7")) == ["a", "b"]
     assert keys(("label", True)) == ["c"]
-    for where, message in ((('a"b', 1), "quotes"), (("a\x00", 1), "control"), (("label", {"x": 1}), "JSON dict"),
+    for where, message in ((('a"b', 1), "quotes"), (("a\x00", 1), "control"), (("label", {"x": 1}), "JSON object"),
                            (("label", 2**64), "64-bit"), (("label", float("nan")), "finite")):
         with pytest.raises(FilterError, match=message):
             idx.search(q, 3, where)
