@@ -26,7 +26,7 @@ class FactoryTraits:
     family: str          # "IVF" or "HNSW": which search parameters (nprobe, efSearch) apply; "" for none
     min_points: int      # codes needed before it can be trained; 0: no training, it takes codes at once
     removable: bool      # remove_ids works; HNSW graphs cannot forget a vector (zspace hides it instead)
-    id_mapped: bool      # zspace wraps it in an IndexIDMap2 (IVF keeps ids itself)
+    id_mapped: bool      # zspace wraps it in an IndexIDMap (IVF keeps ids itself)
 
     @property
     def needs_training(self) -> bool:
@@ -87,7 +87,7 @@ def traits(factory: str, dim: int, binary: bool = False) -> FactoryTraits:
         raise FactoryError(f"factory: FAISS cannot build {factory!r} for {dim}-d codes ({why})") from None
     family = "IVF" if isinstance(index, faiss.IndexIVF) else ("HNSW" if isinstance(index, faiss.IndexHNSW) else "")
     id_mapped = not isinstance(index, faiss.IndexIVF)
-    probe = faiss.IndexIDMap2(base) if id_mapped else base
+    probe = faiss.IndexIDMap(base) if id_mapped else base
     try:
         probe.remove_ids(np.zeros(0, dtype=np.int64))
         removable = True
@@ -115,7 +115,7 @@ def _binary_traits(factory: str, dim: int) -> FactoryTraits:
         raise FactoryError(f"factory: {factory!r} needs training, which zspace's binary indexes do not do; "
                            "use BFlat (exact) or BHNSW32 (graph)")
     family = "HNSW" if isinstance(faiss.downcast_IndexBinary(index), faiss.IndexBinaryHNSW) else ""
-    probe = faiss.IndexBinaryIDMap2(index)
+    probe = faiss.IndexBinaryIDMap(index)
     try:
         probe.remove_ids(np.zeros(0, dtype=np.int64))
         removable = True
@@ -149,14 +149,16 @@ def empty_index(t: FactoryTraits, dim: int, metric: str, trainable_now: bool):
     for it (exact search); `trainable_now` says the codes are there. Metric
     hamming: a binary index over `dim` bits."""
     faiss = _faiss()
+    # IndexIDMap, not IDMap2: zspace reads codes from the store, never back from FAISS, and IDMap2's reverse
+    # map (a hash table of every id) cost 41 MB per million items, in every worker (benchmarks/README.md).
     if metric == "hamming":
-        return faiss.IndexBinaryIDMap2(faiss.index_binary_factory(dim, t.factory)), True
+        return faiss.IndexBinaryIDMap(faiss.index_binary_factory(dim, t.factory)), True
     metric_type = faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
     if t.needs_training and not trainable_now:
-        return faiss.IndexIDMap2(faiss.IndexFlat(dim, metric_type)), False
+        return faiss.IndexIDMap(faiss.IndexFlat(dim, metric_type)), False
     base, _ = _build(t.factory, dim, metric)
     # IVF keeps ids itself and removes by id; an IDMap over it breaks on remove (IVF does not renumber).
-    return (faiss.IndexIDMap2(base) if t.id_mapped else base), True
+    return (faiss.IndexIDMap(base) if t.id_mapped else base), True
 
 
 def search_parameters(family: str, nprobe: int, ef_search: int, selector=None):
