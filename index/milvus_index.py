@@ -116,6 +116,9 @@ class MilvusIndex:
     """The Milvus backend: the LatentIndex surface the service and the CLI use."""
 
     cheap_queries = False  # every search is a network call: never on the event loop
+    # None: the collection's level, Strong (read-your-writes). A Milvus 2.3 server answers a Strong search
+    # after its next time tick (200 ms apart by default); "Bounded" answers at once from a slightly older view.
+    consistency: str | None = None
 
     def __init__(self, path: Path, manifest: dict, client, collection: str):
         self.path, self.manifest, self.client, self.collection = Path(path), manifest, client, collection
@@ -338,9 +341,10 @@ class MilvusIndex:
         """-> per query a list of Hit(key, distance, payload), nearest first (cosine distance = 1 - cos, as FAISS's)."""
         queries = check_queries(queries, k, self.dim)
         expr = filter_expression(where)
+        levels = {"consistency_level": self.consistency} if self.consistency else {}
         found = self.client.search(self.collection, data=queries.tolist(), limit=int(k), filter=expr,
                                    output_fields=["payload"],
-                                   search_params={"params": {"ef": max(ef_search, k), "nprobe": nprobe}})
+                                   search_params={"params": {"ef": max(ef_search, k), "nprobe": nprobe}}, **levels)
         cosine = self.metric == "cosine"
         out = []
         for row in found:
