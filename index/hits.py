@@ -1,8 +1,8 @@
 """What a search answers per hit: the item's key, its distance and its payload.
 
 Keys and payloads are not held in memory: after FAISS has found the k nearest ids, the item
-store is asked for those rows only (one indexed SELECT, tens of microseconds). Holding every
-payload in Python cost 600 MB at a million items, and a copy in every worker.
+store is asked for those rows only (one indexed SELECT, about 0.09 ms for 10 rows of a million).
+Holding every key and payload in Python took most of 720 MB at a million items, in every worker.
 """
 
 from __future__ import annotations
