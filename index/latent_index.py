@@ -57,6 +57,7 @@ from zspace.index.planner import (
     choose,
     exact_knn,
     exact_limit,
+    ivf_nprobe,
     local_ef,
 )
 from zspace.index.store import ItemStore, Written
@@ -606,17 +607,25 @@ class LatentIndex:
         bits = matches.bits
         selector = self.faiss.IDSelectorBitmap(len(bits), self.faiss.swig_ptr(bits))
         try:
-            if self.trained_family != "HNSW":
-                params = search_parameters(self.trained_family, plan.nprobe or nprobe, ef_search, selector)
+            if self.trained_family == "":
+                params = search_parameters("", nprobe, ef_search, selector)
                 return self._faiss_search(self._prep(queries), min(k, self.index.ntotal), params, one_thread)
-            # A graph walk meets the matches where the query's own neighbourhood holds them: a filter correlated
-            # with the query (label == 3, asked with a 7) leaves few there, and efSearch from the global
-            # selectivity stops the walk before it reaches them. Each query's neighbourhood is probed first.
+            # A graph walk (or an IVF's nearest lists) meets the matches where the query's own neighbourhood
+            # holds them: a filter correlated with the query (label == 3, asked with a 7) leaves few there, and
+            # efSearch or nprobe from the global selectivity stops short of them. Each query is probed first.
             local = self._local_selectivity(queries, matches.mask, one_thread)
             out_d = np.full((len(queries), k), np.inf, np.float32)
             out_i = np.full((len(queries), k), -1, np.int64)
+            selectivity = plan.matches / max(plan.total, 1)
             for row, share in enumerate(local):
-                ef = local_ef(share, plan.matches / max(plan.total, 1), k, plan.ef_search or ef_search)
+                if self.trained_family == "IVF":  # no exact fallback: IVF/PQ keep no raw codes to scan
+                    rate = min(selectivity, share) if share > 0 else None
+                    params = search_parameters("IVF", ivf_nprobe(rate, nprobe, self._nlist()), ef_search, selector)
+                    d, i = self._faiss_search(self._prep(queries[row:row + 1]), min(k, self.index.ntotal), params,
+                                              one_thread)
+                    out_d[row, :d.shape[1]], out_i[row, :i.shape[1]] = d[0], i[0]
+                    continue
+                ef = local_ef(share, selectivity, k, plan.ef_search or ef_search)
                 if ef is None and plan.matches > EXACT_FALLBACK_LIMIT:
                     ef = MAX_EF_SEARCH  # too many to scan in a few milliseconds: the widest walk instead
                 if ef is None:  # the neighbourhood holds none: the matches lie elsewhere, scan them exactly

@@ -85,7 +85,7 @@ FILTERS = [["label == 3"], ['label = "3"'], ["label != 3"], ['label in (1, "2")'
            ["score > 100"]]
 
 
-@pytest.fixture(params=["faiss", "faiss-indexed", "faiss-ann", "milvus-lite", "milvus-server"])
+@pytest.fixture(params=["faiss", "faiss-indexed", "faiss-ann", "faiss-ivf", "milvus-lite", "milvus-server"])
 def filled(request, tmp_path):
     """(an index of N items with `payload(i)`, its codes), on each backend."""
     kind = request.param
@@ -98,12 +98,14 @@ def filled(request, tmp_path):
                                    .replace("-", "_"), factory="Flat")
         index.add_fields(FIELDS)
     else:
-        index = LatentIndex.create(folder, "m", 1, DIM, "HNSW32" if kind == "faiss-ann" else "Flat",
-                                   fields=FIELDS if kind != "faiss" else ())
-        if kind == "faiss-ann":
-            index.exact_limit = 0  # every filter through HNSW with a bitmap selector
+        factory = {"faiss-ann": "HNSW32", "faiss-ivf": "IVF4,Flat"}.get(kind, "Flat")
+        index = LatentIndex.create(folder, "m", 1, DIM, factory, fields=FIELDS if kind != "faiss" else ())
+        if kind in ("faiss-ann", "faiss-ivf"):
+            index.exact_limit = 0  # every filter through HNSW or IVF with a bitmap selector, probed per query
     x = np.random.default_rng(0).standard_normal((N, DIM)).astype(np.float32)
     index.upsert([f"k{i}" for i in range(N)], x, [payload(i) for i in range(N)])
+    if kind == "faiss-ivf":
+        assert index.trained_family == "IVF"
     yield index, x
     if kind.startswith("milvus"):
         index.client.drop_collection(index.collection)
