@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import threading
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
@@ -23,13 +25,14 @@ import numpy as np
 from zspace.bundle import load_bundle, resolve_bundle
 from zspace.errors import shown
 from zspace.index import backends
-from zspace.index.contract import IndexSpec, LatentCodeIndex, as_codes, check_keys, payload_json
+from zspace.index.contract import IndexSpec, LatentCodeIndex, as_codes, check_key, payload_json
 from zspace.index.errors import IndexError_
 from zspace.index.fields import FieldSpec, extract, field_specs
 from zspace.progress import Progress
 
 BATCH = 50_000
-PARSE_ELSEWHERE_FROM = 200_000  # items from which payloads are parsed in a second process (its start costs ~0.5 s)
+PARSE_ELSEWHERE_FROM = 200_000  # items from which payloads are parsed in other processes
+PARSERS = 2  # parsing processes: with one, this process waited for it a third of the time (two cores)
 
 
 def import_codes(model_ref: Path, codes_path: Path, keys_path: Path, payloads_path: Path | None, out: Path,
@@ -56,16 +59,20 @@ def import_codes(model_ref: Path, codes_path: Path, keys_path: Path, payloads_pa
         seen: set[str] = set()
         bulk = hasattr(index, "import_new")  # the FAISS backend: bulk SQLite inserts, payload dicts not needed
         lines = read_lines(Path(payloads_path)) if payloads_path is not None else None
-        # Payload lines are parsed and checked in a second process while this one writes the batch before:
-        # JSON is most of an import's Python time, and the GIL would serialise it with the writes here.
-        parser = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) \
-            if bulk and lines is not None and n >= PARSE_ELSEWHERE_FROM else None
+        # Payload lines are parsed and checked in PARSERS other processes while this one writes the batches
+        # before: JSON is most of an import's Python time, and the GIL would serialise it with the writes here.
+        parser = ProcessPoolExecutor(PARSERS, mp_context=_fork) \
+            if bulk and lines is not None and n >= PARSE_ELSEWHERE_FROM and (_fork := forking_context()) else None
         try:
             batches = enumerate_batches(read_keys(Path(keys_path)), BATCH)
-            ahead = _parse(parser, next(batches, None), lines, specs, not bulk)
-            while ahead is not None:
-                (start, key_batch), parsed = ahead
-                ahead = _parse(parser, next(batches, None), lines, specs, not bulk)  # the next batch, meanwhile
+            ahead = deque()
+            while len(ahead) < (PARSERS if parser else 1) and (first := _parse(parser, next(batches, None), lines,
+                                                                                specs, not bulk)):
+                ahead.append(first)
+            while ahead:
+                (start, key_batch), parsed = ahead.popleft()
+                if (following := _parse(parser, next(batches, None), lines, specs, not bulk)) is not None:
+                    ahead.append(following)  # parsed meanwhile
                 texts, values, payloads = parsed.result()
                 vectors = _checked(index, start, key_batch, codes, seen)
                 try:
@@ -87,6 +94,17 @@ def import_codes(model_ref: Path, codes_path: Path, keys_path: Path, payloads_pa
     return backends.build(out, spec, (bundle.name, bundle.version), bundle.latent_dim, metric, fill)
 
 
+def forking_context():
+    """multiprocessing's fork context where forking is safe here, else None (the import parses in-process).
+
+    Fork, not spawn: spawn re-runs the caller's main script in the child, which a script without an
+    `if __name__ == "__main__"` guard turns into an error. Forking is safe while this process runs one
+    Python thread (the child only parses JSON: it touches no lock another thread could hold)."""
+    if "fork" not in multiprocessing.get_all_start_methods() or threading.active_count() > 1:
+        return None
+    return multiprocessing.get_context("fork")
+
+
 def _parse(parser, batch, lines, specs: list[FieldSpec], dicts: bool):
     """((start, keys), a future of parse_lines for the batch's payload lines), or None after the last batch."""
     if batch is None:
@@ -94,19 +112,26 @@ def _parse(parser, batch, lines, specs: list[FieldSpec], dicts: bool):
     start, keys = batch
     raw = [next(lines) for _ in keys] if lines is not None else None
     if parser is not None:
-        return batch, parser.submit(parse_lines, raw, start, specs, dicts)
+        return batch, parser.submit(parse_lines, raw, start, specs, dicts, keys)
     done: Future = Future()
     try:
-        done.set_result(parse_lines(raw, start, specs, dicts, len(keys)))
+        done.set_result(parse_lines(raw, start, specs, dicts, keys))
     except IndexError_ as exc:
         done.set_exception(exc)
     return batch, done
 
 
 def parse_lines(raw: list[bytes] | None, start: int, specs: list[FieldSpec], dicts: bool,
-                count: int = 0) -> tuple[list[str], dict[str, list], list[dict] | None]:
-    """Payload lines checked as an upsert checks payloads: (their JSON texts, the declared fields' values,
-    the payloads themselves when `dicts`). No lines: `count` empty payloads. Errors name the line."""
+                keys: list[str]) -> tuple[list[str], dict[str, list], list[dict] | None]:
+    """A batch's keys and payload lines checked as an upsert checks them: (the payloads' JSON texts, the
+    declared fields' values, the payloads themselves when `dicts`). No lines: empty payloads, one per key.
+    Errors name the line."""
+    try:  # each key's form here; a key given twice is found by the importing process, which sees them all
+        for i, key in enumerate(keys):
+            check_key(key, f"keys[{i}]")
+    except IndexError_ as exc:
+        raise IndexError_(_with_rows(str(exc), start)) from None
+    count = len(keys)
     if raw is None:
         return ["{}"] * count, {s.name: [None] * count for s in specs}, [{} for _ in range(count)] if dicts else None
     payloads = []
@@ -127,13 +152,12 @@ def parse_lines(raw: list[bytes] | None, start: int, specs: list[FieldSpec], dic
 
 
 def _checked(index: LatentCodeIndex, start: int, keys: list[str], codes: np.ndarray, seen: set[str]) -> np.ndarray:
-    """A batch's keys (unique in the whole file) and codes, checked as an upsert's; the codes as float32."""
+    """A batch's keys unique in the whole file, and its codes checked as an upsert's; the codes as float32."""
     for i, key in enumerate(keys):
         if key in seen:
             raise IndexError_(f"--keys line {start + i + 1}: {shown(key)} appears earlier in the file; keys are unique")
         seen.add(key)
-    try:
-        check_keys(keys)
+    try:  # the keys themselves were checked with their batch's payloads (parse_lines)
         vectors = as_codes(np.asarray(codes[start:start + len(keys)]), index.dim, index.binary, "--codes")
         if not np.isfinite(vectors).all():
             row = int(np.flatnonzero(~np.isfinite(vectors).all(1))[0])
