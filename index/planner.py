@@ -58,8 +58,8 @@ class Plan:
         d["selectivity"] = round(self.matches / self.total, 6) if self.total else 0.0
         d["indexed"], d["scanned"] = list(self.indexed), list(self.scanned)
         if self.scanned:
-            d["note"] = (f"not indexed: {', '.join(self.scanned)}; every payload is parsed for each search. "
-                         f"Declare them: zspace index field add DIR NAME:TYPE")
+            d["note"] = (f"not indexed: {', '.join(self.scanned)}; every payload is parsed to evaluate the filter "
+                         f"(once, until the next write). Declare them: zspace index field add DIR NAME:TYPE")
         return d
 
 

@@ -178,6 +178,14 @@ def test_client_cli_search_upsert_delete(server, tmp_path, cli):
     assert code == 0 and json.loads(out)["count"] == 1439
     code, out = cli("client", "--target", server.target, "search", "--index", "digits", "--key", "cli/q", "-k", "1")
     assert json.loads(out)[0][0]["key"] == "cli/q"
+    code, out = cli("client", "--target", server.target, "search", "--index", "digits", "--key", "cli/q", "-k", "5",
+                    "--where", "label in (3, q)", "--where", "label != 5", "--explain")
+    answer = json.loads(out)
+    assert code == 0 and answer["hits"][0][0]["key"] == "cli/q", out
+    assert answer["plan"]["matches"] == 1 + sum(1 for y in load_dataset("digits").y_train if int(y) == 3), answer["plan"]
+    code, out = cli("client", "--target", server.target, "search", "--index", "digits", "--key", "cli/q",
+                    "--where", "label ~ 3")
+    assert code == 2 and "--where" in out and "expected FIELD OP VALUE" in out and out.count("\n") <= 2, out
     code, out = cli("client", "--target", server.target, "delete", "--index", "digits", "--key", "cli/q")
     assert code == 0 and json.loads(out)["count"] == 1438
     code, out = cli("client", "--target", server.target, "delete", "--index", "digits", "--key", "cli/q")
