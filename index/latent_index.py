@@ -182,7 +182,7 @@ class LatentIndex:
         self.id_limit = self.store.max_id() + 1
         self._positions: np.ndarray | None = None  # id -> row of FAISS's own code storage (exact filtered search)
         self._tombstone_selector = None  # made once per set of tombstones, not per search
-        self._faiss_bytes: tuple[int, int] | None = None
+        self._faiss_bytes_per_code: float | None = None  # measured on each snapshot read or written
         self.exact_limit: int | None = None  # the planner's, unless set (tests and benchmarks compare strategies)
         self._snapshotted: tuple | None = None  # the state the current snapshot holds (see snapshot)
         self._matches = MatchCache()  # recent filters' matches, per state of the index (planner.MatchCache)
@@ -286,6 +286,7 @@ class LatentIndex:
                 self.seq, self.trained_kind = int(info["seq"]), bool(info["trained_kind"])
                 self.tombstones = set(info.get("tombstones", []))
                 self._snapshotted = self._state()
+                self._measure_snapshot(self.path / info["file"])
                 break
             except FileNotFoundError:
                 if attempt == 1:  # another process replaced the snapshot between our two reads: read the new one
@@ -321,11 +322,13 @@ class LatentIndex:
             self._fill(columns, missing, ids, texts)
         self.columns.update(columns)
 
-    def _fill(self, columns: dict[str, Column], specs: list[FieldSpec], ids: np.ndarray, texts: list[str]) -> None:
+    def _fill(self, columns: dict[str, Column], specs: list[FieldSpec], ids: np.ndarray, texts: list[str],
+              refuse: bool = False) -> None:
         """Set the columns of `specs` for items `ids` from their payload JSON texts.
 
-        These payloads were checked against the declared types when written; a value that does
-        not fit (written by a version without payload indexes) is no value, with a warning."""
+        A value that does not fit the declared type refuses the batch naming its item (refuse: a
+        declaration being checked), or is no value, with a warning (payloads checked when written,
+        except those written by a version without payload indexes)."""
         payloads = [json.loads(t) for t in texts]
         for spec in specs:
             values = []
@@ -333,6 +336,10 @@ class LatentIndex:
                 try:
                     values.append(coerce(spec, p.get(spec.name), spec.name))
                 except IndexError_ as exc:
+                    if refuse:
+                        key = self.store.reader.execute("SELECT key FROM items WHERE id = ?", (i,)).fetchone()
+                        raise IndexError_(f"item {shown(key[0] if key else str(i))}: {exc}; nothing was declared") \
+                            from None
                     log.warning("%s: item id %d: %s; not in the payload index", self.path, i, exc)
                     values.append(None)
             columns[spec.name].set(ids, values)
@@ -565,8 +572,8 @@ class LatentIndex:
 
     def _plan(self, where: Filter, k: int, nprobe: int, ef_search: int) -> tuple[Plan, Matches | None]:
         """(the plan, the items the filter matches) for a filter; the read lock is held."""
-        total = self.store.count() if not where else None
         if not where:
+            total = self.store.count()
             return Plan("(none)", total, total, (), (), "ann" if self.trained_family else "flat",
                         ef_search if self.trained_family == "HNSW" else None,
                         nprobe if self.trained_family == "IVF" else None), None
@@ -613,7 +620,7 @@ class LatentIndex:
             # A graph walk (or an IVF's nearest lists) meets the matches where the query's own neighbourhood
             # holds them: a filter correlated with the query (label == 3, asked with a 7) leaves few there, and
             # efSearch or nprobe from the global selectivity stops short of them. Each query is probed first.
-            local = self._local_selectivity(queries, matches.mask, one_thread)
+            local = self._local_selectivity(queries, matches.mask, nprobe, one_thread)
             out_d = np.full((len(queries), k), np.inf, np.float32)
             out_i = np.full((len(queries), k), -1, np.int64)
             selectivity = plan.matches / max(plan.total, 1)
@@ -639,9 +646,10 @@ class LatentIndex:
         finally:
             del selector  # FAISS held the bitmap by raw pointer until here (the Matches keeps the array alive)
 
-    def _local_selectivity(self, queries: np.ndarray, mask: np.ndarray, one_thread: bool) -> np.ndarray:
-        """Per query, the share of its PROBE nearest items (unfiltered, a cheap graph walk) that match."""
-        params = self._plain_search_params(16, PROBE)
+    def _local_selectivity(self, queries: np.ndarray, mask: np.ndarray, nprobe: int, one_thread: bool) -> np.ndarray:
+        """Per query, the share of its PROBE nearest items (an unfiltered search, a fraction of a millisecond)
+        that match."""
+        params = self._plain_search_params(nprobe, PROBE)
         _, ids = self._faiss_search(self._prep(queries), min(PROBE, self.index.ntotal), params, one_thread)
         found = ids >= 0
         hit = np.zeros(ids.shape, bool)
@@ -660,7 +668,7 @@ class LatentIndex:
         q = self._prep(queries)
         if len(ids) < SPLIT_EXACT_AT or self._raw_storage() is None:
             return exact_knn(q, self._codes_of(ids), ids, k, self.metric)
-        self._codes_of(ids[:1])  # the id -> row table made once, here, not by both threads
+        self._positions_table()  # made once, here, not by both threads
         halves = np.array_split(ids, 2)
         found = list(_EXACT_POOL.map(lambda part: exact_knn(q, self._codes_of(part), part, k, self.metric), halves))
         dist, got = np.concatenate([d for d, _ in found], 1), np.concatenate([i for _, i in found], 1)
@@ -682,11 +690,7 @@ class LatentIndex:
         if flat is None:
             return self._prep(self.store.vectors_of(ids))
         n = int(flat.ntotal)
-        if self._positions is None or len(self._positions) < self.id_limit:
-            order = self.faiss.vector_to_array(self.index.id_map)
-            positions = np.full(max(self.id_limit, int(order.max()) + 1 if len(order) else 1), -1, np.int64)
-            positions[order] = np.arange(len(order))
-            self._positions = positions
+        positions = self._positions_table()
         codes = self.faiss.rev_swig_ptr(flat.get_xb(), n * self.dim).reshape(n, self.dim)
         # take: twice as fast as codes[...] for 100k rows; into this thread's buffer, kept between searches, since
         # a fresh 12 MB array is 3,000 pages the kernel faults in and zeroes (a millisecond of each scan).
@@ -695,8 +699,17 @@ class LatentIndex:
             buffer = _SCAN_BUFFERS.codes = np.empty((max(len(ids), 1024), self.dim), np.float32) \
                 if len(ids) <= MAX_SCAN_BUFFER_ROWS else None
         if buffer is None:
-            return np.take(codes, self._positions[ids], axis=0)
-        return np.take(codes, self._positions[ids], axis=0, out=buffer[:len(ids)], mode="clip")  # "raise" copies
+            return np.take(codes, positions[ids], axis=0)
+        return np.take(codes, positions[ids], axis=0, out=buffer[:len(ids)], mode="clip")  # "raise" copies
+
+    def _positions_table(self) -> np.ndarray:
+        """id -> row of FAISS's own code storage, made again after any add or remove (the read lock is held)."""
+        if self._positions is None or len(self._positions) < self.id_limit:
+            order = self.faiss.vector_to_array(self.index.id_map)
+            positions = np.full(max(self.id_limit, int(order.max()) + 1 if len(order) else 1), -1, np.int64)
+            positions[order] = np.arange(len(order))
+            self._positions = positions
+        return self._positions
 
     def _nlist(self) -> int:
         if self.trained_family != "IVF":
@@ -751,22 +764,7 @@ class LatentIndex:
         columns = {s.name: Column(s, self.id_limit) for s in specs}
 
         def check(specs: list[FieldSpec], ids: np.ndarray, texts: list[str]) -> None:
-            payloads = [json.loads(t) for t in texts]
-            for spec in specs:
-                try:
-                    values = [coerce(spec, p.get(spec.name), spec.name) for p in payloads]
-                except IndexError_:
-                    for i, p in zip(ids.tolist(), payloads):
-                        try:
-                            coerce(spec, p.get(spec.name), spec.name)
-                        except IndexError_ as exc:
-                            key = self.store.reader.execute("SELECT key FROM items WHERE id = ?", (i,)).fetchone()
-                            raise IndexError_(f"item {shown(key[0] if key else str(i))}: {exc}; "
-                                              "nothing was declared") from None
-                    raise
-                self._grow(int(ids.max()) + 1)
-                columns[spec.name].grow(self.id_limit)
-                columns[spec.name].set(ids, values)
+            self._fill(columns, specs, ids, texts, refuse=True)
 
         with self.lock.write(), self._still_here():
             self.store.declare_fields(specs, check)
@@ -808,13 +806,14 @@ class LatentIndex:
                 f"{self.factory} trains at {need} codes; {count} stored, searching exactly until then"}
 
     def memory_bytes(self) -> int:
-        """What this process holds for the index: the FAISS structure (its serialised size, which is
-        its memory within a few percent) and the payload indexes."""
-        if self._faiss_bytes is None or self._faiss_bytes[0] != self.index.ntotal:
-            size = self.path / f"index-{self.seq}.faiss"
-            nbytes = size.stat().st_size if size.exists() else 0
-            self._faiss_bytes = (self.index.ntotal, nbytes or int(self.index.ntotal) * (self.dim * 4 + 8))
-        return self._faiss_bytes[1] + sum(c.nbytes for c in self.columns.values())
+        """What this process holds for the index: the FAISS structure (its snapshot's bytes per code, which
+        are its memory within a few percent, times the codes it holds now) and the payload indexes."""
+        per_code = self._faiss_bytes_per_code or self.dim * 4 + 8
+        return int(per_code * self.index.ntotal) + sum(c.nbytes for c in self.columns.values())
+
+    def _measure_snapshot(self, file: Path) -> None:
+        if self.index.ntotal:
+            self._faiss_bytes_per_code = file.stat().st_size / self.index.ntotal
 
     def _state(self) -> tuple:
         """What a snapshot records: equal states need no new snapshot."""
@@ -835,6 +834,7 @@ class LatentIndex:
         name = f"index-{self.seq}.faiss"
         serialize = self.faiss.serialize_index_binary if self.binary else self.faiss.serialize_index
         write_atomic(self.path / name, serialize(self.index).data)  # the array's buffer: no second copy
+        self._measure_snapshot(self.path / name)
         fields = f"fields-{self.seq}.npz" if self.columns else None
         if fields:
             write_atomic(self.path / fields, columns_bytes(self.columns))
