@@ -13,6 +13,10 @@ Any other failure raises grpc.RpcError with the server's status and message.
 from __future__ import annotations
 
 import json
+import os
+import threading
+import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,20 +35,94 @@ DTYPES = {np.dtype(np.uint8): (pb.UINT8, "u1"), np.dtype(np.float16): (pb.FLOAT1
 WIRE_NUMPY = {pb.FLOAT32: "<f4", pb.UINT8: "u1", pb.FLOAT16: "<f2"}
 
 
-def to_tensor(a: np.ndarray) -> pb.Tensor:
-    """An array as a Tensor: uint8 (8-bit images, a quarter of the bytes) and float16 travel as they are,
-    everything else as float32."""
+def wire_array(a) -> tuple[np.ndarray, int]:
+    """(an array as it travels, its wire dtype): uint8 (8-bit images, a quarter of the bytes) and float16 as
+    they are, everything else as float32; one row becomes a batch of one."""
     a = np.asarray(a)
     dtype, wire = DTYPES.get(a.dtype, (pb.FLOAT32, "<f4"))
     a = np.ascontiguousarray(a, dtype=wire)
-    if a.ndim == 1:
-        a = a[None]
+    return (a[None] if a.ndim == 1 else a), dtype
+
+
+def aligned(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def to_tensor(a: np.ndarray) -> pb.Tensor:
+    """An array as a Tensor in the message (see wire_array)."""
+    a, dtype = wire_array(a)
     return pb.Tensor(shape=list(a.shape), data=a.tobytes(), dtype=dtype)
 
 
-def from_tensor(t: pb.Tensor) -> np.ndarray:
-    """A Tensor as an array of its own dtype (float16 answers stay float16)."""
+def from_tensor(t: pb.Tensor, shared: SharedBuffer | None = None) -> np.ndarray:
+    """A Tensor as an array of its own dtype (float16 answers stay float16); one the server wrote into
+    shared memory is copied out of SHARED, the buffer the request gave it."""
+    if t.HasField("shared"):
+        if shared is None or t.shared.region != shared.name:
+            raise ValueError(f"the answer is in shared memory region {t.shared.region!r}, which this call did not give")
+        return shared.read(t.shared.offset, t.shared.byte_size, WIRE_NUMPY[t.dtype]).reshape(list(t.shape))
     return np.frombuffer(t.data, dtype=WIRE_NUMPY[t.dtype]).reshape(list(t.shape)).copy()
+
+
+SHARED_MIN_BYTES = 64 << 10  # smaller requests travel in the message: registering and copying would cost more
+ALIGN = 64
+
+
+class SharedBuffer:
+    """A POSIX shared memory segment this client made and registered with the server as one region.
+
+    A request writes its tensor at the start and asks for the answer after it; one buffer serves one call at a
+    time (the client keeps a pool). The segment's name is removed when the buffer is closed, or at exit."""
+
+    def __init__(self, client: ZSpaceClient, size: int):
+        import mmap
+        import uuid
+
+        self.name = f"zspace-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        self.size = size
+        self.path = Path("/dev/shm") / self.name
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            self.mapping = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        self._unlink = weakref.finalize(self, self.path.unlink, missing_ok=True)  # at close, or at exit
+        try:
+            client._call("RegisterSharedMemory", pb.RegisterSharedMemoryRequest(region=pb.SharedMemoryRegion(
+                name=self.name, key="/" + self.name, offset=0, byte_size=size)))
+        except BaseException:
+            self._release()
+            raise
+
+    def write(self, offset: int, a: np.ndarray) -> pb.SharedRegion:
+        flat = a.reshape(-1).view(np.uint8)
+        self.mapping[offset : offset + flat.nbytes] = flat.data
+        return pb.SharedRegion(region=self.name, offset=offset, byte_size=flat.nbytes)
+
+    def read(self, offset: int, size: int, dtype: str) -> np.ndarray:
+        return np.frombuffer(self.mapping[offset : offset + size], dtype=dtype)  # a bytes copy: the buffer is reused
+
+    def close(self, client: ZSpaceClient | None) -> None:
+        if client is not None:
+            try:
+                client._call("UnregisterSharedMemory", pb.UnregisterSharedMemoryRequest(name=self.name))
+            except grpc.RpcError:
+                pass  # the server is gone or restarted: it holds nothing of ours any more
+        self._release()
+
+    def _release(self) -> None:
+        self.mapping.close()
+        self._unlink()
+
+
+def is_local(target: str) -> bool:
+    """Whether a target is this machine (loopback or a Unix socket): the only servers that can see our
+    /dev/shm (and even then not one in a container of its own, which the first registration finds out)."""
+    if target.startswith(("unix:", "unix-abstract:")):
+        return True
+    host = target.rpartition(":")[0].strip("[]") if ":" in target else target
+    return host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
 
 
 def wire_dtype(name: str) -> int:
@@ -72,8 +150,9 @@ class Decoded:
     version: int = 0
 
 
-def _decoded(resp: pb.DecodeResponse) -> Decoded:
-    return Decoded(from_tensor(resp.outputs.tensor), from_tensor(resp.latents), list(resp.outputs.png), resp.version)
+def _decoded(resp: pb.DecodeResponse, shared: SharedBuffer | None = None) -> Decoded:
+    return Decoded(from_tensor(resp.outputs.tensor, shared), from_tensor(resp.latents), list(resp.outputs.png),
+                   resp.version)
 
 
 def channel_target(target: str) -> tuple[str, bool]:
@@ -134,7 +213,18 @@ def filter_message(where) -> pb.Filter:
 class ZSpaceClient:
     def __init__(self, target: str, token: str | None = None, tls_ca: str | Path | None = None,
                  timeout: float | None = 30.0, retries: int = 5, max_message_mb: int = 64,
-                 options: list[tuple[str, object]] | None = None, tls_server_name: str | None = None):
+                 options: list[tuple[str, object]] | None = None, tls_server_name: str | None = None,
+                 shared_memory: bool | None = None):
+        """shared_memory: big tensors (64 KiB and more) of Encode, Decode and Reconstruct travel through POSIX
+        shared memory registered with the server instead of in the messages. None (default): where the target is
+        this machine (loopback, unix:PATH), falling back to messages if the server cannot open our segments (one
+        in a container); True: always, failing if it cannot; False: never."""
+        self.shared_memory = is_local(target) and Path("/dev/shm").is_dir() if shared_memory is None else shared_memory
+        self._shared_required = shared_memory is True
+        self._buffers: list[SharedBuffer] = []   # idle, for the next call
+        self._all_buffers: list[SharedBuffer] = []
+        self._buffers_lock = threading.Lock()
+        self._models: dict[tuple[str, int], pb.ModelInfo] = {}
         limit = max_message_mb * 1024 * 1024
         opts = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
         target, balanced = channel_target(target)  # several replicas: round robin over them (see channel_target)
@@ -164,10 +254,66 @@ class ZSpaceClient:
         self.close()
 
     def close(self) -> None:
+        with self._buffers_lock:
+            buffers, self._buffers, self._all_buffers = self._all_buffers, [], []
+        for buffer in buffers:
+            buffer.close(self)
         self.channel.close()
 
     def _call(self, method: str, request):
         return getattr(self.stub, method)(request, timeout=self.timeout, metadata=self.metadata)
+
+    @contextmanager
+    def _shared(self, nbytes: int):
+        """A registered buffer of at least NBYTES for one call, or None when the call should use messages."""
+        if not self.shared_memory or nbytes < SHARED_MIN_BYTES:
+            yield None
+            return
+        with self._buffers_lock:
+            fits = [b for b in self._buffers if b.size >= nbytes]
+            buffer = min(fits, key=lambda b: b.size) if fits else None
+            if buffer is not None:
+                self._buffers.remove(buffer)
+        if buffer is None:
+            try:
+                buffer = SharedBuffer(self, max(nbytes, 1 << 20))
+            except (OSError, grpc.RpcError):
+                if self._shared_required:
+                    raise
+                self.shared_memory = False  # e.g. the server is in a container: it cannot see our /dev/shm
+                yield None
+                return
+            with self._buffers_lock:
+                self._all_buffers.append(buffer)
+        try:
+            yield buffer
+        finally:
+            with self._buffers_lock:
+                if buffer in self._all_buffers:
+                    self._buffers.append(buffer)
+
+    def _tensor_request(self, x, answer_bytes: int, buffer: SharedBuffer | None):
+        """X as a Tensor (in BUFFER when given) and where the answer goes (after it in BUFFER, or None)."""
+        a, dtype = wire_array(x)
+        if buffer is None:
+            return pb.Tensor(shape=list(a.shape), data=a.tobytes(), dtype=dtype), None
+        tensor = pb.Tensor(shape=list(a.shape), dtype=dtype, shared=buffer.write(0, a))
+        start = aligned(a.nbytes)
+        return tensor, pb.SharedRegion(region=buffer.name, offset=start, byte_size=buffer.size - start)
+
+    def _dims(self, model: str, version: int) -> pb.ModelInfo:
+        """The model's sizes (what its answers take), asked once per model and version."""
+        info = self._models.get((model, version))
+        if info is None:
+            info = self._models[(model, version)] = self.get_model(model, version)
+        return info
+
+    def _answer_bytes(self, model: str, version: int, rows: int, rpc: str, item: int = 4) -> int:
+        info = self._dims(model, version)
+        if rpc == "Encode":
+            k = info.latent_dim
+            return rows * (k * item * (2 if info.kind in ("vae", "beta_vae") else 1) + (k // 8 if info.kind == "hash" else 0))
+        return rows * info.input_dim * item
 
     # -------------------------------------------------------------- RPCs
 
@@ -184,10 +330,35 @@ class ZSpaceClient:
     def encode_all(self, model: str, x=None, *, images=None, texts=None, version: int = 0,
                    output_dtype: str = "float32") -> dict[str, np.ndarray]:
         """Every code Encode answers, by name: mean; logvar (VAE kinds); bits (hash models: uint8, packed)."""
-        resp = self._call("Encode", pb.EncodeRequest(model=pb.ModelRef(name=model, version=version),
-                                                     inputs=make_inputs(x, images, texts),
-                                                     output_dtype=wire_dtype(output_dtype)))
-        return {name: from_tensor(getattr(resp, name)) for name in ("mean", "logvar", "bits") if resp.HasField(name)}
+        if x is not None and (images is not None or texts is not None):
+            make_inputs(x, images, texts)  # raises: one input form per call
+        request = pb.EncodeRequest(model=pb.ModelRef(name=model, version=version), output_dtype=wire_dtype(output_dtype))
+        with self._array_call(model, version, x, "Encode", 2 if output_dtype == "float16" else 4) as (tensor, output, buffer):
+            if tensor is not None:
+                request.inputs.tensor.CopyFrom(tensor)
+                if output is not None:
+                    request.output.CopyFrom(output)
+            else:
+                request.inputs.CopyFrom(make_inputs(x, images, texts))
+            resp = self._call("Encode", request)
+            return {name: from_tensor(getattr(resp, name), buffer) for name in ("mean", "logvar", "bits")
+                    if resp.HasField(name)}
+
+    @contextmanager
+    def _array_call(self, model: str, version: int, x, rpc: str, item: int = 4):
+        """(tensor, answer region, buffer) for a call on array X: in shared memory when that is on and X is big,
+        else a plain tensor (None, None) or, without X, (None, None, None)."""
+        if x is None:
+            yield None, None, None
+            return
+        a, _ = wire_array(x)
+        if not self.shared_memory or a.nbytes < SHARED_MIN_BYTES:
+            yield to_tensor(a), None, None
+            return
+        answer = self._answer_bytes(model, version, len(a), rpc, item)
+        with self._shared(aligned(a.nbytes) + answer) as buffer:
+            tensor, output = self._tensor_request(a, answer, buffer)
+            yield tensor, output, buffer
 
     def encode(self, model: str, x=None, *, images=None, texts=None, version: int = 0, output_dtype: str = "float32"):
         """-> (mean [batch, K], logvar [batch, K] or None). x as uint8 (8-bit images) travels at a quarter of the bytes;
@@ -205,13 +376,26 @@ class ZSpaceClient:
 
     def decode(self, model: str, z: np.ndarray, version: int = 0, return_png: bool = False,
                output_dtype: str = "float32") -> Decoded:
-        return _decoded(self._call("Decode", pb.DecodeRequest(
-            model=pb.ModelRef(name=model, version=version), latents=to_tensor(z), return_png=return_png,
-            output_dtype=wire_dtype(output_dtype))))
+        request = pb.DecodeRequest(model=pb.ModelRef(name=model, version=version), return_png=return_png,
+                                   output_dtype=wire_dtype(output_dtype))
+        with self._array_call(model, version, z, "Decode", 2 if output_dtype == "float16" else 4) as (tensor, output, buffer):
+            request.latents.CopyFrom(tensor)
+            if output is not None:
+                request.output.CopyFrom(output)
+            return _decoded(self._call("Decode", request), buffer)
 
     def reconstruct(self, model: str, x=None, *, images=None, texts=None, version: int = 0, return_png: bool = False) -> Decoded:
-        return _decoded(self._call("Reconstruct", pb.ReconstructRequest(
-            model=pb.ModelRef(name=model, version=version), inputs=make_inputs(x, images, texts), return_png=return_png)))
+        if x is not None and (images is not None or texts is not None):
+            make_inputs(x, images, texts)  # raises: one input form per call
+        request = pb.ReconstructRequest(model=pb.ModelRef(name=model, version=version), return_png=return_png)
+        with self._array_call(model, version, x, "Reconstruct") as (tensor, output, buffer):
+            if tensor is not None:
+                request.inputs.tensor.CopyFrom(tensor)
+                if output is not None:
+                    request.output.CopyFrom(output)
+            else:
+                request.inputs.CopyFrom(make_inputs(x, images, texts))
+            return _decoded(self._call("Reconstruct", request), buffer)
 
     def generate(self, model: str, count: int, seed: int = 0, temperature: float = 1.0, version: int = 0,
                  return_png: bool = False) -> Decoded:

@@ -5,7 +5,7 @@ from these classes) and hands it whole to the server; the server hands each part
 whole to what uses it: BatchConfig to every model graph's batcher, SearchConfig to
 the index searches, the thread counts to ONNX Runtime and FAISS, Limits to the
 servicer. A model folder may override its batching with `models/NAME/serving.json`
-(as Triton's config.pbtxt does): see `model_batch_config`.
+(as Triton's config.pbtxt does): see `model_serving`.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from zspace.bundle import PRECISIONS
 from zspace.errors import UserError
 from zspace.runtime import RuntimeOptions
 
@@ -101,6 +102,10 @@ class ServeConfig:
     tls_key: Path | None = None
     token: str | None = None
     loop: str = "auto"            # auto | uvloop | asyncio
+    # Which version of each model answers requests for the latest: the highest of this precision where the model
+    # has one (serving.json's "precision" overrides it per model); None: the highest version.
+    precision: str | None = None
+    uds: Path | None = None       # also listen on this Unix domain socket (local clients: no TCP, shared memory)
 
 
 def parse_host_port(value: str | int, option: str) -> tuple[str | None, int]:
@@ -118,25 +123,37 @@ def parse_host_port(value: str | int, option: str) -> tuple[str | None, int]:
     return (host.strip("[]") if sep else None), number
 
 
-def model_batch_config(model_dir: Path, default: BatchConfig) -> BatchConfig:
-    """The server's BatchConfig with the overrides of `models/NAME/serving.json`, if that file exists.
-
-    Only BatchConfig's own fields may appear there; a wrong name or value makes the
-    model's versions fail to load with a message naming the file and the field."""
+def read_serving_json(model_dir: Path) -> dict:
+    """`models/NAME/serving.json` as a dict ({} without one); unreadable or not an object: UserError naming it."""
     path = Path(model_dir) / MODEL_CONFIG_FILE
     if not path.is_file():
-        return default
+        return {}
     try:
-        overrides = json.loads(path.read_text(encoding="utf-8"))
+        settings = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UserError(f"{path}: unreadable ({exc})") from None
-    if not isinstance(overrides, dict):
-        raise UserError(f"{path}: expected a JSON object of batching settings")
+    if not isinstance(settings, dict):
+        raise UserError(f"{path}: expected a JSON object of serving settings")
+    return settings
+
+
+def model_serving(model_dir: Path, default: BatchConfig, precision: str | None) -> tuple[BatchConfig, str | None]:
+    """The server's BatchConfig and precision choice with the overrides of `models/NAME/serving.json`.
+
+    Only BatchConfig's own fields and `precision` (fp32 | fp16 | int8: which of the model's versions answers
+    requests for the latest) may appear there; a wrong name or value makes the model's versions fail to load
+    with a message naming the file and the field."""
+    path = Path(model_dir) / MODEL_CONFIG_FILE
+    overrides = read_serving_json(model_dir)
+    if "precision" in overrides:
+        precision = overrides.pop("precision")
+        if precision not in PRECISIONS:
+            raise UserError(f"{path}: precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
     known = {f.name for f in dataclasses.fields(BatchConfig)}
     unknown = sorted(set(overrides) - known)
     if unknown:
-        raise UserError(f"{path}: unknown setting {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        raise UserError(f"{path}: unknown setting {', '.join(unknown)} (known: {', '.join(sorted(known | {'precision'}))})")
     try:
-        return dataclasses.replace(default, **overrides)
+        return (dataclasses.replace(default, **overrides) if overrides else default), precision
     except UserError as exc:
         raise UserError(f"{path}: {exc}") from None

@@ -17,6 +17,7 @@ from zspace.errors import UserError
 from zspace.index.contract import MAX_JSON_DEPTH, MAX_PAYLOAD_BYTES, json_depth, payload_json
 from zspace.service.config import Limits
 from zspace.service.pixels import pixel_budget
+from zspace.service.shared_memory import REGIONS
 from zspace.transforms import image_pixels
 from zspace.v1 import zspace_pb2 as pb
 
@@ -55,11 +56,20 @@ def tensor_to_array(t: pb.Tensor, field: str, ndim: int = 2, cols: int | None = 
     want = size
     for d in shape:
         want *= d
-    data = t.data  # each access copies the bytes out of the message: once is enough
-    if len(data) != want:
-        raise InvalidArgument(f"{field}.data: {len(data)} bytes do not match shape {shape} "
-                              f"(expected {want} bytes of {pb.DType.Name(t.dtype).lower()})")
-    arr = np.frombuffer(data, dtype=wire).reshape(shape)
+    if t.HasField("shared"):
+        ref = t.shared
+        if t.data:
+            raise InvalidArgument(f"{field}: give data or shared, not both")
+        if ref.byte_size != want:
+            raise InvalidArgument(f"{field}.shared.byte_size: {ref.byte_size} bytes do not match shape {shape} "
+                                  f"(expected {want} bytes of {pb.DType.Name(t.dtype).lower()})")
+        arr = REGIONS.read(ref.region, ref.offset, want, wire, f"{field}.shared").reshape(shape)
+    else:
+        data = t.data  # each access copies the bytes out of the message: once is enough
+        if len(data) != want:
+            raise InvalidArgument(f"{field}.data: {len(data)} bytes do not match shape {shape} "
+                                  f"(expected {want} bytes of {pb.DType.Name(t.dtype).lower()})")
+        arr = np.frombuffer(data, dtype=wire).reshape(shape)
     if raw_uint8 and t.dtype == pb.UINT8:
         return arr
     return as_float32(arr, uint8_max if t.dtype == pb.UINT8 else None, f"{field}.data")
@@ -80,6 +90,34 @@ def array_to_tensor(a: np.ndarray, dtype: int = pb.FLOAT32) -> pb.Tensor:
     """An answer's array as a Tensor of `dtype` (FLOAT32, or FLOAT16 on request)."""
     a = np.ascontiguousarray(a, dtype=WIRE[dtype][0])
     return pb.Tensor(shape=list(a.shape), data=a.tobytes(), dtype=dtype)
+
+
+class SharedOutput:
+    """Where a request asked its answer's tensors to go (`output`, a SharedRegion): written back to back, each
+    Tensor of the answer saying where its bytes are. `room` is checked before any work (`check`)."""
+
+    def __init__(self, ref: pb.SharedRegion | None, field: str):
+        self.ref, self.field, self.cursor = ref, field, 0
+
+    @classmethod
+    def of(cls, request, field: str = "output") -> SharedOutput:
+        return cls(getattr(request, field) if request.HasField(field) else None, field)
+
+    def check(self, nbytes: int) -> None:
+        """The answer's tensors, NBYTES in all, fit the region given (refused before the work is done)."""
+        if self.ref is not None and nbytes > self.ref.byte_size:
+            raise InvalidArgument(f"{self.field}.byte_size: the answer needs {nbytes} bytes, {self.ref.byte_size} given")
+
+    def tensor(self, a: np.ndarray, dtype: int = pb.FLOAT32) -> pb.Tensor:
+        """A as a Tensor: in the message, or written into the region at the cursor."""
+        if self.ref is None:
+            return array_to_tensor(a, dtype)
+        a = np.ascontiguousarray(a, dtype=WIRE[dtype][0])
+        offset = self.ref.offset + self.cursor
+        REGIONS.write(self.ref.region, offset, self.ref.byte_size - self.cursor, a, self.field)
+        self.cursor += a.nbytes
+        return pb.Tensor(shape=list(a.shape), dtype=dtype,
+                         shared=pb.SharedRegion(region=self.ref.region, offset=offset, byte_size=a.nbytes))
 
 
 def output_dtype(request, field: str = "output_dtype") -> int:

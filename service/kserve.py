@@ -11,10 +11,17 @@ model batchers, limits, byte budget, auth, metrics and deadline as zspace.v1
 Inputs come as `raw_input_contents` or typed `contents`, in FP32, FP16 (raw only:
 the protocol has no typed field for it) or UINT8 (8-bit images only, divided by
 255 as the bundle's image transform does). Outputs are FP32, as raw contents.
+
+The system shared-memory extension (service/shared_memory.py) lets a local client
+register a region once and name it in inputs and outputs (parameters
+`shared_memory_region`, `_offset`, `_byte_size`), as `tritonclient.utils.shared_memory`
+does: the tensors then never travel in a message. CUDA shared memory is answered
+UNIMPLEMENTED: the sessions here read host memory.
 """
 
 from __future__ import annotations
 
+import grpc
 import numpy as np
 
 from zspace.errors import NotFound, shown
@@ -22,7 +29,8 @@ from zspace.kserve import grpc_service_pb2 as kpb
 from zspace.service.config import Limits
 from zspace.service.inputs import InvalidArgument, as_float32, uint8_max
 from zspace.service.repository import ModelRepository, ModelRuntime
-from zspace.service.rpc import RpcHandlers, check_answer_size, rpc
+from zspace.service.rpc import RpcHandlers, StatusError, check_answer_size, rpc
+from zspace.service.shared_memory import REGIONS, SharedMemoryRegistry
 
 GRAPHS = ("encoder", "decoder")
 # Datatype -> (numpy little-endian dtype, the typed `contents` field, or None where only raw bytes exist).
@@ -40,6 +48,36 @@ def graph_io(rt: ModelRuntime, graph: str) -> tuple[str, int, list[tuple[str, in
     return session.get_inputs()[0].name, width_in, outputs
 
 
+class NoCudaSharedMemory(StatusError):
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
+def shared_ref(parameters, field: str) -> tuple[str, int, int] | None:
+    """(region, offset, byte size) of a tensor whose data is in shared memory, from its parameters (the KServe
+    shared-memory extension's names); None when it names no region."""
+    if "shared_memory_region" not in parameters:
+        extra = sorted(k for k in parameters if k.startswith("shared_memory_"))
+        if extra:
+            raise InvalidArgument(f"{field}: parameter {extra[0]} without shared_memory_region")
+        return None
+
+    def number(key: str, default: int | None) -> int:
+        if key not in parameters:
+            if default is None:
+                raise InvalidArgument(f"{field}: shared_memory_region needs {key}")
+            return default
+        p = parameters[key]
+        which = p.WhichOneof("parameter_choice")
+        if which not in ("int64_param", "uint64_param") or getattr(p, which) < 0:
+            raise InvalidArgument(f"{field}: parameter {key} must be a non-negative integer")
+        return getattr(p, which)
+
+    region = parameters["shared_memory_region"]
+    if region.WhichOneof("parameter_choice") != "string_param":
+        raise InvalidArgument(f"{field}: parameter shared_memory_region must be a string (the registered name)")
+    return region.string_param, number("shared_memory_offset", 0), number("shared_memory_byte_size", None)
+
+
 def parse_version(version: str) -> int:
     """"" -> 0 (the latest); a positive integer as text -> that version."""
     if version == "":
@@ -51,12 +89,15 @@ def parse_version(version: str) -> int:
 
 
 class KServeRpcs(RpcHandlers):
-    RPCS = ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer", "ModelConfig")
+    RPCS = ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer", "ModelConfig",
+            "SystemSharedMemoryStatus", "SystemSharedMemoryRegister", "SystemSharedMemoryUnregister",
+            "CudaSharedMemoryStatus", "CudaSharedMemoryRegister", "CudaSharedMemoryUnregister")
 
-    def __init__(self, repo: ModelRepository, limits: Limits, ready, version: str, metrics=None, admission=None):
+    def __init__(self, repo: ModelRepository, limits: Limits, ready, version: str, metrics=None, admission=None,
+                 regions: SharedMemoryRegistry = REGIONS):
         """ready: () -> bool, what gRPC health says (models loaded; in a group, every worker serving)."""
         super().__init__(metrics, admission)
-        self.repo, self.limits, self.ready, self.version = repo, limits, ready, version
+        self.repo, self.limits, self.ready, self.version, self.regions = repo, limits, ready, version, regions
 
     def label(self, request) -> str:
         name = getattr(request, "model_name", None) or getattr(request, "name", "")
@@ -94,7 +135,7 @@ class KServeRpcs(RpcHandlers):
 
     @rpc
     async def ServerMetadata(self, request, context):
-        return kpb.ServerMetadataResponse(name="zspace", version=self.version, extensions=["model_configuration"])
+        return kpb.ServerMetadataResponse(name="zspace", version=self.version, extensions=["model_configuration", "system_shared_memory"])
 
     @rpc
     async def ModelMetadata(self, request, context):
@@ -129,9 +170,15 @@ class KServeRpcs(RpcHandlers):
         in_name, in_width, outputs = graph_io(rt, graph)
         wanted = self._outputs(request, outputs)
         x = self._input(request, rt, graph, in_name, in_width)
-        # The answer's size is known now, before any work: bounded like every answer (the message limit).
-        row_bytes = sum(w * (1 if t == "UINT8" else 4) for n, w, t in outputs if n in wanted)
-        check_answer_size(len(x) * row_bytes, self.limits, "ModelInfer")
+        # The answer's size is known now, before any work: bounded like every answer (the message limit), and
+        # an output asked into shared memory must fit the room given for it.
+        widths = {n: w * (1 if t == "UINT8" else 4) for n, w, t in outputs}
+        shared = {o.name: ref for o in request.outputs if (ref := shared_ref(o.parameters, f"output '{o.name}'"))}
+        for name, (_, _, room) in shared.items():
+            if len(x) * widths[name] > room:
+                raise InvalidArgument(f"output '{name}': {len(x) * widths[name]} bytes for {len(x)} rows, the shared "
+                                      f"memory given for it holds {room} (shared_memory_byte_size)")
+        check_answer_size(len(x) * sum(widths[n] for n in wanted if n not in shared), self.limits, "ModelInfer")
         known = [n for n, _, _ in outputs]
         if graph == "encoder":
             results = dict(zip(known, await rt.encode_outputs(x)))
@@ -139,11 +186,57 @@ class KServeRpcs(RpcHandlers):
             results = {known[0]: await rt.decode(x)}
         types = {n: t for n, _, t in outputs}
         response = kpb.ModelInferResponse(model_name=request.model_name, model_version=str(rt.version), id=request.id)
-        for name in wanted:
+        # Outputs in the message first: raw_output_contents[i] belongs to outputs[i], and one written to shared
+        # memory has no contents, so it goes after them (clients find outputs by name).
+        for name in sorted(wanted, key=lambda n: n in shared):
             out = np.ascontiguousarray(results[name], dtype="u1" if types[name] == "UINT8" else "<f4")
-            response.outputs.add(name=name, datatype=types[name], shape=list(out.shape))
-            response.raw_output_contents.append(out.tobytes())
+            tensor = response.outputs.add(name=name, datatype=types[name], shape=list(out.shape))
+            if name in shared:
+                region, offset, room = shared[name]
+                self.regions.write(region, offset, room, out, f"output '{name}'")
+                tensor.parameters["shared_memory_region"].string_param = region
+                tensor.parameters["shared_memory_offset"].int64_param = offset
+                tensor.parameters["shared_memory_byte_size"].int64_param = out.nbytes
+            else:
+                response.raw_output_contents.append(out.tobytes())
         return response
+
+    # -------------------------------------------------------------- shared memory (the KServe v2 extensions)
+
+    @rpc
+    async def SystemSharedMemoryRegister(self, request, context):
+        self.regions.register(request.name, request.key, request.offset, request.byte_size)
+        return kpb.SystemSharedMemoryRegisterResponse()
+
+    @rpc
+    async def SystemSharedMemoryStatus(self, request, context):
+        response = kpb.SystemSharedMemoryStatusResponse()
+        for r in self.regions.status(request.name):
+            response.regions[r.name].CopyFrom(kpb.SystemSharedMemoryStatusResponse.RegionStatus(
+                name=r.name, key=r.key, offset=r.offset, byte_size=r.byte_size))
+        return response
+
+    @rpc
+    async def SystemSharedMemoryUnregister(self, request, context):
+        self.regions.unregister(request.name)
+        return kpb.SystemSharedMemoryUnregisterResponse()
+
+    @rpc
+    async def CudaSharedMemoryStatus(self, request, context):
+        if request.name:
+            raise NotFound(f"CUDA shared memory region {shown(request.name)} is not registered (this server takes none)")
+        return kpb.CudaSharedMemoryStatusResponse()
+
+    @rpc
+    async def CudaSharedMemoryRegister(self, request, context):
+        raise NoCudaSharedMemory("CUDA shared memory is not served by zspace yet (ONNX Runtime's sessions here take "
+                                 "host memory); register system shared memory instead (SystemSharedMemoryRegister)")
+
+    @rpc
+    async def CudaSharedMemoryUnregister(self, request, context):
+        if request.name:
+            raise NotFound(f"CUDA shared memory region {shown(request.name)} is not registered (this server takes none)")
+        return kpb.CudaSharedMemoryUnregisterResponse()
 
     def _outputs(self, request, outputs: list[tuple[str, int, str]]) -> list[str]:
         """The output names a request asks for (all, when it names none), each known and named once."""
@@ -185,7 +278,18 @@ class KServeRpcs(RpcHandlers):
             raise InvalidArgument(f"input '{in_name}': batch of {shape[0]} rows is over max_batch_size {self.limits.max_rows}")
         wire, typed = DATATYPES[t.datatype]
         count = shape[0] * width
-        if request.raw_input_contents:
+        ref = shared_ref(t.parameters, f"input '{in_name}'")
+        if ref is not None:
+            region, offset, byte_size = ref
+            expected = count * np.dtype(wire).itemsize
+            if request.raw_input_contents or t.HasField("contents"):
+                raise InvalidArgument(f"input '{in_name}': its data is in shared memory region {shown(region)}; send "
+                                      "no raw_input_contents or contents for it")
+            if byte_size != expected:
+                raise InvalidArgument(f"input '{in_name}': shared_memory_byte_size {byte_size}, expecting {expected} "
+                                      f"for shape {shape} of {t.datatype}")
+            arr = self.regions.read(region, offset, byte_size, wire, f"input '{in_name}'")
+        elif request.raw_input_contents:
             if len(request.raw_input_contents) != 1:
                 raise InvalidArgument(f"raw_input_contents: {len(request.raw_input_contents)} entries for 1 input")
             data = request.raw_input_contents[0]

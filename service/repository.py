@@ -18,9 +18,9 @@ import numpy as np
 
 from zspace.bundle import Bundle, load_bundle, version_dirs
 from zspace.errors import NotFound, UserError, shown
-from zspace.runtime import PARITY_TOLERANCE, RuntimeOptions, open_runtime, provider_parity
+from zspace.runtime import PARITY_TOLERANCE, RuntimeOptions, check_variant, open_runtime, provider_parity
 from zspace.service.batcher import DynamicBatcher
-from zspace.service.config import MODEL_CONFIG_FILE, BatchConfig, model_batch_config
+from zspace.service.config import MODEL_CONFIG_FILE, BatchConfig, model_serving
 
 log = logging.getLogger("zspace.serve")
 
@@ -70,8 +70,12 @@ class ModelRuntime:
         # The bundle promises ONNX Runtime within 1e-4 of torch (checked on the CPU at export); on a GPU
         # provider that promise is checked here, at load, against the CPU. TF32, when opted in, breaks it
         # knowingly: the gap is logged instead.
-        self.parity = provider_parity(self.runtime)
-        if self.parity > PARITY_TOLERANCE and not runtime.cuda_tf32:
+        self.precision = bundle.precision
+        if bundle.precision != "fp32":
+            self.parity = check_variant(self.runtime)
+        else:
+            self.parity = provider_parity(self.runtime)
+        if bundle.precision == "fp32" and self.parity > PARITY_TOLERANCE and not runtime.cuda_tf32:
             raise UserError(f"{bundle.label}: {self.provider} differs from the CPU by {self.parity:.1e} "
                             f"(the bundle promises {PARITY_TOLERANCE:.0e}); serve it with --device cpu")
         if self.parity:
@@ -144,9 +148,12 @@ def fingerprint(version_dir: Path) -> str:
 
 
 class ModelRepository:
-    def __init__(self, root: Path, runtime: RuntimeOptions, batching: BatchConfig, on_batch=None):
+    def __init__(self, root: Path, runtime: RuntimeOptions, batching: BatchConfig, on_batch=None,
+                 precision: str | None = None):
+        """precision: which version answers for the latest (`ServeConfig.precision`; serving.json per model)."""
         self.root, self.runtime_options = Path(root), runtime
-        self.batching, self.on_batch = batching, on_batch
+        self.batching, self.on_batch, self.precision = batching, on_batch, precision
+        self.preferred: dict[str, str | None] = {}  # model name -> precision that answers version 0
         self.models: dict[str, dict[int, ModelRuntime]] = {}
         self.broken: dict[str, str] = {}  # path -> error
         self._prints: dict[str, str] = {}
@@ -176,8 +183,9 @@ class ModelRepository:
                 bundle = load_bundle(vdir)
                 if bundle.name != name or bundle.version != version:
                     raise UserError(f"{vdir}: manifest says {bundle.name}/{bundle.version}, folder says {name}/{version}")
-                batching = model_batch_config(vdir.parent, self.batching)
+                batching, precision = model_serving(vdir.parent, self.batching, self.precision)
                 runtime = ModelRuntime(bundle, self.runtime_options, batching, self.on_batch)
+                self.preferred[name] = precision
             except Exception as exc:  # any failure marks this bundle broken; the rest serve
                 why = str(exc).replace(f"{self.root}/", "")
                 if version in models.get(name, {}):  # a bad replacement never takes down what serves
@@ -209,10 +217,18 @@ class ModelRepository:
         if not versions:
             raise NotFound(f"model {shown(name)} is not loaded (loaded: {', '.join(sorted(self.models)) or 'none'})")
         if version == 0:
-            return versions[max(versions)]
+            return versions[self.latest(name, versions)]
         if version not in versions:
             raise NotFound(f"model {shown(name)} has no version {version} (loaded: {sorted(versions)})")
         return versions[version]
+
+    def latest(self, name: str, versions: dict[int, ModelRuntime] | None = None) -> int:
+        """The version that answers for NAME's latest: the highest of the chosen precision where there is one, else
+        the highest (a model without an int8 variant still answers under `--precision int8`)."""
+        versions = self.models.get(name, {}) if versions is None else versions
+        wanted = self.preferred.get(name)
+        chosen = [v for v, rt in versions.items() if rt.precision == wanted]
+        return max(chosen or versions)
 
     def loaded(self) -> list[ModelRuntime]:
         return [rt for n in sorted(self.models) for _, rt in sorted(self.models[n].items())]

@@ -5,6 +5,7 @@ raises; `@rpc` maps what it raises to a gRPC status:
 
     InvalidArgument, UserError  -> INVALID_ARGUMENT (the message names the field)
     NotFound                    -> NOT_FOUND
+    StatusError                 -> its class's code (ALREADY_EXISTS, FAILED_PRECONDITION, ...)
     QueueFull, TooLarge         -> RESOURCE_EXHAUSTED (retry later, or ask for less)
     IndexMoved                  -> UNAVAILABLE (an index folder replaced under a write; retry)
     the client's deadline       -> DEADLINE_EXCEEDED (the work is cancelled, its queue place freed)
@@ -28,6 +29,12 @@ from zspace.index.errors import IndexMoved
 from zspace.service.batcher import QueueFull
 
 log = logging.getLogger("zspace.serve")
+
+
+class StatusError(UserError):
+    """A refusal with its own status code (ALREADY_EXISTS, FAILED_PRECONDITION, ...): the class names the code."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
 
 
 class InvalidRequest(UserError):
@@ -141,6 +148,8 @@ BUGS = BugLog()
 
 
 def _status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, StatusError):
+        return exc.code, str(exc)
     if isinstance(exc, NotFound):
         return grpc.StatusCode.NOT_FOUND, str(exc)
     if isinstance(exc, UserError):

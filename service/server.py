@@ -36,7 +36,8 @@ from zspace.service.metrics import Metrics
 from zspace.service.ports import check_port_free
 from zspace.service.repository import ModelRepository
 from zspace.service.rpc import Admission, add_service
-from zspace.service.servicer import ModelRpcs, add_zspace_service
+from zspace.service.servicer import ModelRpcs, SharedMemoryRpcs, add_zspace_service
+from zspace.service.shared_memory import REGIONS
 from zspace.v1 import zspace_pb2 as pb
 
 log = logging.getLogger("zspace.serve")
@@ -75,6 +76,8 @@ def check_config(cfg: ServeConfig) -> None:
     (and, with --workers, in the supervisor, not once per worker)."""
     if not Path(cfg.models).is_dir():
         raise UserError(f"--models: {cfg.models} is not a folder")
+    if cfg.uds and not Path(cfg.uds).parent.is_dir():
+        raise UserError(f"--uds: {Path(cfg.uds).parent} is not a folder")
     if bool(cfg.tls_cert) != bool(cfg.tls_key):
         raise UserError("--tls-cert and --tls-key go together")
     for option, path, marker in (("--tls-cert", cfg.tls_cert, b"-----BEGIN CERTIFICATE-----"),
@@ -133,7 +136,7 @@ class Server:
         threads = cfg.runtime.threads or max(1, cores // processes // cfg.batch.instances)
         set_faiss_threads(cfg.faiss_threads or (max(1, cores // processes) if processes > 1 else 0))
         self.repo = ModelRepository(cfg.models, dataclasses.replace(cfg.runtime, threads=threads), cfg.batch,
-                                    self.metrics.on_batch)
+                                    self.metrics.on_batch, precision=cfg.precision)
         self.indexes = IndexRegistry(cfg.indexes, self.repo, cfg.search, snapshots=self.role.writes_snapshots,
                                      follow=self.role.follows_indexes)
         self.metrics.index_bytes = self.indexes.memory_bytes
@@ -142,6 +145,7 @@ class Server:
         self.server: grpc.aio.Server | None = None
         self.port = cfg.port
         self.metrics_port = 0
+        self.uds: Path | None = None  # the Unix socket this server listens on (--uds), removed when it stops
         self._poller: asyncio.Task | None = None
         self.started = False
 
@@ -177,7 +181,8 @@ class Server:
         limits = dataclasses.replace(cfg.limits, max_answer_bytes=limit)
         admission = Admission(cfg.max_inflight_mb << 20)
         add_zspace_service(self.server, ModelRpcs(self.repo, limits, self.metrics, admission),
-                           IndexRpcs(self.indexes, self.repo, limits, self.metrics, admission))
+                           IndexRpcs(self.indexes, self.repo, limits, self.metrics, admission),
+                           SharedMemoryRpcs(REGIONS, self.metrics, admission))
         # KServe v2 beside zspace.v1: the same models, batchers, limits and byte budget.
         add_service(self.server, KSERVE, kpb, KServeRpcs(self.repo, limits, self.serving, package_version(),
                                                          self.metrics, admission))
@@ -186,6 +191,7 @@ class Server:
             (SERVICE_NAME, KSERVE.full_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME), self.server)
         address = f"{cfg.host}:{cfg.port}"
+        creds = None
         try:
             if cfg.tls_cert:
                 creds = grpc.ssl_server_credentials([(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())])
@@ -200,6 +206,8 @@ class Server:
         if self.port == 0:
             raise UserError(f"--port: cannot listen on {address} (in use by another process, or not an address of "
                             "this machine); choose another --port, or 0 for any free one")
+        if cfg.uds:
+            self._listen_uds(Path(cfg.uds), creds)
         host, port = self.role.metrics_address(cfg)
         if cfg.metrics_port:  # before the gRPC server starts: a failure here leaves nothing running
             try:
@@ -216,6 +224,33 @@ class Server:
         log.info("serving on %s:%d%s (%s loop), %s; models: %s", cfg.host, self.port,
                  " (TLS)" if cfg.tls_cert else "", loop, metrics, models)
         self.role.report(serving=bool(self.repo.loaded()), metrics_port=self.metrics_port)
+
+    def _listen_uds(self, path: Path, creds) -> None:
+        """Also listen on the Unix domain socket PATH: local clients skip TCP, and the zspace client uses shared
+        memory there by default. A socket file left by a server that is gone is replaced; a live one is not."""
+        import socket
+        import stat
+
+        if len(os.fsencode(path)) > 107:  # sockaddr_un's sun_path
+            raise UserError(f"--uds: {path} is longer than a socket path may be (107 bytes); use a shorter path")
+        if not path.parent.is_dir():
+            raise UserError(f"--uds: {path.parent} is not a folder")
+        if path.exists() or path.is_symlink():
+            if not stat.S_ISSOCK(path.lstat().st_mode):
+                raise UserError(f"--uds: {path} exists and is not a socket; choose another path")
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(str(path))
+                raise UserError(f"--uds: {path} is in use by another server")
+            except OSError:
+                path.unlink()  # nobody listens: a socket left by a server that died
+            finally:
+                probe.close()
+        address = f"unix:{path}"
+        bound = self.server.add_secure_port(address, creds) if creds else self.server.add_insecure_port(address)
+        if not bound:
+            raise UserError(f"--uds: cannot listen on {path}")
+        self.uds = path
 
     async def rescan(self) -> None:
         changes, retired = await asyncio.to_thread(self.repo.scan)
@@ -270,6 +305,8 @@ class Server:
             rt.close()
         await asyncio.to_thread(self.indexes.close)
         self.metrics.close()
+        if self.uds is not None:
+            self.uds.unlink(missing_ok=True)
         log.info("stopped")
 
     async def run(self) -> int:

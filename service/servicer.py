@@ -17,9 +17,19 @@ import numpy as np
 from zspace.bundle import MAX_NAME_CHARS
 from zspace.likelihood import kl_standard_normal, log_likelihood, target_of
 from zspace.service.config import Limits
-from zspace.service.inputs import WIRE, InvalidArgument, array_to_tensor, features, input_rows, output_dtype, tensor_to_array
+from zspace.service.inputs import (
+    WIRE,
+    InvalidArgument,
+    SharedOutput,
+    array_to_tensor,
+    features,
+    input_rows,
+    output_dtype,
+    tensor_to_array,
+)
 from zspace.service.repository import ModelRepository, ModelRuntime
 from zspace.service.rpc import RpcHandlers, add_service, check_answer_size, rpc
+from zspace.service.shared_memory import SharedMemoryRegistry
 from zspace.v1 import zspace_pb2 as pb
 
 
@@ -61,7 +71,10 @@ class ModelRpcs(RpcHandlers):
         A PNG of 8-bit pixels is at most its raw bytes plus zlib's and the format's small overheads."""
         item = WIRE[output_dtype(request)][1]
         png = rt.input_dim + rt.input_dim // 64 + 1024 if request.return_png else 0
-        check_answer_size(rows * ((rt.input_dim + rt.latent_dim) * item + png), self.limits,
+        shared = SharedOutput.of(request) if "output" in type(request).DESCRIPTOR.fields_by_name else SharedOutput(None, "")
+        shared.check(rows * rt.input_dim * item)
+        inline = 0 if shared.ref is not None else rt.input_dim
+        check_answer_size(rows * ((inline + rt.latent_dim) * item + png), self.limits,
                           type(request).__name__.removesuffix("Request"))
 
     async def _decoded(self, rt: ModelRuntime, z: np.ndarray, request) -> pb.DecodeResponse:
@@ -69,7 +82,8 @@ class ModelRpcs(RpcHandlers):
         Each caller has bounded the answer's size already (_check_decoded_size), before its own work."""
         dtype, return_png = output_dtype(request), request.return_png
         x_hat = await rt.decode(z)
-        out = pb.Outputs(tensor=array_to_tensor(x_hat, dtype))
+        shared = SharedOutput.of(request) if "output" in type(request).DESCRIPTOR.fields_by_name else SharedOutput(None, "")
+        out = pb.Outputs(tensor=shared.tensor(x_hat, dtype))
         if return_png:
             if rt.modality != "image":
                 raise InvalidArgument(f"return_png: model {rt.name} outputs {rt.modality}s, not images")
@@ -83,6 +97,8 @@ class ModelRpcs(RpcHandlers):
             kind=b.kind, modality=b.modality, input_dim=b.input_dim, input_shape=list(b.input_shape or ()),
             latent_dim=b.latent_dim, execution_provider=rt.provider,
             metrics_json=json.dumps(b.manifest.get("metrics", {})), prior=b.prior["type"],
+            precision=b.precision, precision_from=(b.manifest.get("precision", {}).get("from") or {}).get("version") or 0,
+            answers_latest=self.repo.latest(b.name) == b.version,
         )
 
     @rpc
@@ -97,12 +113,16 @@ class ModelRpcs(RpcHandlers):
     @rpc
     async def Encode(self, request, context):
         rt, dtype = self._model(request.model), output_dtype(request)
+        shared = SharedOutput.of(request)
+        item = WIRE[dtype][1]
+        shared.check(input_rows(request.inputs) * (rt.latent_dim * item * (2 if rt.is_vae else 1)
+                                                   + (rt.latent_dim // 8 if rt.is_hash else 0)))
         outs = await rt.encode_outputs(await features(rt, request.inputs, "inputs", self.limits))
-        resp = pb.EncodeResponse(mean=array_to_tensor(outs[0], dtype), version=rt.version)
+        resp = pb.EncodeResponse(mean=shared.tensor(outs[0], dtype), version=rt.version)
         if rt.is_vae:
-            resp.logvar.CopyFrom(array_to_tensor(outs[1], dtype))
+            resp.logvar.CopyFrom(shared.tensor(outs[1], dtype))
         if rt.is_hash:
-            resp.bits.CopyFrom(array_to_tensor(outs[1], pb.UINT8))
+            resp.bits.CopyFrom(shared.tensor(outs[1], pb.UINT8))
         return resp
 
     @rpc
@@ -118,6 +138,7 @@ class ModelRpcs(RpcHandlers):
         self._check_decoded_size(rt, input_rows(request.inputs), request)  # before any image is decoded
         mean, _ = await rt.encode(await features(rt, request.inputs, "inputs", self.limits))
         return await self._decoded(rt, mean, request)
+
 
     @rpc
     async def Generate(self, request, context):
@@ -164,6 +185,34 @@ class ModelRpcs(RpcHandlers):
             scores = ((x_hat - target_of(x, rt.likelihood)) ** 2).sum(-1)
             kind = "squared_error"
         return pb.ScoreResponse(scores=scores.astype(np.float32).tolist(), score_kind=kind, version=rt.version)
+
+
+class SharedMemoryRpcs(RpcHandlers):
+    """zspace.v1's registration of shared memory regions; the same registry as KServe's extension."""
+
+    RPCS = ("RegisterSharedMemory", "SharedMemoryStatus", "UnregisterSharedMemory")
+
+    def __init__(self, regions: SharedMemoryRegistry, metrics=None, admission=None):
+        super().__init__(metrics, admission)
+        self.regions = regions
+
+    @staticmethod
+    def _message(r) -> pb.SharedMemoryRegion:
+        return pb.SharedMemoryRegion(name=r.name, key=r.key, offset=r.offset, byte_size=r.byte_size)
+
+    @rpc
+    async def RegisterSharedMemory(self, request, context):
+        r = request.region
+        return self._message(self.regions.register(r.name, r.key, r.offset, r.byte_size))
+
+    @rpc
+    async def SharedMemoryStatus(self, request, context):
+        return pb.SharedMemoryStatusResponse(regions=[self._message(r) for r in self.regions.status(request.name)])
+
+    @rpc
+    async def UnregisterSharedMemory(self, request, context):
+        self.regions.unregister(request.name)
+        return pb.UnregisterSharedMemoryResponse()
 
 
 def add_zspace_service(server, *parts: RpcHandlers) -> None:

@@ -178,6 +178,8 @@ class Supervisor:
     async def run(self) -> int:
         cfg = self.cfg
         check_config(cfg)
+        if cfg.uds:  # a Unix socket has no SO_REUSEPORT: the last worker to bind would take it from the others
+            raise UserError("--uds: one process listens on a Unix socket; use it with --workers 1")
         check_port_free(cfg.host, cfg.port, "--port")
         check_port_free(cfg.metrics_host or cfg.host, cfg.metrics_port, "--metrics-port")
         reservation = reserve_port(cfg.host, cfg.port)

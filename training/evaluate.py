@@ -146,6 +146,21 @@ def pca_fit(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return mean.numpy(), comps.numpy()
 
 
+def nearest(q: np.ndarray, db: np.ndarray, metric: str, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(queries, database, ids of each query's k nearest) by FAISS's exact search; under cosine both come back
+    normalised, as they were searched."""
+    import faiss
+
+    q32, db32 = np.ascontiguousarray(q, np.float32), np.ascontiguousarray(db, np.float32)
+    if metric == "cosine":
+        q32 = q32 / np.maximum(np.linalg.norm(q32, axis=1, keepdims=True), 1e-12)
+        db32 = db32 / np.maximum(np.linalg.norm(db32, axis=1, keepdims=True), 1e-12)
+    index = faiss.IndexFlatIP(db32.shape[1]) if metric == "cosine" else faiss.IndexFlatL2(db32.shape[1])
+    index.add(db32)
+    _, ids = index.search(q32, min(k, len(db32)))
+    return q32, db32, ids
+
+
 def retrieval(q: np.ndarray, qy: np.ndarray, db: np.ndarray, dby: np.ndarray, metric: str,
               at: tuple[int, ...] = (10,), knn: int = 5, map_queries: int | None = 1000, seed: int = 0,
               chunk: int = 256) -> dict:
@@ -155,15 +170,7 @@ def retrieval(q: np.ndarray, qy: np.ndarray, db: np.ndarray, dby: np.ndarray, me
     BLAS product per block of queries: seconds for MNIST's 10k x 60k). mAP needs each
     query's whole ranking, so it takes `map_queries` queries drawn with `seed` (None: all),
     ranked in chunks; its sample size is reported as mAP_queries."""
-    import faiss
-
-    q32, db32 = np.ascontiguousarray(q, np.float32), np.ascontiguousarray(db, np.float32)
-    if metric == "cosine":
-        q32 = q32 / np.maximum(np.linalg.norm(q32, axis=1, keepdims=True), 1e-12)
-        db32 = db32 / np.maximum(np.linalg.norm(db32, axis=1, keepdims=True), 1e-12)
-    index = faiss.IndexFlatIP(db32.shape[1]) if metric == "cosine" else faiss.IndexFlatL2(db32.shape[1])
-    index.add(db32)
-    _, ids = index.search(q32, min(max(max(at), knn), len(db32)))
+    q32, db32, ids = nearest(q, db, metric, max(max(at), knn))
     rel = dby[ids] == qy[:, None]
     n_classes = int(max(qy.max(), dby.max())) + 1
     votes = np.zeros((len(q32), n_classes), np.int64)

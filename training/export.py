@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -19,13 +20,24 @@ import numpy as np
 import torch
 
 from zspace import __version__
-from zspace.bundle import FORMAT_VERSION, VAE_KINDS, check_name, load_bundle, sha256_file, versions, write_manifest
+from zspace.bundle import (
+    FORMAT_VERSION,
+    PRECISIONS,
+    VAE_KINDS,
+    Bundle,
+    check_name,
+    load_bundle,
+    sha256_file,
+    versions,
+    write_manifest,
+)
 from zspace.errors import UserError
 from zspace.files import staged_folder
 from zspace.likelihood import target_of
 from zspace.progress import stage
 from zspace.runtime import PARITY_TOLERANCE, onnx_session, outputs_apart
 from zspace.training.models import pack_bits
+from zspace.training.quantize import write_variant
 from zspace.training.run import load_model, load_run_data, read_metrics
 from zspace.training.train import codes_of
 
@@ -68,6 +80,22 @@ def export_graph(module: torch.nn.Module, name: str, example: torch.Tensor, outp
             dynamic_shapes={name: {0: torch.export.Dim("batch", min=1)}}, verbose=False,
         )
     program.save(str(path), external_data=False)
+    drop_weight_shapes(path)
+
+
+def drop_weight_shapes(path: Path) -> None:
+    """Remove the value_info entries that restate the weights' shapes (the exporter writes them; initializers carry
+    their own). They are redundant, and ONNX Runtime's quantizer, which transposes Gemm weights, trips over them
+    ("Inferred shape and existing shape differ"): the graph as exported must quantize as it is."""
+    import onnx
+
+    model = onnx.load(str(path))
+    weights = {i.name for i in model.graph.initializer}
+    kept = [v for v in model.graph.value_info if v.name not in weights]
+    if len(kept) != len(model.graph.value_info):
+        del model.graph.value_info[:]
+        model.graph.value_info.extend(kept)
+        onnx.save(model, str(path))
 
 
 def parity(module: torch.nn.Module, path: Path, name: str, batch: np.ndarray) -> float:
@@ -89,10 +117,15 @@ def fitted_prior(model, kind: str, x_train: np.ndarray) -> dict:
             "cholesky": np.linalg.cholesky(cov).tolist()}
 
 
-def export_run(run: Path, repo: Path, name: str, version: int | None = None) -> Path:
-    """Export RUN's best weights as REPO/NAME/VERSION (default: the highest + 1); returns the bundle's path."""
+def export_run(run: Path, repo: Path, name: str, version: int | None = None, precision: str = "fp32") -> Path:
+    """Export RUN's best weights as REPO/NAME/VERSION (default: the highest + 1); returns the bundle's path.
+
+    precision int8 or fp16: the fp32 bundle is made (and checked against torch) in a hidden folder first, and
+    the variant made from it is what appears (training/quantize.py), its manifest naming the run it came from."""
     run, repo = Path(run), Path(repo)
     check_name(name)
+    if precision not in PRECISIONS:
+        raise UserError(f"--precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
     model, info = load_model(run)
     ds = load_run_data(run)
     existing = versions(repo, name)
@@ -106,17 +139,31 @@ def export_run(run: Path, repo: Path, name: str, version: int | None = None) -> 
     if len(batch) < 2:
         raise UserError(f"{run}: the test split has fewer than 2 rows; cannot check export parity")
     with staged_folder(final) as staging:
-        files, parities = export_graphs(model, batch, staging)
-        for png in run.glob("*.png"):
-            shutil.copy2(png, staging / png.name)
-        rows = read_metrics(run)
-        with stage("export: test-split metrics and the prior"):
-            metrics = quality_metrics(model, ds, run)
-            manifest = bundle_manifest(model, info, ds, name, version, files, parities, len(batch),
-                                       epochs_trained=rows[-1]["epoch"] if rows else 0, metrics=metrics)
-        write_manifest(staging, manifest)
-        load_bundle(staging)  # the reader's own checks, before anyone can see it
+        if precision == "fp32":
+            write_fp32(model, info, ds, run, staging, name, version, batch)
+        else:
+            repo.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(prefix=".export-", dir=repo) as tmp:  # hidden: no server loads it
+                fp32 = write_fp32(model, info, ds, run, Path(tmp), name, version, batch)
+                for png in run.glob("*.png"):
+                    shutil.copy2(png, staging / png.name)
+                write_variant(fp32, staging, precision, ds, {"run": str(run), "version": None,
+                              "sha256": {g: fp32.graphs[g].sha256 for g in fp32.graphs}}, name=name, version=version)
     return final
+
+
+def write_fp32(model, info: dict, ds, run: Path, out: Path, name: str, version: int, batch: np.ndarray) -> Bundle:
+    """The fp32 bundle of MODEL in OUT: graphs checked against torch, PNGs, manifest; returns it as read back."""
+    files, parities = export_graphs(model, batch, out)
+    for png in run.glob("*.png"):
+        shutil.copy2(png, out / png.name)
+    rows = read_metrics(run)
+    with stage("export: test-split metrics and the prior"):
+        metrics = quality_metrics(model, ds, run)
+        manifest = bundle_manifest(model, info, ds, name, version, files, parities, len(batch),
+                                   epochs_trained=rows[-1]["epoch"] if rows else 0, metrics=metrics)
+    write_manifest(out, manifest)
+    return load_bundle(out)  # the reader's own checks, before anyone can see it
 
 
 def export_graphs(model, batch: np.ndarray, out: Path) -> tuple[dict, dict]:

@@ -30,6 +30,10 @@ MODALITIES = ("image", "text", "vector")
 LIKELIHOODS = ("bernoulli", "gaussian", "multinomial")
 PRIORS = ("standard_normal", "gaussian")
 GRAPHS = ("encoder", "decoder")
+# Numeric precision of a bundle's graphs. fp32 is what export writes; int8 (dynamic quantization of the weights) and
+# fp16 (float16 weights and arithmetic, float32 inputs and outputs) are variants made from an fp32 bundle, each with
+# its own tolerance against the fp32 graphs, checked on the rows of `files.parity` at export and at every load.
+PRECISIONS = ("fp32", "fp16", "int8")
 GRAPH_INPUTS = {"encoder": "x", "decoder": "z"}
 MAX_NAME_CHARS = 64  # a model name: a folder name, and a label on every metric
 NAME_RE = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_NAME_CHARS - 1}}}$")
@@ -73,6 +77,9 @@ class Bundle:
     prior: dict                          # what Generate samples: {"type": standard_normal | gaussian, ...}
     graphs: dict[str, GraphFile]
     manifest: dict = field(repr=False, compare=False)
+    precision: str = "fp32"
+    tolerance: dict[str, float] | None = None  # variants: max |variant - fp32| promised per graph on the parity rows
+    parity_file: str | None = None             # variants: parity.npz, the fp32 graphs' answers to fixed rows
 
     @property
     def is_vae(self) -> bool:
@@ -235,13 +242,42 @@ def parse_manifest(m: object, path: Path) -> Bundle:
     if logvar is not None and (not isinstance(logvar, list) or len(logvar) != input_dim):
         raise BundleError(f"{where}: manifest field 'output.logvar' must list {input_dim} numbers")
     out_range = output.get("range")
+    precision, tolerance, parity_file = _precision(m, files, where)
     return Bundle(
         path=Path(path), format_version=FORMAT_VERSION, name=name, version=version, kind=kind, modality=modality,
         input_dim=input_dim, input_shape=tuple(shape) if shape else None, latent_dim=latent_dim,
         transform=transform, likelihood=likelihood, output_range=tuple(out_range) if out_range else None,
         out_logvar=tuple(logvar) if logvar is not None else None, prior=prior,
         graphs={g: _graph_file(files, g, where) for g in GRAPHS}, manifest=m,
+        precision=precision, tolerance=tolerance, parity_file=parity_file,
     )
+
+
+def _precision(m: dict, files: dict, where: str) -> tuple[str, dict[str, float] | None, str | None]:
+    """(precision, tolerance per graph, parity file) of a manifest; a bundle without `precision` is fp32.
+
+    A variant must say how far it may be from the fp32 graphs and carry the rows that check it: without
+    them a server could not tell a sound int8 graph from a broken one."""
+    block = m.get("precision")
+    if block is None:
+        return "fp32", None, None
+    if not isinstance(block, dict):
+        raise BundleError(f"{where}: manifest field 'precision' must be an object, got {block!r}"[:400])
+    name = _choice(block, "name", f"{where}: precision", PRECISIONS)
+    if name == "fp32":
+        return name, None, None
+    tolerance = block.get("tolerance")
+    if (not isinstance(tolerance, dict) or set(tolerance) != set(GRAPHS)
+            or not all(isinstance(t, (int, float)) and not isinstance(t, bool) and t >= 0 for t in tolerance.values())):
+        raise BundleError(f"{where}: manifest field 'precision.tolerance' must give a number >= 0 for "
+                          f"{' and '.join(GRAPHS)}, got {tolerance!r}"[:400])
+    entry = files.get("parity")
+    if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or not isinstance(entry.get("sha256"), str):
+        raise BundleError(f"{where}: manifest field 'files.parity' (path and sha256 of the parity rows) is needed "
+                          f"by a {name} bundle")
+    if Path(entry["path"]).is_absolute() or ".." in Path(entry["path"]).parts:
+        raise BundleError(f"{where}: manifest field 'files.parity.path' must stay inside the bundle, got {entry['path']!r}")
+    return name, {g: float(tolerance[g]) for g in GRAPHS}, entry["path"]
 
 
 def load_bundle(path: str | os.PathLike) -> Bundle:
@@ -255,15 +291,18 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BundleError(f"{manifest_path}: unreadable manifest ({exc})") from None
     bundle = parse_manifest(manifest, path)
-    for which, entry in bundle.graphs.items():
-        graph = path / entry.path
-        if not graph.is_file():
-            raise BundleError(f"{path}: {which} graph {entry.path} is missing")
-        digest = sha256_file(graph)
-        if digest != entry.sha256:
+    hashed = {f"{which} graph": (entry.path, entry.sha256) for which, entry in bundle.graphs.items()}
+    if bundle.parity_file:
+        hashed["parity rows"] = (bundle.parity_file, manifest["files"]["parity"]["sha256"])
+    for which, (relative, sha) in hashed.items():
+        file = path / relative
+        if not file.is_file():
+            raise BundleError(f"{path}: {which} {relative} is missing")
+        digest = sha256_file(file)
+        if digest != sha:
             raise BundleError(
-                f"{path}: {entry.path} has SHA-256 {digest[:16]}…, the manifest says "
-                f"{entry.sha256[:16]}…; the file was changed or damaged"
+                f"{path}: {relative} has SHA-256 {digest[:16]}…, the manifest says "
+                f"{sha[:16]}…; the file was changed or damaged"
             )
     return bundle
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from zspace.bundle import Bundle
+from zspace.bundle import Bundle, BundleError
 from zspace.cuda_io import MODES as CUDA_IO_MODES
 from zspace.cuda_io import PinnedRunner, pinned_host, pinned_min_rows
 from zspace.errors import UserError
@@ -174,6 +174,37 @@ def provider_parity(runtime: BundleRuntime, rows: int = 64) -> float:
     x = np.random.default_rng(0).random((rows, runtime.bundle.input_dim), dtype=np.float32)
     z = cpu.encode(x)[0]
     return max(outputs_apart(runtime.encode(x), cpu.encode(x)), outputs_apart(runtime.decode(z), cpu.decode(z)))
+
+
+def variant_parity(runtime: BundleRuntime) -> dict[str, float]:
+    """max |this graph - the fp32 graph| per graph on the bundle's parity rows: a variant (int8, fp16) against
+    the promise of its manifest (`precision.tolerance`), on whatever provider runs it.
+
+    The rows are test inputs and the fp32 encoder's codes of them, with the fp32 graphs' answers, stored at
+    export (`parity.npz`). Packed bits (uint8) are left out: they follow from the probabilities compared here,
+    and the manifest reports how many agree."""
+    with np.load(runtime.bundle.path / runtime.bundle.parity_file) as rows:
+        want = {k: rows[k] for k in rows.files}
+    apart = {}
+    for graph, run, given in (("encoder", runtime.encode, want["x"]), ("decoder", runtime.decode, want["z"])):
+        got = run(np.ascontiguousarray(given))
+        outputs = runtime.bundle.graphs[graph].outputs
+        apart[graph] = max(float(np.abs(g - want[f"{graph}.{name}"]).max())
+                           for g, name in zip(got, outputs) if g.dtype != np.uint8)
+    return apart
+
+
+def check_variant(runtime: BundleRuntime) -> float:
+    """A variant's parity rows within its stated tolerance on this provider, or BundleError naming the graph;
+    returns the largest distance found (what the load log reports)."""
+    apart = variant_parity(runtime)
+    bundle = runtime.bundle
+    for graph, distance in apart.items():
+        if not distance <= bundle.tolerance[graph]:  # NaN fails too
+            raise BundleError(f"{bundle.label}: the {bundle.precision} {graph} on {runtime.provider} differs from the fp32 "
+                              f"graph by {distance:.2e} on the parity rows; the manifest promises at most "
+                              f"{bundle.tolerance[graph]:.2e}")
+    return max(apart.values())
 
 
 def outputs_apart(got: list[np.ndarray], want: list[np.ndarray]) -> float:

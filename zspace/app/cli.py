@@ -22,6 +22,7 @@ from pathlib import Path  # noqa: E402
 
 import click  # noqa: E402
 
+from zspace.bundle import PRECISIONS as PRECISION_CHOICES  # noqa: E402
 from zspace.data import SPEC_HELP  # noqa: E402
 from zspace.errors import UserError  # noqa: E402
 
@@ -200,11 +201,33 @@ def evaluate(target, data, json_path, k, nll_examples, queries, full, baselines)
 @click.option("--repo", type=click.Path(file_okay=False), default="models", help="Model repository folder.")
 @click.option("--name", required=True, help="Model name in the repository.")
 @click.option("--version", "version", type=click.IntRange(min=1), default=None, help="Bundle version (default: highest + 1).")
-def export(run, repo, name, version) -> None:
+@click.option("--precision", type=click.Choice(PRECISION_CHOICES), default="fp32", show_default=True,
+              help="The graphs' precision: int8 (dynamic quantization; fastest on CPUs) or fp16 (for GPUs) are made from "
+                   "the fp32 graphs and carry their measured cost and tolerance in the manifest.")
+def export(run, repo, name, version, precision) -> None:
     """Export a run as models/<name>/<version>/ (ONNX encoder and decoder + manifest); prints its path."""
     from zspace.training.export import export_run
 
-    click.echo(export_run(Path(run), Path(repo), name, version))
+    path = export_run(Path(run), Path(repo), name, version, precision)
+    click.echo(path)
+    if precision != "fp32":
+        click.echo(describe_cost(path), err=True)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("--precision", type=click.Choice(["int8", "fp16"]), required=True, help="The variant to make.")
+@click.option("--version", "version", type=click.IntRange(min=1), default=None,
+              help="The variant's version (default: the model's highest + 1).")
+@click.option("--data", default=None, help="Data set whose test split measures the cost (default: the manifest's).")
+def quantize(bundle, precision, version, data) -> None:
+    """Make an int8 or fp16 variant of an fp32 bundle (models/NAME/VERSION, or models/NAME: its highest) as the
+    model's next version; prints its path and what the precision costs on the test split."""
+    from zspace.training.quantize import quantize_bundle
+
+    made = quantize_bundle(Path(bundle), precision, version, data)
+    click.echo(made)
+    click.echo(describe_cost(made), err=True)
 
 
 @main.command()
@@ -221,6 +244,19 @@ def quickstart(workdir, epochs) -> None:
                "export, index, serve and call it", err=True)
     summary = run_quickstart(Path(workdir), epochs=epochs)
     click.echo(format_summary(summary))
+
+
+def describe_cost(path: Path) -> str:
+    """One line of a variant's measured cost against fp32, from its manifest."""
+    from zspace.bundle import load_bundle
+
+    block = load_bundle(path).manifest["precision"]
+    cost = block["cost"]
+    p10 = "" if cost["p_at_10"] is None else f", P@10 {cost['p_at_10']:.4f} (fp32 {cost['p_at_10_fp32']:.4f})"
+    bits = f", bits agree {cost['bits_agreement']:.4f}" if "bits_agreement" in cost else ""
+    return (f"{block['name']}: codes within {cost['code_max_abs']:.2g} of fp32 ({100 * cost['code_max_of_range']:.2f}% of "
+            f"their range), squared error {cost['sq_error']:.4g} vs {cost['sq_error_fp32']:.4g} "
+            f"({100 * cost['sq_error_change']:+.2f}%){p10}{bits} on {cost['rows']} test rows")
 
 
 def format_summary(summary: dict) -> str:
@@ -281,6 +317,13 @@ def serve_options(f):
                      help="Event loop: auto takes uvloop when it is installed (more requests per core), else asyncio's own."),
         click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), default=None, help="PEM certificate (with --tls-key)."),
         click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), default=None, help="PEM private key."),
+        click.option("--precision", type=click.Choice(PRECISION_CHOICES), default=None,
+                     help="Answer requests for a model's latest version with its highest version of this precision "
+                          "(int8, fp16 or fp32 bundles from `zspace quantize`), where it has one; serving.json's "
+                          "\"precision\" overrides it per model. Default: the highest version."),
+        click.option("--uds", type=click.Path(dir_okay=False), default=None,
+                     help="Also listen on this Unix domain socket (unix:PATH for clients); local clients there use "
+                          "shared memory for big tensors. With --workers 1."),
         click.option("--token-file", type=click.Path(dir_okay=False), default=None, help="Require this bearer token (first line of the file)."),
         click.option("--token-env", default="ZSPACE_TOKEN", help="Or require the token in this environment variable, when set."),
     ]
@@ -290,7 +333,7 @@ def serve_options(f):
 @main.command()
 @serve_options
 def serve(models, indexes, workers, device, cuda_tf32, threads, instances, max_batch, max_delay_ms, max_queue,
-          search_max_batch, max_rows, max_decode_mpx, token_file, token_env, metrics_port, **opts) -> None:
+          search_max_batch, max_rows, max_decode_mpx, token_file, token_env, metrics_port, uds, **opts) -> None:
     """Serve every bundle under --models over gRPC (health, reflection, metrics, hot reload)."""
     from zspace.runtime import RuntimeOptions
     from zspace.service.auth import read_token
@@ -304,9 +347,12 @@ def serve(models, indexes, workers, device, cuda_tf32, threads, instances, max_b
                                         instances=instances),
                       search=SearchConfig(max_batch=search_max_batch),
                       limits=Limits(max_rows=max_rows, max_decode_pixels=max_decode_mpx * 1_000_000),
-                      token=read_token(token_file, token_env), **opts)
+                      token=read_token(token_file, token_env), uds=Path(uds) if uds else None, **opts)
     cfg.metrics_host, cfg.metrics_port = parse_host_port(metrics_port, "--metrics-port")
     workers = worker_count(workers)
+    if workers > 1 and cfg.uds:
+        raise UserError("--uds: one process listens on a Unix socket; use it with --workers 1 (workers share a TCP "
+                        "port, which the kernel spreads over them)")
     if workers > 1:
         sys.exit(supervise(cfg, workers))
     sys.exit(run_server(cfg))  # on success the process ends in there (service.server.serve)

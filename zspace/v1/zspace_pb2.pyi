@@ -17,14 +17,66 @@ UINT8: DType
 FLOAT16: DType
 
 class Tensor(_message.Message):
-    __slots__ = ("shape", "data", "dtype")
+    __slots__ = ("shape", "data", "dtype", "shared")
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHARED_FIELD_NUMBER: _ClassVar[int]
     shape: _containers.RepeatedScalarFieldContainer[int]
     data: bytes
     dtype: DType
-    def __init__(self, shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+    shared: SharedRegion
+    def __init__(self, shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., dtype: _Optional[_Union[DType, str]] = ..., shared: _Optional[_Union[SharedRegion, _Mapping]] = ...) -> None: ...
+
+class SharedRegion(_message.Message):
+    __slots__ = ("region", "offset", "byte_size")
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    BYTE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    region: str
+    offset: int
+    byte_size: int
+    def __init__(self, region: _Optional[str] = ..., offset: _Optional[int] = ..., byte_size: _Optional[int] = ...) -> None: ...
+
+class SharedMemoryRegion(_message.Message):
+    __slots__ = ("name", "key", "offset", "byte_size")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    BYTE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    key: str
+    offset: int
+    byte_size: int
+    def __init__(self, name: _Optional[str] = ..., key: _Optional[str] = ..., offset: _Optional[int] = ..., byte_size: _Optional[int] = ...) -> None: ...
+
+class RegisterSharedMemoryRequest(_message.Message):
+    __slots__ = ("region",)
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    region: SharedMemoryRegion
+    def __init__(self, region: _Optional[_Union[SharedMemoryRegion, _Mapping]] = ...) -> None: ...
+
+class SharedMemoryStatusRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class SharedMemoryStatusResponse(_message.Message):
+    __slots__ = ("regions",)
+    REGIONS_FIELD_NUMBER: _ClassVar[int]
+    regions: _containers.RepeatedCompositeFieldContainer[SharedMemoryRegion]
+    def __init__(self, regions: _Optional[_Iterable[_Union[SharedMemoryRegion, _Mapping]]] = ...) -> None: ...
+
+class UnregisterSharedMemoryRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class UnregisterSharedMemoryResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class ImageList(_message.Message):
     __slots__ = ("images",)
@@ -65,7 +117,7 @@ class Outputs(_message.Message):
     def __init__(self, tensor: _Optional[_Union[Tensor, _Mapping]] = ..., png: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "versions", "kind", "modality", "input_dim", "input_shape", "latent_dim", "execution_provider", "metrics_json", "prior")
+    __slots__ = ("name", "version", "versions", "kind", "modality", "input_dim", "input_shape", "latent_dim", "execution_provider", "metrics_json", "prior", "precision", "precision_from", "answers_latest")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
@@ -77,6 +129,9 @@ class ModelInfo(_message.Message):
     EXECUTION_PROVIDER_FIELD_NUMBER: _ClassVar[int]
     METRICS_JSON_FIELD_NUMBER: _ClassVar[int]
     PRIOR_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FROM_FIELD_NUMBER: _ClassVar[int]
+    ANSWERS_LATEST_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     versions: _containers.RepeatedScalarFieldContainer[int]
@@ -88,7 +143,10 @@ class ModelInfo(_message.Message):
     execution_provider: str
     metrics_json: str
     prior: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., versions: _Optional[_Iterable[int]] = ..., kind: _Optional[str] = ..., modality: _Optional[str] = ..., input_dim: _Optional[int] = ..., input_shape: _Optional[_Iterable[int]] = ..., latent_dim: _Optional[int] = ..., execution_provider: _Optional[str] = ..., metrics_json: _Optional[str] = ..., prior: _Optional[str] = ...) -> None: ...
+    precision: str
+    precision_from: int
+    answers_latest: bool
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., versions: _Optional[_Iterable[int]] = ..., kind: _Optional[str] = ..., modality: _Optional[str] = ..., input_dim: _Optional[int] = ..., input_shape: _Optional[_Iterable[int]] = ..., latent_dim: _Optional[int] = ..., execution_provider: _Optional[str] = ..., metrics_json: _Optional[str] = ..., prior: _Optional[str] = ..., precision: _Optional[str] = ..., precision_from: _Optional[int] = ..., answers_latest: bool = ...) -> None: ...
 
 class BrokenModel(_message.Message):
     __slots__ = ("path", "error")
@@ -117,14 +175,16 @@ class GetModelRequest(_message.Message):
     def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ...) -> None: ...
 
 class EncodeRequest(_message.Message):
-    __slots__ = ("model", "inputs", "output_dtype")
+    __slots__ = ("model", "inputs", "output_dtype", "output")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
     model: ModelRef
     inputs: Inputs
     output_dtype: DType
-    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., inputs: _Optional[_Union[Inputs, _Mapping]] = ..., output_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+    output: SharedRegion
+    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., inputs: _Optional[_Union[Inputs, _Mapping]] = ..., output_dtype: _Optional[_Union[DType, str]] = ..., output: _Optional[_Union[SharedRegion, _Mapping]] = ...) -> None: ...
 
 class EncodeResponse(_message.Message):
     __slots__ = ("mean", "logvar", "version", "bits")
@@ -139,28 +199,32 @@ class EncodeResponse(_message.Message):
     def __init__(self, mean: _Optional[_Union[Tensor, _Mapping]] = ..., logvar: _Optional[_Union[Tensor, _Mapping]] = ..., version: _Optional[int] = ..., bits: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
-    __slots__ = ("model", "latents", "return_png", "output_dtype")
+    __slots__ = ("model", "latents", "return_png", "output_dtype", "output")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     LATENTS_FIELD_NUMBER: _ClassVar[int]
     RETURN_PNG_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
     model: ModelRef
     latents: Tensor
     return_png: bool
     output_dtype: DType
-    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., latents: _Optional[_Union[Tensor, _Mapping]] = ..., return_png: bool = ..., output_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+    output: SharedRegion
+    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., latents: _Optional[_Union[Tensor, _Mapping]] = ..., return_png: bool = ..., output_dtype: _Optional[_Union[DType, str]] = ..., output: _Optional[_Union[SharedRegion, _Mapping]] = ...) -> None: ...
 
 class ReconstructRequest(_message.Message):
-    __slots__ = ("model", "inputs", "return_png", "output_dtype")
+    __slots__ = ("model", "inputs", "return_png", "output_dtype", "output")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     RETURN_PNG_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
     model: ModelRef
     inputs: Inputs
     return_png: bool
     output_dtype: DType
-    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., inputs: _Optional[_Union[Inputs, _Mapping]] = ..., return_png: bool = ..., output_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+    output: SharedRegion
+    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., inputs: _Optional[_Union[Inputs, _Mapping]] = ..., return_png: bool = ..., output_dtype: _Optional[_Union[DType, str]] = ..., output: _Optional[_Union[SharedRegion, _Mapping]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("model", "count", "seed", "temperature", "return_png", "output_dtype")

@@ -104,6 +104,21 @@ class ZSpaceStub(object):
                 request_serializer=zspace_dot_v1_dot_zspace__pb2.GetItemRequest.SerializeToString,
                 response_deserializer=zspace_dot_v1_dot_zspace__pb2.Item.FromString,
                 _registered_method=True)
+        self.RegisterSharedMemory = channel.unary_unary(
+                '/zspace.v1.ZSpace/RegisterSharedMemory',
+                request_serializer=zspace_dot_v1_dot_zspace__pb2.RegisterSharedMemoryRequest.SerializeToString,
+                response_deserializer=zspace_dot_v1_dot_zspace__pb2.SharedMemoryRegion.FromString,
+                _registered_method=True)
+        self.SharedMemoryStatus = channel.unary_unary(
+                '/zspace.v1.ZSpace/SharedMemoryStatus',
+                request_serializer=zspace_dot_v1_dot_zspace__pb2.SharedMemoryStatusRequest.SerializeToString,
+                response_deserializer=zspace_dot_v1_dot_zspace__pb2.SharedMemoryStatusResponse.FromString,
+                _registered_method=True)
+        self.UnregisterSharedMemory = channel.unary_unary(
+                '/zspace.v1.ZSpace/UnregisterSharedMemory',
+                request_serializer=zspace_dot_v1_dot_zspace__pb2.UnregisterSharedMemoryRequest.SerializeToString,
+                response_deserializer=zspace_dot_v1_dot_zspace__pb2.UnregisterSharedMemoryResponse.FromString,
+                _registered_method=True)
 
 
 class ZSpaceServicer(object):
@@ -193,6 +208,24 @@ class ZSpaceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RegisterSharedMemory(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SharedMemoryStatus(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnregisterSharedMemory(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ZSpaceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -265,6 +298,21 @@ def add_ZSpaceServicer_to_server(servicer, server):
                     servicer.GetItem,
                     request_deserializer=zspace_dot_v1_dot_zspace__pb2.GetItemRequest.FromString,
                     response_serializer=zspace_dot_v1_dot_zspace__pb2.Item.SerializeToString,
+            ),
+            'RegisterSharedMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterSharedMemory,
+                    request_deserializer=zspace_dot_v1_dot_zspace__pb2.RegisterSharedMemoryRequest.FromString,
+                    response_serializer=zspace_dot_v1_dot_zspace__pb2.SharedMemoryRegion.SerializeToString,
+            ),
+            'SharedMemoryStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.SharedMemoryStatus,
+                    request_deserializer=zspace_dot_v1_dot_zspace__pb2.SharedMemoryStatusRequest.FromString,
+                    response_serializer=zspace_dot_v1_dot_zspace__pb2.SharedMemoryStatusResponse.SerializeToString,
+            ),
+            'UnregisterSharedMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnregisterSharedMemory,
+                    request_deserializer=zspace_dot_v1_dot_zspace__pb2.UnregisterSharedMemoryRequest.FromString,
+                    response_serializer=zspace_dot_v1_dot_zspace__pb2.UnregisterSharedMemoryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -645,6 +693,87 @@ class ZSpace(object):
             '/zspace.v1.ZSpace/GetItem',
             zspace_dot_v1_dot_zspace__pb2.GetItemRequest.SerializeToString,
             zspace_dot_v1_dot_zspace__pb2.Item.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterSharedMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/zspace.v1.ZSpace/RegisterSharedMemory',
+            zspace_dot_v1_dot_zspace__pb2.RegisterSharedMemoryRequest.SerializeToString,
+            zspace_dot_v1_dot_zspace__pb2.SharedMemoryRegion.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SharedMemoryStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/zspace.v1.ZSpace/SharedMemoryStatus',
+            zspace_dot_v1_dot_zspace__pb2.SharedMemoryStatusRequest.SerializeToString,
+            zspace_dot_v1_dot_zspace__pb2.SharedMemoryStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnregisterSharedMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/zspace.v1.ZSpace/UnregisterSharedMemory',
+            zspace_dot_v1_dot_zspace__pb2.UnregisterSharedMemoryRequest.SerializeToString,
+            zspace_dot_v1_dot_zspace__pb2.UnregisterSharedMemoryResponse.FromString,
             options,
             channel_credentials,
             insecure,
