@@ -113,6 +113,65 @@ def auth(client, target: str, out: Path, token: str) -> dict:
                                            headers={"authorization": f"Bearer {token}"}))}
 
 
+def shared_memory(client, target: str, out: Path, prefix: str, token: str = "") -> dict:
+    """tritonclient.utils.shared_memory against the server: register, infer through regions, and each misuse."""
+    import tritonclient.utils.shared_memory as shm
+
+    headers = {"authorization": f"Bearer {token}"} if token else None
+    x = np.load(out / "x.npy")
+    rows, out_bytes = len(x), len(x) * 4 * 4  # mean [rows, 4] float32
+    regions = {"in": shm.create_shared_memory_region(f"{prefix}in", f"/{prefix}in", x.nbytes),
+               "out": shm.create_shared_memory_region(f"{prefix}out", f"/{prefix}out", out_bytes + 64)}
+    shm.set_shared_memory_region(regions["in"], [x])
+    result = {"extensions": list(client.get_server_metadata(headers=headers).extensions)}
+    if token:
+        result["register_without_token"] = failure(
+            lambda: client.register_system_shared_memory(f"{prefix}in", f"/{prefix}in", x.nbytes))
+    register = lambda name, key, size, offset=0: failure(
+        lambda: client.register_system_shared_memory(name, key, size, offset=offset, headers=headers))
+    result["register_in"] = register(f"{prefix}in", f"/{prefix}in", x.nbytes)
+    result["register_out"] = register(f"{prefix}out", f"/{prefix}out", out_bytes + 64)
+    result["status"] = sorted(client.get_system_shared_memory_status(headers=headers, as_json=True)
+                              .get("regions", {}))
+
+    def through_shm(in_offset=0, in_size=x.nbytes, out_size=out_bytes, out_region=f"{prefix}out", in_region=f"{prefix}in"):
+        given = triton.InferInput("x", list(x.shape), "FP32")
+        given.set_shared_memory(in_region, in_size, offset=in_offset)
+        wanted = triton.InferRequestedOutput("mean")
+        wanted.set_shared_memory(out_region, out_size, offset=64)
+        wanted_logvar = triton.InferRequestedOutput("logvar")  # in the message, beside one in shared memory
+        return client.infer("digits.encoder", [given], outputs=[wanted, wanted_logvar], headers=headers)
+
+    answer = through_shm()
+    told = next(o for o in answer.get_response().outputs if o.name == "mean")  # where it is, and no contents
+    result["mean_told"] = {k: getattr(v, v.WhichOneof("parameter_choice")) for k, v in told.parameters.items()}
+    result["contents"] = len(answer.get_response().raw_output_contents)
+    np.save(out / "logvar_shm.npy", answer.as_numpy("logvar"))
+    full = np.frombuffer(shm.get_contents_as_numpy(regions["out"], np.uint8, [out_bytes + 64]).tobytes()[64:], np.float32)
+    np.save(out / "mean_shm.npy", full.reshape(rows, 4))
+    result["same_name_again"] = register(f"{prefix}in", f"/{prefix}out", 8)
+    result["no_segment"] = register(f"{prefix}x", f"/{prefix}nonexistent", 8)
+    result["path_as_key"] = register(f"{prefix}x", "/../../etc/passwd", 8)
+    result["past_segment"] = register(f"{prefix}x", f"/{prefix}in", x.nbytes + 1)
+    result["input_outside_region"] = failure(lambda: through_shm(in_offset=4))
+    result["input_wrong_size"] = failure(lambda: through_shm(in_size=x.nbytes - 4))
+    result["output_too_small"] = failure(lambda: through_shm(out_size=out_bytes - 4))
+    result["unknown_region"] = failure(lambda: through_shm(in_region=f"{prefix}nope"))
+    result["unregister_unknown"] = failure(lambda: client.unregister_system_shared_memory(f"{prefix}nope", headers=headers))
+    result["cuda_register"] = failure(lambda: client.register_cuda_shared_memory(f"{prefix}cu", b"\0" * 64, 0, 8,
+                                                                                 headers=headers))
+    # The client removes its input segment while it is registered: the next use says so and drops the region.
+    shm.destroy_shared_memory_region(regions["in"])
+    result["vanished"] = failure(lambda: through_shm())
+    result["status_after_vanished"] = sorted(client.get_system_shared_memory_status(headers=headers, as_json=True)
+                                             .get("regions", {}))
+    result["unregister_all"] = failure(lambda: client.unregister_system_shared_memory(headers=headers))
+    result["status_after_all"] = sorted(client.get_system_shared_memory_status(headers=headers, as_json=True)
+                                        .get("regions", {}))
+    shm.destroy_shared_memory_region(regions["out"])
+    return result
+
+
 def _input(name: str, x: np.ndarray, datatype: str):
     given = triton.InferInput(name, list(x.shape), datatype)
     given.set_data_from_numpy(x)
@@ -123,7 +182,7 @@ def main() -> None:
     target, scenario, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
     client = triton.InferenceServerClient(target)
     extra = sys.argv[4:]
-    result = {"basic": basic, "bad": bad, "auth": auth}[scenario](client, target, out, *extra)
+    result = {"basic": basic, "bad": bad, "auth": auth, "shared_memory": shared_memory}[scenario](client, target, out, *extra)
     (out / "result.json").write_text(json.dumps(result))
 
 
