@@ -19,6 +19,16 @@ TARGETS: dict[str, dict[str, tuple[str, float]]] = {
         "req_s_64x1": (">=", 15000.0),                 # CUDA: 64 clients x 1 row, requests/s
         "p99_ms_8x1": ("<=", 3.0),                     # CUDA: 8 clients x 1 row, p99
     },
+    "precision": {
+        "int8_p_at_10_loss": ("<=", 0.005),            # fp32 P@10 minus int8 P@10, worst of the models measured
+        "int8_sq_error_change": ("<=", 0.02),          # int8 test squared error over fp32's, minus 1, worst model
+        "int8_vs_fp32_in_process_256": (">=", 2.5),    # in-process Encode rows/s at 256 rows, 2 threads
+        "int8_vs_fp32_served_8x256": (">=", 2.0),      # through zspace serve, 8 clients x 256 rows
+        "shm_share_8x256": (">=", 0.9),                # zspace.v1 shared tensors, served / in-process ORT
+        "shm_share_16x4096": (">=", 0.8),
+        "triton_shm_share_8x256": (">=", 0.9),         # tritonclient with system shared memory
+        "triton_shm_share_16x4096": (">=", 0.8),
+    },
     "retrieval": {
         "mnist_ae_precision@10": (">=", 0.97),         # 30-d AE codes, test -> train, same digit = relevant
         "news_ae10_beats_lsa10": (">", 0.0),           # 10-d AE codes vs 10-d LSA, smallest margin at 1/10/100

@@ -113,6 +113,10 @@ def workers_vs_one(models: Path, workers: int, device: str, clients: int, second
 
 def client_process(target: str, rows: int, callers: int, seconds: float, max_requests: int, wire: str) -> dict:
     """One load process: `callers` closed-loop callers, each on its own connection."""
+    if wire == "shm":
+        return asyncio.run(shared_memory_load(target, rows, callers, seconds, max_requests))
+    if wire == "triton-shm":
+        return asyncio.run(triton_shared_memory_load(target, rows, callers, seconds, max_requests))
     import grpc
 
     from zspace.v1 import zspace_pb2_grpc as pb_grpc
@@ -132,6 +136,116 @@ def client_process(target: str, rows: int, callers: int, seconds: float, max_req
         return r
 
     return asyncio.run(main())
+
+
+LATENT = 30  # the MNIST AE's code: what each answer row takes (float32)
+
+
+class Segment:
+    """A POSIX shared memory segment of this load process, removed when closed."""
+
+    def __init__(self, name: str, size: int):
+        import mmap
+        import os
+
+        self.name, self.size, self.path = name, size, Path("/dev/shm") / name
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        os.ftruncate(fd, size)
+        self.mapping = mmap.mmap(fd, size)
+        os.close(fd)
+
+    def close(self) -> None:
+        self.mapping.close()
+        self.path.unlink(missing_ok=True)
+
+
+async def shared_memory_load(target: str, rows: int, callers: int, seconds: float, max_requests: int) -> dict:
+    """zspace.v1 Encode with the tensor and the answer in a registered region (what ZSpaceClient sends to a local
+    server). Each call writes its rows into the region and copies the codes out, as a real client must."""
+    import os
+
+    import grpc
+
+    from zspace.service.client import aligned
+    from zspace.v1 import zspace_pb2 as pb
+    from zspace.v1 import zspace_pb2_grpc as pb_grpc
+
+    x = np.random.default_rng(0).random((rows, 784), dtype=np.float32)
+    start, answer = aligned(x.nbytes), rows * LATENT * 4
+    channels = [grpc.aio.insecure_channel(target, options=[*GRPC_OPTIONS, ("grpc.use_local_subchannel_pool", 1)])
+                for _ in range(callers)]
+    stubs = [pb_grpc.ZSpaceStub(c) for c in channels]
+    segments = [Segment(f"zbench-{os.getpid()}-{i}", start + answer) for i in range(callers)]
+    requests = []
+    for stub, seg in zip(stubs, segments):
+        await stub.RegisterSharedMemory(pb.RegisterSharedMemoryRequest(region=pb.SharedMemoryRegion(
+            name=seg.name, key="/" + seg.name, byte_size=seg.size)))
+        requests.append(pb.EncodeRequest(
+            model=pb.ModelRef(name="mnist-ae"),
+            inputs=pb.Inputs(tensor=pb.Tensor(shape=[rows, 784], shared=pb.SharedRegion(region=seg.name, byte_size=x.nbytes))),
+            output=pb.SharedRegion(region=seg.name, offset=start, byte_size=answer)))
+
+    async def call(i: int) -> None:
+        c = i % callers
+        seg = segments[c]
+        seg.mapping[: x.nbytes] = x.data
+        await stubs[c].Encode(requests[c], timeout=60)
+        np.frombuffer(seg.mapping[start : start + answer], np.float32)
+
+    try:
+        for c in range(callers):
+            await call(c)
+        return await closed_loop(call, callers, seconds, max_requests, errors=(grpc.aio.AioRpcError,), keep_latencies=True)
+    finally:
+        for stub, seg, ch in zip(stubs, segments, channels):
+            await stub.UnregisterSharedMemory(pb.UnregisterSharedMemoryRequest(name=seg.name))
+            seg.close()
+            await ch.close()
+
+
+async def triton_shared_memory_load(target: str, rows: int, callers: int, seconds: float, max_requests: int) -> dict:
+    """KServe ModelInfer through tritonclient's asyncio client and `tritonclient.utils.shared_memory` regions."""
+    import os
+
+    import tritonclient.grpc.aio as triton
+    import tritonclient.utils.shared_memory as shm
+    from tritonclient.grpc import InferInput, InferRequestedOutput
+    from tritonclient.utils import InferenceServerException
+
+    x = np.random.default_rng(0).random((rows, 784), dtype=np.float32)
+    answer = rows * LATENT * 4
+    clients = [triton.InferenceServerClient(target) for _ in range(callers)]
+    regions = []
+    for i, client in enumerate(clients):
+        name = f"tbench-{os.getpid()}-{i}"
+        handles = (shm.create_shared_memory_region(name + "-in", "/" + name + "-in", x.nbytes),
+                   shm.create_shared_memory_region(name + "-out", "/" + name + "-out", answer))
+        await client.register_system_shared_memory(name + "-in", "/" + name + "-in", x.nbytes)
+        await client.register_system_shared_memory(name + "-out", "/" + name + "-out", answer)
+        given = InferInput("x", [rows, 784], "FP32")
+        given.set_shared_memory(name + "-in", x.nbytes)
+        wanted = InferRequestedOutput("mean")
+        wanted.set_shared_memory(name + "-out", answer)
+        regions.append((handles, given, wanted))
+
+    async def call(i: int) -> None:
+        (inp, out), given, wanted = regions[i % callers]
+        shm.set_shared_memory_region(inp, [x])
+        await clients[i % callers].infer("mnist-ae.encoder", [given], outputs=[wanted])
+        shm.get_contents_as_numpy(out, np.float32, [rows, LATENT]).copy()
+
+    try:
+        for c in range(callers):
+            await call(c)
+        return await closed_loop(call, callers, seconds, max_requests, errors=(InferenceServerException,),
+                                 keep_latencies=True)
+    finally:
+        for i, (client, ((inp, out), _, _)) in enumerate(zip(clients, regions)):
+            for end in ("-in", "-out"):  # by name: no name would unregister the other load processes' regions too
+                await client.unregister_system_shared_memory(f"tbench-{os.getpid()}-{i}{end}")
+            shm.destroy_shared_memory_region(inp)
+            shm.destroy_shared_memory_region(out)
+            await client.close()
 
 
 def served(target: str, clients: int, rows: int, seconds: float, max_requests: int, processes: int,
@@ -191,6 +305,16 @@ def matrix(models: Path, bundle: Path, workers: int, device: str, seconds: float
     return {"rows": rows_out, "wire": wire}
 
 
+def precision_variant(bundle: Path, precision: str) -> Path:
+    """The model's highest bundle of PRECISION beside BUNDLE (an fp32 one), made by `zspace quantize` if none."""
+    from zspace.bundle import load_bundle, version_dirs
+    from zspace.training.quantize import quantize_bundle
+
+    made = [v for v in version_dirs(bundle.parents[1]) if v.parent.name == bundle.parent.name
+            and load_bundle(v).precision == precision]
+    return made[-1] if made else quantize_bundle(bundle, precision)
+
+
 def parse_layouts(text: str) -> tuple[tuple[int, int], ...]:
     """"64x1,16x4096" -> ((64, 1), (16, 4096))."""
     try:
@@ -212,31 +336,40 @@ def parse_layouts(text: str) -> tuple[tuple[int, int], ...]:
 @click.option("--client-processes", default=4, help="Part two: load processes (Python clients).")
 @click.option("--layouts", default=",".join(f"{c}x{r}" for c, r in MATRIX), show_default=True,
               help="Part two: the loads, CLIENTSxROWS, comma-separated.")
-@click.option("--wire", type=click.Choice(["float32", "uint8"]), default="float32",
-              help="Part two: how clients send pixels (uint8: a quarter of the bytes, scaled by the server).")
+@click.option("--wire", type=click.Choice(["float32", "uint8", "shm", "triton-shm"]), default="float32",
+              help="Part two: how clients send pixels (uint8: a quarter of the bytes, scaled by the server; shm: "
+                   "zspace.v1 shared tensors in registered shared memory; triton-shm: tritonclient's ModelInfer with "
+                   "system shared memory).")
+@click.option("--precision", type=click.Choice(["fp32", "int8", "fp16"]), default="fp32",
+              help="The bundle's precision, served (--precision) and in process (an int8/fp16 variant is made with "
+                   "`zspace quantize` when the models folder has none).")
 @click.option("--skip-part-one", is_flag=True, help="Only the matrix (part one needs h2load).")
 @click.option("--max-requests", default=2_000_000, help="Part two: request cap per side of a round.")
 @click.option("--server-option", "extra", multiple=True, help="Passed to both servers, e.g. --server-option=--max-batch=128.")
 @click.option("--json", "json_path", default="benchmarks/results/workers.json", help="Where the figures go.")
 def main(run, bundle_path, device, workers, clients, seconds, rounds, with_matrix, client_processes, layouts, wire,
-         skip_part_one, max_requests, extra, json_path):
+         precision, skip_part_one, max_requests, extra, json_path):
     measure(run, bundle_path, device, workers, clients, seconds, rounds, with_matrix, client_processes, max_requests,
-            list(extra), json_path, parse_layouts(layouts), wire, skip_part_one)
+            list(extra), json_path, parse_layouts(layouts), wire, skip_part_one, precision)
 
 
 def measure(run: str | None, bundle_path: str | None, device: str, workers: int, clients: int, seconds: float,
             rounds: int, with_matrix: bool, client_processes: int, max_requests: int, extra: list[str],
-            json_path: str, layouts=MATRIX, wire: str = "float32", skip_part_one: bool = False) -> dict:
+            json_path: str, layouts=MATRIX, wire: str = "float32", skip_part_one: bool = False,
+            precision: str = "fp32") -> dict:
     """Both parts; also what `python -m benchmarks.serve --device D --workers N` runs."""
     from zspace.memory import keep_freed_memory
 
     keep_freed_memory()
     bundle = Path(bundle_path) if bundle_path else bundle_for(Path(run) if run else None,
                                                               Path(tempfile.mkdtemp(prefix="zspace-workers-bench-")))
+    if precision != "fp32":
+        bundle = precision_variant(bundle, precision)
+        extra = [*extra, "--precision", precision]
     print(f"bundle: {bundle}", flush=True)
     models = bundle.parents[1]
     record = {"benchmark": "workers", "device": device, "workers": workers, "machine": machine(),
-              "seconds_per_side": seconds, "server_options": extra}
+              "seconds_per_side": seconds, "server_options": extra, "precision": precision, "wire": wire}
     targets = {}
     if not skip_part_one:
         print(f"part one: h2load {clients} x 1-row Encode, --workers {workers} vs --workers 1 ({device})", flush=True)
@@ -251,7 +384,8 @@ def measure(run: str | None, bundle_path: str | None, device: str, workers: int,
                                     "ratio": ratio["ratio"]}
         targets["workers_n_vs_1_64x1_h2load"] = ratio["ratio"]
     if with_matrix:
-        print(f"part two: the load matrix, --workers {workers} ({device}, {wire} on the wire) vs in-process ORT", flush=True)
+        print(f"part two: the load matrix, --workers {workers} ({device}, {wire} on the wire, {precision}) vs in-process "
+              "ORT", flush=True)
         record["matrix"] = matrix(models, bundle, workers, device, seconds, rounds, client_processes, max_requests, extra,
                                   layouts, wire)
         cols = ["clients", "rows", "served_req_s", "served_rows_s", "p50_ms", "p99_ms", "in_process_rows_s", "share", "errors"]
