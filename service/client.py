@@ -105,8 +105,9 @@ class SharedBuffer:
 
     def close(self, client: ZSpaceClient | None) -> None:
         if client is not None:
-            try:
-                client._call("UnregisterSharedMemory", pb.UnregisterSharedMemoryRequest(name=self.name))
+            try:  # briefly: a client closing after its server went away must not wait out retries
+                client.stub.UnregisterSharedMemory(pb.UnregisterSharedMemoryRequest(name=self.name), timeout=2,
+                                                   metadata=client.metadata)
             except grpc.RpcError:
                 pass  # the server is gone or restarted: it holds nothing of ours any more
         self._release()

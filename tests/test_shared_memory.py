@@ -201,6 +201,19 @@ def test_unregistering_a_region_in_use_waits_for_its_requests_then_unmaps(tmp_pa
     registry.close()
 
 
+def test_registering_and_unregistering_leaks_no_descriptor_or_mapping(tmp_path):
+    registry = SharedMemoryRegistry(root=tmp_path, max_regions=4)
+    (tmp_path / "seg").write_bytes(b"\0" * 4096)
+    before = len(os.listdir("/proc/self/fd"))
+    for i in range(200):
+        registry.register(f"r{i % 4}", "/seg", 0, 4096)
+        if i % 4 == 3:
+            with pytest.raises(UserError, match="4 shared memory regions are registered"):
+                registry.register("one-more", "/seg", 0, 8)
+            registry.unregister()
+    assert registry.status() == [] and len(os.listdir("/proc/self/fd")) == before
+
+
 def test_concurrent_requests_while_their_region_is_unregistered_never_break_the_server(server, x):
     name = prefix() + "race"
     answers: list[str] = []
