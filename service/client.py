@@ -117,6 +117,14 @@ class SharedBuffer:
         self._unlink()
 
 
+def region_trouble(exc: grpc.RpcError) -> bool:
+    """Whether a call failed because of its shared memory (a region the server does not know, a segment it lost,
+    an answer's room too small) rather than its content: those are worth one more try with a fresh buffer."""
+    details = exc.details() or ""
+    return ((exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION) and "shared memory" in details)
+            or (exc.code() == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("output.byte_size")))
+
+
 def is_local(target: str) -> bool:
     """Whether a target is this machine (loopback or a Unix socket): the only servers that can see our
     /dev/shm (and even then not one in a container of its own, which the first registration finds out)."""
@@ -331,19 +339,43 @@ class ZSpaceClient:
     def encode_all(self, model: str, x=None, *, images=None, texts=None, version: int = 0,
                    output_dtype: str = "float32") -> dict[str, np.ndarray]:
         """Every code Encode answers, by name: mean; logvar (VAE kinds); bits (hash models: uint8, packed)."""
+        request = pb.EncodeRequest(model=pb.ModelRef(name=model, version=version), output_dtype=wire_dtype(output_dtype))
+        return self._array_rpc("Encode", request, x, images, texts, 2 if output_dtype == "float16" else 4,
+                               lambda resp, buffer: {name: from_tensor(getattr(resp, name), buffer)
+                                                     for name in ("mean", "logvar", "bits") if resp.HasField(name)})
+
+    def _array_rpc(self, method: str, request, x, images, texts, item: int, read, field: str = "inputs"):
+        """Send REQUEST (Encode, Decode, Reconstruct) with its array X in shared memory where that is on and pays
+        (else in the message; images and texts always), and read the answer with read(response, buffer).
+
+        A server that restarted has forgotten our regions, and one reloaded with another model may need more room
+        for the answer: either way the call is made again once, with a fresh buffer and the model's sizes asked
+        again."""
         if x is not None and (images is not None or texts is not None):
             make_inputs(x, images, texts)  # raises: one input form per call
-        request = pb.EncodeRequest(model=pb.ModelRef(name=model, version=version), output_dtype=wire_dtype(output_dtype))
-        with self._array_call(model, version, x, "Encode", 2 if output_dtype == "float16" else 4) as (tensor, output, buffer):
-            if tensor is not None:
-                request.inputs.tensor.CopyFrom(tensor)
-                if output is not None:
-                    request.output.CopyFrom(output)
-            else:
-                request.inputs.CopyFrom(make_inputs(x, images, texts))
-            resp = self._call("Encode", request)
-            return {name: from_tensor(getattr(resp, name), buffer) for name in ("mean", "logvar", "bits")
-                    if resp.HasField(name)}
+        for attempt in (1, 2):
+            with self._array_call(request.model.name, request.model.version, x, method, item) as (tensor, output, buffer):
+                if tensor is None:
+                    getattr(request, field).CopyFrom(make_inputs(x, images, texts))
+                else:
+                    (request.latents if field == "latents" else request.inputs.tensor).CopyFrom(tensor)
+                    if output is not None:
+                        request.output.CopyFrom(output)
+                try:
+                    return read(self._call(method, request), buffer)
+                except grpc.RpcError as exc:
+                    if buffer is None or attempt == 2 or not region_trouble(exc):
+                        raise
+                    self._models.clear()
+                    self._discard(buffer)
+        raise AssertionError("unreachable")
+
+    def _discard(self, buffer: SharedBuffer) -> None:
+        """Drop a buffer the server no longer knows (it restarted): not back into the pool, its segment removed."""
+        with self._buffers_lock:
+            if buffer in self._all_buffers:
+                self._all_buffers.remove(buffer)
+        buffer.close(self)
 
     @contextmanager
     def _array_call(self, model: str, version: int, x, rpc: str, item: int = 4):
@@ -358,6 +390,9 @@ class ZSpaceClient:
             return
         answer = self._answer_bytes(model, version, len(a), rpc, item)
         with self._shared(aligned(a.nbytes) + answer) as buffer:
+            if buffer is None:  # shared memory turned out not to work here: the message it is
+                yield to_tensor(a), None, None
+                return
             tensor, output = self._tensor_request(a, answer, buffer)
             yield tensor, output, buffer
 
@@ -379,24 +414,12 @@ class ZSpaceClient:
                output_dtype: str = "float32") -> Decoded:
         request = pb.DecodeRequest(model=pb.ModelRef(name=model, version=version), return_png=return_png,
                                    output_dtype=wire_dtype(output_dtype))
-        with self._array_call(model, version, z, "Decode", 2 if output_dtype == "float16" else 4) as (tensor, output, buffer):
-            request.latents.CopyFrom(tensor)
-            if output is not None:
-                request.output.CopyFrom(output)
-            return _decoded(self._call("Decode", request), buffer)
+        return self._array_rpc("Decode", request, z, None, None, 2 if output_dtype == "float16" else 4, _decoded,
+                               field="latents")
 
     def reconstruct(self, model: str, x=None, *, images=None, texts=None, version: int = 0, return_png: bool = False) -> Decoded:
-        if x is not None and (images is not None or texts is not None):
-            make_inputs(x, images, texts)  # raises: one input form per call
         request = pb.ReconstructRequest(model=pb.ModelRef(name=model, version=version), return_png=return_png)
-        with self._array_call(model, version, x, "Reconstruct") as (tensor, output, buffer):
-            if tensor is not None:
-                request.inputs.tensor.CopyFrom(tensor)
-                if output is not None:
-                    request.output.CopyFrom(output)
-            else:
-                request.inputs.CopyFrom(make_inputs(x, images, texts))
-            return _decoded(self._call("Reconstruct", request), buffer)
+        return self._array_rpc("Reconstruct", request, x, images, texts, 4, _decoded)
 
     def generate(self, model: str, count: int, seed: int = 0, temperature: float = 1.0, version: int = 0,
                  return_png: bool = False) -> Decoded:

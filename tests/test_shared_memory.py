@@ -118,6 +118,17 @@ def test_zspace_client_uses_shared_memory_on_loopback_and_answers_the_same(serve
     assert made[0] not in {r.name for r in REGIONS.status()}  # ... and its region
 
 
+def test_zspace_client_recovers_when_the_server_forgets_its_region(server, x):
+    """A restarted server holds no regions: the client's next call registers a fresh buffer and answers."""
+    with ZSpaceClient(server.target) as c:
+        first = c.encode("digits", x)[0]
+        old = c._all_buffers[0].name
+        REGIONS.unregister(old)  # what a restart does to the server's side
+        np.testing.assert_array_equal(c.encode("digits", x)[0], first)
+        np.testing.assert_array_equal(c.decode("digits", first).x, c.decode("digits", first).x)
+        assert [b.name for b in c._all_buffers] != [old] and segments(old) == []  # the forgotten segment is removed
+
+
 def test_zspace_client_falls_back_to_messages_where_the_server_cannot_see_its_segments(server, x, tmp_path, monkeypatch):
     monkeypatch.setattr(REGIONS, "root", tmp_path)  # the server now looks elsewhere, as one in a container would
     with ZSpaceClient(server.target, shared_memory=False) as plain:
