@@ -90,6 +90,7 @@ class Setup:
     max_requests: int
     instances: int
     threads: int
+    precision: str = "fp32"  # the bundle's precision; the server is told to answer with it (--precision)
 
 
 async def encode_load(target: str, rows: np.ndarray, clients: int, seconds: float, max_requests: int,
@@ -149,7 +150,8 @@ def server_phase(setup: Setup, label: str, options: list[str], echo: str, rounds
     rng = np.random.default_rng(0)
     one, big = rng.random((1, 784), dtype=np.float32), rng.random((256, 784), dtype=np.float32)
     port = free_port()
-    base = ["--metrics-port", "0", "--instances", str(setup.instances), "--threads", str(setup.threads), "--poll-s", "0"]
+    base = ["--metrics-port", "0", "--instances", str(setup.instances), "--threads", str(setup.threads), "--poll-s", "0",
+            "--precision", setup.precision]
     child = ServerChild(serve_command(setup.bundle.parents[1], port, *base, *options), port).wait_listening()
     rows, ratios = [], {}
     try:
@@ -230,21 +232,32 @@ def print_tables(rows: list[dict], ratios: dict) -> dict:
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu",
               help="cuda, or --workers above 1: the worker benchmark's load matrix instead (benchmarks/workers.py).")
 @click.option("--workers", default=1, help="Server worker processes (above 1: benchmarks/workers.py's matrix).")
+@click.option("--precision", type=click.Choice(["fp32", "int8", "fp16"]), default="fp32",
+              help="Serve (and time in process) the bundle's variant of this precision, made by `zspace quantize`.")
+@click.option("--wire", type=click.Choice(["float32", "uint8", "shm", "triton-shm"]), default="float32",
+              help="Other than float32: the load matrix (benchmarks/workers.py) with clients sending that way.")
 @click.option("--echo-port", type=int, default=None, hidden=True)
-def main(run, seconds, max_requests, rounds, instances, threads, json_path, device, workers, echo_port):
+def main(run, seconds, max_requests, rounds, instances, threads, json_path, device, workers, precision, wire, echo_port):
     if echo_port:
         return run_echo(echo_port)
-    if device != "cpu" or workers > 1:
+    if device != "cpu" or workers > 1 or wire != "float32":
         # 64x1, 8x1, 8x256, 16x4096 against in-process ORT on the same device, plus --workers N vs 1 (h2load).
+        from benchmarks.workers import MATRIX
         from benchmarks.workers import measure as measure_workers
 
         out = json_path if json_path != "benchmarks/results/serve.json" else f"benchmarks/results/workers-{device}.json"
-        return measure_workers(run, None, device, workers, 64, seconds, rounds, True, 4, 2_000_000, [], out)
+        return measure_workers(run, None, device, workers, 64, seconds, rounds, True, 4, 2_000_000, [], out, MATRIX,
+                               wire, wire != "float32", precision)
     from zspace.memory import keep_freed_memory
 
     keep_freed_memory()  # the load generator and the in-process reference get the server's tuning too
     bundle = bundle_for(Path(run) if run else None, Path(tempfile.mkdtemp(prefix="zspace-serve-bench-")))
-    setup = Setup(bundle, seconds, max_requests, instances, threads or max(1, (os.cpu_count() or 1) // instances))
+    if precision != "fp32":
+        from benchmarks.workers import precision_variant
+
+        bundle = precision_variant(bundle, precision)
+    setup = Setup(bundle, seconds, max_requests, instances, threads or max(1, (os.cpu_count() or 1) // instances),
+                  precision)
     before = {batch: in_process(setup, batch) for batch in SIZES}
     echo_port = free_port()
     echo = ServerChild([sys.executable, "-m", "benchmarks.serve", "--echo-port", str(echo_port)], echo_port).wait_listening()
