@@ -80,10 +80,10 @@ def in_process_speed(bundle: Path, threads: int, seconds: float, rounds: int) ->
     return out
 
 
-def served_speed(bundle: Path, seconds: float, rounds: int, processes: int) -> dict:
+def served_speed(bundle: Path, seconds: float, rounds: int, processes: int, extra: list[str]) -> dict:
     precision_variant(bundle, "int8")
     models = bundle.parents[1]
-    servers = {p: start(models, 1, "cpu", ["--precision", p, "--max-queue", "65536"])[0] for p in ("int8", "fp32")}
+    servers = {p: start(models, 1, "cpu", ["--precision", p, "--max-queue", "65536", *extra])[0] for p in ("int8", "fp32")}
     try:
         side = lambda p: (lambda: {**(r := served(servers[p].target, 8, 256, seconds, 10**6, processes)), "value": r["rows_s"]})
         got = side_by_side("served 8 x 256, int8 / fp32", side("int8"), side("fp32"), rounds)
@@ -96,8 +96,8 @@ def served_speed(bundle: Path, seconds: float, rounds: int, processes: int) -> d
             "errors": median["first"]["errors"] + median["second"]["errors"]}
 
 
-def wire_speed(bundle: Path, seconds: float, rounds: int, processes: int) -> list[dict]:
-    child, _ = start(bundle.parents[1], 1, "cpu", ["--max-queue", "65536"])
+def wire_speed(bundle: Path, seconds: float, rounds: int, processes: int, extra: list[str]) -> list[dict]:
+    child, _ = start(bundle.parents[1], 1, "cpu", ["--max-queue", "65536", *extra])
     out = []
     try:
         for clients, rows in ((8, 256), (16, 4096)):
@@ -119,6 +119,16 @@ def wire_speed(bundle: Path, seconds: float, rounds: int, processes: int) -> lis
     return out
 
 
+def wire_part(record: dict, targets: dict, bundle: Path, seconds: float, rounds: int, processes: int,
+              extra: list[str]) -> None:
+    print(f"part four: the wire, served vs in-process (server options: {' '.join(extra) or 'defaults'})", flush=True)
+    record["wire"] = wire_speed(bundle, seconds, rounds, processes, extra)
+    print(table(record["wire"], list(record["wire"][0]), "Encode, --workers 1, each wire vs in-process ORT"))
+    for r in record["wire"]:
+        if r["wire"] != "float32":
+            targets[f"{r['wire'].replace('-', '_')}_share_{r['clients']}x{r['rows']}"] = r["share"]
+
+
 @click.command()
 @click.option("--bundle", "bundles", multiple=True, required=True, type=click.Path(exists=True, file_okay=False),
               help="An fp32 bundle (models/NAME/VERSION); repeat for more. The first (an MNIST AE, 784 inputs) is timed.")
@@ -127,10 +137,19 @@ def wire_speed(bundle: Path, seconds: float, rounds: int, processes: int) -> lis
 @click.option("--rounds", default=3, help="Side-by-side rounds; the median round's ratio is the figure.")
 @click.option("--client-processes", default=4, help="Parts three and four: load processes (Python clients).")
 @click.option("--skip-served", is_flag=True, help="Only parts one and two.")
+@click.option("--only-wire", is_flag=True, help="Only part four (the wire).")
+@click.option("--server-option", "extra", multiple=True,
+              help="Passed to the servers of parts three and four, e.g. --server-option=--instances=2.")
 @click.option("--json", "json_path", default="benchmarks/results/precision.json", help="Where the figures go.")
-def main(bundles, threads, seconds, rounds, client_processes, skip_served, json_path):
-    bundles = [Path(b) for b in bundles]
-    record = {"benchmark": "precision", "machine": machine(), "seconds_per_side": seconds, "rounds": rounds}
+def main(bundles, threads, seconds, rounds, client_processes, skip_served, only_wire, extra, json_path):
+    bundles, extra = [Path(b) for b in bundles], list(extra)
+    record = {"benchmark": "precision", "machine": machine(), "seconds_per_side": seconds, "rounds": rounds,
+              "server_options": extra}
+    targets = {}
+    if only_wire:
+        wire_part(record, targets, bundles[0], seconds, rounds, client_processes, extra)
+        record["targets"] = check("precision", targets)
+        return write_json(Path(json_path), record)
     print("part one: the variants' cost on the test split", flush=True)
     record["quality"] = quality(bundles)
     print(table(record["quality"], ["model", "data", "precision", "code_max_abs", "sq_error_fp32", "sq_error",
@@ -139,22 +158,16 @@ def main(bundles, threads, seconds, rounds, client_processes, skip_served, json_
     print(f"part two: in-process int8 vs fp32, {threads} threads", flush=True)
     record["in_process"] = in_process_speed(bundles[0], threads, seconds, rounds)
     print(table(record["in_process"], list(record["in_process"][0]), "Encode rows/s in process, side by side"))
-    targets = {}
     int8_rows = [r for r in record["quality"] if r["precision"] == "int8"]
     targets["int8_p_at_10_loss"] = max(-r["p_at_10_change"] for r in int8_rows if r["p_at_10_change"] is not None)
     targets["int8_sq_error_change"] = max(r["sq_error_change"] for r in int8_rows)
     targets["int8_vs_fp32_in_process_256"] = next(r["int8_vs_fp32"] for r in record["in_process"] if r["rows"] == 256)
     if not skip_served:
         print("part three: served int8 vs served fp32, 8 x 256", flush=True)
-        record["served"] = served_speed(bundles[0], seconds, rounds, client_processes)
+        record["served"] = served_speed(bundles[0], seconds, rounds, client_processes, extra)
         print(table([record["served"]], list(record["served"]), "Encode through zspace serve, side by side"))
         targets["int8_vs_fp32_served_8x256"] = record["served"]["ratio"]
-        print("part four: the wire, served vs in-process", flush=True)
-        record["wire"] = wire_speed(bundles[0], seconds, rounds, client_processes)
-        print(table(record["wire"], list(record["wire"][0]), "Encode, --workers 1, each wire vs in-process ORT"))
-        for r in record["wire"]:
-            if r["wire"] != "float32":
-                targets[f"{r['wire'].replace('-', '_')}_share_{r['clients']}x{r['rows']}"] = r["share"]
+        wire_part(record, targets, bundles[0], seconds, rounds, client_processes, extra)
     record["targets"] = check("precision", targets)
     write_json(Path(json_path), record)
 
