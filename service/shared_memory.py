@@ -67,6 +67,7 @@ class Region:
     fd: int
     inode: tuple[int, int]
     mapping: mmap.mmap
+    path: str                 # the segment's file, checked at every use (a string: pathlib costs more per call)
     users: int = 0
     retired: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -122,7 +123,7 @@ class SharedMemoryRegistry:
             except BaseException:
                 os.close(fd)
                 raise
-            region = Region(name, key, offset, byte_size, fd, (st.st_dev, st.st_ino), mapping)
+            region = Region(name, key, offset, byte_size, fd, (st.st_dev, st.st_ino), mapping, str(path))
             self.regions[name] = region
         return region
 
@@ -210,7 +211,7 @@ class SharedMemoryRegistry:
 
     def _gone(self, region: Region) -> bool:
         try:
-            st = os.stat(segment_path(region.key, self.root))
+            st = os.stat(region.path)
         except OSError:
             return True
         return (st.st_dev, st.st_ino) != region.inode
