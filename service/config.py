@@ -106,6 +106,7 @@ class ServeConfig:
     # has one (serving.json's "precision" overrides it per model); None: the highest version.
     precision: str | None = None
     uds: Path | None = None       # also listen on this Unix domain socket (local clients: no TCP, shared memory)
+    shared_memory: str = "local"  # who may register shared memory regions: local (loopback, Unix socket) | any | off
 
 
 def parse_host_port(value: str | int, option: str) -> tuple[str | None, int]:

@@ -30,7 +30,7 @@ from zspace.service.config import Limits
 from zspace.service.inputs import InvalidArgument, as_float32, uint8_max
 from zspace.service.repository import ModelRepository, ModelRuntime
 from zspace.service.rpc import RpcHandlers, StatusError, check_answer_size, rpc
-from zspace.service.shared_memory import REGIONS, SharedMemoryRegistry
+from zspace.service.shared_memory import REGIONS, SharedMemoryRegistry, check_sharing
 
 GRAPHS = ("encoder", "decoder")
 # Datatype -> (numpy little-endian dtype, the typed `contents` field, or None where only raw bytes exist).
@@ -94,10 +94,12 @@ class KServeRpcs(RpcHandlers):
             "CudaSharedMemoryStatus", "CudaSharedMemoryRegister", "CudaSharedMemoryUnregister")
 
     def __init__(self, repo: ModelRepository, limits: Limits, ready, version: str, metrics=None, admission=None,
-                 regions: SharedMemoryRegistry = REGIONS):
-        """ready: () -> bool, what gRPC health says (models loaded; in a group, every worker serving)."""
+                 regions: SharedMemoryRegistry = REGIONS, sharing: str = "local"):
+        """ready: () -> bool, what gRPC health says (models loaded; in a group, every worker serving); sharing: who
+        may register shared memory (shared_memory.SHARING)."""
         super().__init__(metrics, admission)
         self.repo, self.limits, self.ready, self.version, self.regions = repo, limits, ready, version, regions
+        self.sharing = sharing
 
     def label(self, request) -> str:
         name = getattr(request, "model_name", None) or getattr(request, "name", "")
@@ -135,7 +137,7 @@ class KServeRpcs(RpcHandlers):
 
     @rpc
     async def ServerMetadata(self, request, context):
-        return kpb.ServerMetadataResponse(name="zspace", version=self.version, extensions=["model_configuration", "system_shared_memory"])
+        return kpb.ServerMetadataResponse(name="zspace", version=self.version, extensions=["model_configuration"] + (["system_shared_memory"] if self.sharing != "off" else []))
 
     @rpc
     async def ModelMetadata(self, request, context):
@@ -205,6 +207,7 @@ class KServeRpcs(RpcHandlers):
 
     @rpc
     async def SystemSharedMemoryRegister(self, request, context):
+        check_sharing(self.sharing, context.peer())
         self.regions.register(request.name, request.key, request.offset, request.byte_size)
         return kpb.SystemSharedMemoryRegisterResponse()
 

@@ -37,7 +37,7 @@ from zspace.service.ports import check_port_free
 from zspace.service.repository import ModelRepository
 from zspace.service.rpc import Admission, add_service
 from zspace.service.servicer import ModelRpcs, SharedMemoryRpcs, add_zspace_service
-from zspace.service.shared_memory import REGIONS
+from zspace.service.shared_memory import REGIONS, SHARING
 from zspace.v1 import zspace_pb2 as pb
 
 log = logging.getLogger("zspace.serve")
@@ -76,6 +76,8 @@ def check_config(cfg: ServeConfig) -> None:
     (and, with --workers, in the supervisor, not once per worker)."""
     if not Path(cfg.models).is_dir():
         raise UserError(f"--models: {cfg.models} is not a folder")
+    if cfg.shared_memory not in SHARING:
+        raise UserError(f"--shared-memory: expected one of {', '.join(SHARING)}, got {cfg.shared_memory!r}")
     if cfg.uds and not Path(cfg.uds).parent.is_dir():
         raise UserError(f"--uds: {Path(cfg.uds).parent} is not a folder")
     if bool(cfg.tls_cert) != bool(cfg.tls_key):
@@ -182,10 +184,10 @@ class Server:
         admission = Admission(cfg.max_inflight_mb << 20)
         add_zspace_service(self.server, ModelRpcs(self.repo, limits, self.metrics, admission),
                            IndexRpcs(self.indexes, self.repo, limits, self.metrics, admission),
-                           SharedMemoryRpcs(REGIONS, self.metrics, admission))
+                           SharedMemoryRpcs(REGIONS, self.metrics, admission, cfg.shared_memory))
         # KServe v2 beside zspace.v1: the same models, batchers, limits and byte budget.
         add_service(self.server, KSERVE, kpb, KServeRpcs(self.repo, limits, self.serving, package_version(),
-                                                         self.metrics, admission))
+                                                         self.metrics, admission, REGIONS, cfg.shared_memory))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, KSERVE.full_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,

@@ -29,7 +29,7 @@ from zspace.service.inputs import (
 )
 from zspace.service.repository import ModelRepository, ModelRuntime
 from zspace.service.rpc import RpcHandlers, add_service, check_answer_size, rpc
-from zspace.service.shared_memory import SharedMemoryRegistry
+from zspace.service.shared_memory import SharedMemoryRegistry, check_sharing
 from zspace.v1 import zspace_pb2 as pb
 
 
@@ -192,9 +192,9 @@ class SharedMemoryRpcs(RpcHandlers):
 
     RPCS = ("RegisterSharedMemory", "SharedMemoryStatus", "UnregisterSharedMemory")
 
-    def __init__(self, regions: SharedMemoryRegistry, metrics=None, admission=None):
+    def __init__(self, regions: SharedMemoryRegistry, metrics=None, admission=None, sharing: str = "local"):
         super().__init__(metrics, admission)
-        self.regions = regions
+        self.regions, self.sharing = regions, sharing
 
     @staticmethod
     def _message(r) -> pb.SharedMemoryRegion:
@@ -202,6 +202,7 @@ class SharedMemoryRpcs(RpcHandlers):
 
     @rpc
     async def RegisterSharedMemory(self, request, context):
+        check_sharing(self.sharing, context.peer())
         r = request.region
         return self._message(self.regions.register(r.name, r.key, r.offset, r.byte_size))
 

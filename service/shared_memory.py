@@ -44,6 +44,38 @@ MAX_REGIONS = 1024       # per server process: each holds a file descriptor and 
 MAX_NAME_CHARS = 255
 
 
+SHARING = ("local", "any", "off")  # who may register regions (zspace serve --shared-memory)
+
+
+class NotAllowed(StatusError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+def is_local_peer(peer: str) -> bool:
+    """Whether a gRPC peer ("ipv4:127.0.0.1:5000", "ipv6:[::1]:5000", "unix:...") is on this machine's loopback
+    or a Unix socket: the clients that can share our /dev/shm."""
+    if peer.startswith(("unix:", "unix-abstract:")):
+        return True
+    if peer.startswith("ipv4:"):
+        return peer[5:].startswith("127.")
+    if peer.startswith("ipv6:"):
+        host = peer[5:].rsplit("]", 1)[0].lstrip("[")
+        return host == "::1" or host.startswith("::ffff:127.")
+    return False
+
+
+def check_sharing(sharing: str, peer: str) -> None:
+    """Refuse a registration that `sharing` does not allow from PEER. A region is another process's memory that
+    the server reads and writes: by default only clients on loopback or a Unix socket may name one, so a remote
+    client with the token cannot reach the memory of this machine's processes."""
+    if sharing == "off":
+        raise NotAllowed("shared memory is turned off on this server (zspace serve --shared-memory off); send "
+                         "tensors in the messages")
+    if sharing == "local" and not is_local_peer(peer):
+        raise NotAllowed(f"shared memory is for clients on the server's machine (loopback or a Unix socket); this "
+                         f"call came from {shown(peer)} (zspace serve --shared-memory any allows every client)")
+
+
 class RegionExists(StatusError):
     code = grpc.StatusCode.ALREADY_EXISTS
 

@@ -18,7 +18,7 @@ from test_kserve import drive, reference
 from zspace.data import load_dataset
 from zspace.errors import NotFound, UserError
 from zspace.service.client import ZSpaceClient
-from zspace.service.shared_memory import REGIONS, SharedMemoryRegistry
+from zspace.service.shared_memory import REGIONS, NotAllowed, SharedMemoryRegistry, check_sharing, is_local_peer
 from zspace.v1 import zspace_pb2 as pb
 
 pytestmark = pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="POSIX shared memory (/dev/shm) is not here")
@@ -140,6 +140,25 @@ def test_zspace_client_falls_back_to_messages_where_the_server_cannot_see_its_se
         c.encode("digits", x)
     assert info.value.code() == grpc.StatusCode.NOT_FOUND and "no shared memory segment" in info.value.details()
     assert segments("zspace-") == [] or all(not s.startswith(f"zspace-{os.getpid()}-") for s in segments("zspace-"))
+
+
+def test_only_local_clients_may_register_unless_the_server_says_otherwise(repo, x):
+    assert all(is_local_peer(p) for p in ("ipv4:127.0.0.1:5000", "ipv4:127.3.2.1:1", "ipv6:[::1]:5000",
+                                          "ipv6:[::ffff:127.0.0.1]:80", "unix:/run/zspace.sock", "unix:"))
+    assert not any(is_local_peer(p) for p in ("ipv4:10.0.0.2:5000", "ipv6:[2001:db8::1]:5000", "ipv4:1.27.0.0:1",
+                                              "ipv6:[::ffff:10.0.0.1]:80", ""))
+    with pytest.raises(NotAllowed, match="for clients on the server's machine"):
+        check_sharing("local", "ipv4:10.0.0.2:5000")
+    check_sharing("any", "ipv4:10.0.0.2:5000")
+    with start_thread(repo, shared_memory="off") as s:
+        with ZSpaceClient(s.target, shared_memory=False) as plain:
+            mean = plain.encode("digits", x)[0]
+        with ZSpaceClient(s.target) as c:  # automatic: refused, so the messages it is
+            np.testing.assert_array_equal(c.encode("digits", x)[0], mean)
+            assert not c.shared_memory
+        with ZSpaceClient(s.target, shared_memory=True) as c, pytest.raises(grpc.RpcError) as info:
+            c.encode("digits", x)
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED and "turned off" in info.value.details()
 
 
 def register_own(c: ZSpaceClient, name: str, size: int) -> Path:

@@ -324,6 +324,9 @@ def serve_options(f):
         click.option("--uds", type=click.Path(dir_okay=False), default=None,
                      help="Also listen on this Unix domain socket (unix:PATH for clients); local clients there use "
                           "shared memory for big tensors. With --workers 1."),
+        click.option("--shared-memory", type=click.Choice(["local", "any", "off"]), default=d.shared_memory,
+                     help="Who may register shared memory regions (big tensors without copies): local, clients on "
+                          "loopback or a Unix socket; any (clients in other containers sharing this IPC namespace); off."),
         click.option("--token-file", type=click.Path(dir_okay=False), default=None, help="Require this bearer token (first line of the file)."),
         click.option("--token-env", default="ZSPACE_TOKEN", help="Or require the token in this environment variable, when set."),
     ]
