@@ -116,28 +116,47 @@ def tensor() -> st.SearchStrategy[pb.Tensor]:
         with np.errstate(all="ignore"):
             data = np.full((rows, cols), fill if wire != "u1" else 7).astype(wire).tobytes()
         return pb.Tensor(shape=[rows, cols], dtype=dtype, data=data[:-1] if broken else data)
-    return st.builds(build, st.sampled_from([1, 2, 3, 4096, 4097]), st.sampled_from([4, 64, 5, 1]),
-                     st.sampled_from([pb.FLOAT32, pb.FLOAT16, pb.UINT8]), st.sampled_from(FLOATS), st.booleans())
+    plain = st.builds(build, st.sampled_from([1, 2, 3, 4096, 4097]), st.sampled_from([4, 64, 5, 1]),
+                      st.sampled_from([pb.FLOAT32, pb.FLOAT16, pb.UINT8]), st.sampled_from(FLOATS), st.booleans())
+    return plain | st.builds(lambda t, ref: pb.Tensor(shape=t.shape, dtype=t.dtype, shared=ref), plain, shared_region())
+
+
+def shared_region() -> st.SearchStrategy[pb.SharedRegion]:
+    """References to shared memory regions: mostly of names nobody registered, with extreme offsets and sizes."""
+    return st.builds(pb.SharedRegion, region=text("name"), offset=st.sampled_from([0, 1, 2**40, 2**64 - 1]),
+                     byte_size=st.sampled_from([0, 1, 1024, 2**63, 2**64 - 1]))
 
 
 def infer_request() -> st.SearchStrategy[kpb.ModelInferRequest]:
     """KServe inferences whose input agrees with its bytes, to reach the code after the checks."""
-    def build(graph: str, rows: int, datatype: str, fill: float, outputs: list[str], version: str):
+    def build(graph: str, rows: int, datatype: str, fill: float, outputs: list[str], version: str, shm: dict):
         width = 64 if graph == "encoder" else 4
         wire = {"FP32": "<f4", "FP16": "<f2", "UINT8": "u1"}[datatype]
         with np.errstate(all="ignore"):
             data = np.full((rows, width), fill if wire != "u1" else 9).astype(wire).tobytes()
         wanted = kpb.ModelInferRequest.InferRequestedOutputTensor
-        return kpb.ModelInferRequest(
+        request = kpb.ModelInferRequest(
             model_name=f"digits.{graph}", model_version=version, raw_input_contents=[data],
             inputs=[kpb.ModelInferRequest.InferInputTensor(name="x" if graph == "encoder" else "z", datatype=datatype,
                                                            shape=[rows, width])],
             outputs=[wanted(name=n) for n in outputs])
+        for key, value in shm.items():  # the shared-memory extension's parameters, on the input and every output
+            for tensor in [*request.inputs, *request.outputs]:
+                setattr(tensor.parameters[key], {str: "string_param", int: "int64_param", float: "double_param"}[type(value)],
+                        value)
+        if shm.get("shared_memory_region") is not None and len(shm) > 1:
+            del request.raw_input_contents[:]
+        return request
     names = st.sampled_from(["mean", "logvar", "x_hat", "nope"])
     outputs = st.lists(names, max_size=3) | st.builds(lambda n, k: [n] * k, names, st.sampled_from([2, 600, 100_000]))
+    shm = st.fixed_dictionaries({}, optional={
+        "shared_memory_region": text("name") | st.integers(-5, 5),
+        "shared_memory_offset": st.sampled_from([0, -1, 2**40, 2**63 - 1, 1.5]),
+        "shared_memory_byte_size": st.sampled_from([0, -1, 1024, 2**63 - 1, "x"]),
+    })
     return st.builds(build, st.sampled_from(["encoder", "decoder"]), st.sampled_from([1, 7, 4096]),
                      st.sampled_from(["FP32", "FP16", "UINT8"]), st.sampled_from(FLOATS), outputs,
-                     st.sampled_from(["", "1", "²"]))
+                     st.sampled_from(["", "1", "²"]), shm)
 
 
 def repeated(f: FieldDescriptor) -> bool:
