@@ -213,3 +213,32 @@ def test_a_worker_that_cannot_start_ends_the_group_with_its_error(served_dirs, t
 def test_bad_worker_counts_are_named(cli, value, says, tmp_path):
     code, out = cli("serve", "--models", tmp_path, "--workers", value)
     assert code == 2 and "--workers" in out and says in out
+
+
+def test_shared_memory_clients_reach_every_worker(served_dirs):
+    """Each client's registration and its requests travel on its one connection, so on one worker; with many
+    clients both workers serve shared tensors, and their regions go when the clients close."""
+    from zspace.data import load_dataset
+
+    models, indexes = served_dirs
+    x = np.ascontiguousarray(load_dataset("digits").x_test[:300], dtype=np.float32)  # 76,800 bytes: shared
+    group, metrics_port = start_group(models, indexes)
+    try:
+        with ZSpaceClient(group.target, timeout=20, shared_memory=False) as plain:
+            want = plain.encode("digits", x)[0]
+        clients = [ZSpaceClient(group.target, timeout=20, options=OWN_CONNECTION, shared_memory=True) for _ in range(12)]
+        names = []
+        try:
+            for c in clients:
+                np.testing.assert_array_equal(c.encode("digits", x)[0], want)
+                np.testing.assert_array_equal(c.reconstruct("digits", x).x.shape, x.shape)
+                names += [b.name for b in c._all_buffers]
+        finally:
+            for c in clients:
+                c.close()
+        assert set(answered_by(scrape(metrics_port), "RegisterSharedMemory")) == {"0", "1"}, "both workers took some"
+        assert not [n for n in names if (Path("/dev/shm") / n).exists()], "every client removed its segments"
+    finally:
+        group.terminate()
+    code, out = group.wait(60)
+    assert code == 0, out
