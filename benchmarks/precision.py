@@ -15,7 +15,8 @@ side in rounds.
 
 Part four, the wire: one server (`--workers 1`), 8 x 256 and 16 x 4096 rows, sent as
 float32 in the message, as zspace.v1 shared tensors (what ZSpaceClient sends to a local
-server) and through tritonclient with system shared memory; each side by side with
+server, from asyncio stubs), through ZSpaceClient itself (one per thread, shared memory on by
+itself for loopback) and through tritonclient with system shared memory; each side by side with
 in-process ONNX Runtime running the same layout (benchmarks.workers' reference).
 """
 
@@ -101,7 +102,7 @@ def wire_speed(bundle: Path, seconds: float, rounds: int, processes: int, extra:
     out = []
     try:
         for clients, rows in ((8, 256), (16, 4096)):
-            for wire in ("float32", "shm", "triton-shm"):
+            for wire in ("float32", "shm", "zspace-client", "triton-shm"):
                 def server_side(c=clients, r=rows, w=wire) -> dict:
                     got = served(child.target, c, r, seconds, 10**6, min(processes, c), w)
                     return {**got, "value": got["rows_s"]}
@@ -125,8 +126,10 @@ def wire_part(record: dict, targets: dict, bundle: Path, seconds: float, rounds:
     record["wire"] = wire_speed(bundle, seconds, rounds, processes, extra)
     print(table(record["wire"], list(record["wire"][0]), "Encode, --workers 1, each wire vs in-process ORT"))
     for r in record["wire"]:
-        if r["wire"] != "float32":
+        if r["wire"] in ("shm", "triton-shm"):
             targets[f"{r['wire'].replace('-', '_')}_share_{r['clients']}x{r['rows']}"] = r["share"]
+        elif r["wire"] == "zspace-client":
+            targets[f"zspace_client_share_{r['clients']}x{r['rows']}"] = r["share"]
 
 
 @click.command()

@@ -234,7 +234,7 @@ def print_tables(rows: list[dict], ratios: dict) -> dict:
 @click.option("--workers", default=1, help="Server worker processes (above 1: benchmarks/workers.py's matrix).")
 @click.option("--precision", type=click.Choice(["fp32", "int8", "fp16"]), default="fp32",
               help="Serve (and time in process) the bundle's variant of this precision, made by `zspace quantize`.")
-@click.option("--wire", type=click.Choice(["float32", "uint8", "shm", "triton-shm"]), default="float32",
+@click.option("--wire", type=click.Choice(["float32", "uint8", "shm", "zspace-client", "triton-shm"]), default="float32",
               help="Other than float32: the load matrix (benchmarks/workers.py) with clients sending that way.")
 @click.option("--echo-port", type=int, default=None, hidden=True)
 def main(run, seconds, max_requests, rounds, instances, threads, json_path, device, workers, precision, wire, echo_port):

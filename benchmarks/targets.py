@@ -26,6 +26,8 @@ TARGETS: dict[str, dict[str, tuple[str, float]]] = {
         "int8_vs_fp32_served_8x256": (">=", 2.0),      # through zspace serve, 8 clients x 256 rows
         "shm_share_8x256": (">=", 0.9),                # zspace.v1 shared tensors, served / in-process ORT
         "shm_share_16x4096": (">=", 0.8),
+        "zspace_client_share_8x256": (">=", 0.9),      # the Python ZSpaceClient (shared memory by itself)
+        "zspace_client_share_16x4096": (">=", 0.8),
         "triton_shm_share_8x256": (">=", 0.9),         # tritonclient with system shared memory
         "triton_shm_share_16x4096": (">=", 0.8),
     },

@@ -48,6 +48,7 @@ from benchmarks.harness import (
 from benchmarks.targets import check
 
 MATRIX = ((64, 1), (8, 1), (8, 256), (16, 4096))  # (clients, rows per request)
+WIRES = ("float32", "uint8", "shm", "zspace-client", "triton-shm")
 
 
 def start(models: Path, workers: int, device: str, extra: list[str]) -> tuple[ServerChild, int]:
@@ -117,6 +118,8 @@ def client_process(target: str, rows: int, callers: int, seconds: float, max_req
         return asyncio.run(shared_memory_load(target, rows, callers, seconds, max_requests))
     if wire == "triton-shm":
         return asyncio.run(triton_shared_memory_load(target, rows, callers, seconds, max_requests))
+    if wire == "zspace-client":
+        return zspace_client_load(target, rows, callers, seconds, max_requests)
     import grpc
 
     from zspace.v1 import zspace_pb2_grpc as pb_grpc
@@ -201,6 +204,48 @@ async def shared_memory_load(target: str, rows: int, callers: int, seconds: floa
             await stub.UnregisterSharedMemory(pb.UnregisterSharedMemoryRequest(name=seg.name))
             seg.close()
             await ch.close()
+
+
+def zspace_client_load(target: str, rows: int, callers: int, seconds: float, max_requests: int) -> dict:
+    """The Python client as a user has it: one ZSpaceClient per caller thread (each its own connection), shared
+    memory on by itself for this loopback target, encode() returning a fresh array each call."""
+    import threading
+    import time
+
+    from zspace.service.client import ZSpaceClient
+
+    x = np.random.default_rng(0).random((rows, 784), dtype=np.float32)
+    clients = [ZSpaceClient(target, timeout=60, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(callers)]
+    for c in clients:
+        c.encode("mnist-ae", x)
+    latencies: list[list[float]] = [[] for _ in range(callers)]
+    errors = [0] * callers
+    stop_at = time.perf_counter() + seconds
+    per = max(1, max_requests // callers)
+
+    def caller(i: int) -> None:
+        while time.perf_counter() < stop_at and len(latencies[i]) < per:
+            t = time.perf_counter()
+            try:
+                clients[i].encode("mnist-ae", x)
+                latencies[i].append(time.perf_counter() - t)
+            except Exception:  # counted, as closed_loop counts the RPC errors of the other wires
+                errors[i] += 1
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(callers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - t0
+    shared = all(c.shared_memory and c._all_buffers for c in clients)
+    for c in clients:
+        c.close()
+    if not shared:
+        raise RuntimeError("the zspace client did not use shared memory for this target")
+    ms = np.concatenate([np.asarray(v) for v in latencies]) * 1000
+    return {"requests": len(ms), "errors": sum(errors), "req_s": len(ms) / elapsed, "latencies_ms": ms.tolist()}
 
 
 async def triton_shared_memory_load(target: str, rows: int, callers: int, seconds: float, max_requests: int) -> dict:
@@ -336,10 +381,11 @@ def parse_layouts(text: str) -> tuple[tuple[int, int], ...]:
 @click.option("--client-processes", default=4, help="Part two: load processes (Python clients).")
 @click.option("--layouts", default=",".join(f"{c}x{r}" for c, r in MATRIX), show_default=True,
               help="Part two: the loads, CLIENTSxROWS, comma-separated.")
-@click.option("--wire", type=click.Choice(["float32", "uint8", "shm", "triton-shm"]), default="float32",
+@click.option("--wire", type=click.Choice(WIRES), default="float32",
               help="Part two: how clients send pixels (uint8: a quarter of the bytes, scaled by the server; shm: "
-                   "zspace.v1 shared tensors in registered shared memory; triton-shm: tritonclient's ModelInfer with "
-                   "system shared memory).")
+                   "zspace.v1 shared tensors in registered shared memory; zspace-client: the Python ZSpaceClient, "
+                   "which uses shared memory by itself here; triton-shm: tritonclient's ModelInfer with system "
+                   "shared memory).")
 @click.option("--precision", type=click.Choice(["fp32", "int8", "fp16"]), default="fp32",
               help="The bundle's precision, served (--precision) and in process (an int8/fp16 variant is made with "
                    "`zspace quantize` when the models folder has none).")
