@@ -458,7 +458,9 @@ def test_client_cli_round_trip_through_files(server, digits_x, tmp_path, cli):
         pngs += ["--png", path]
     assert cli("client", "--target", server.target, "health")[1].strip() == "SERVING"
     code, out = cli("client", "--target", server.target, "models")
-    assert code == 0 and json.loads(out)["models"][0]["name"] == "digits"
+    listed = json.loads(out)["models"][0]
+    assert code == 0 and listed["name"] == "digits"
+    assert listed["precision"] == "fp32" and listed["precision_from"] is None and listed["answers_latest"]
     code, out = cli("client", "--target", server.target, "encode", "--model", "digits", *pngs, "--out", tmp_path)
     assert code == 0, out
     codes = np.load(tmp_path / "codes.npy")

@@ -107,7 +107,8 @@ def models(c) -> None:
     resp = c.list_models()
     rows = [{"name": m.name, "version": m.version, "versions": list(m.versions), "kind": m.kind,
              "modality": m.modality, "input_shape": list(m.input_shape) or [m.input_dim], "latent_dim": m.latent_dim,
-             "provider": m.execution_provider} for m in resp.models]
+             "provider": m.execution_provider, "precision": m.precision, "precision_from": m.precision_from or None,
+             "answers_latest": m.answers_latest} for m in resp.models]
     click.echo(json.dumps({"models": rows, "broken": [{"path": b.path, "error": b.error} for b in resp.broken]}, indent=1))
 
 
