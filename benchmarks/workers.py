@@ -148,14 +148,10 @@ class Segment:
     """A POSIX shared memory segment of this load process, removed when closed."""
 
     def __init__(self, name: str, size: int):
-        import mmap
-        import os
+        from zspace.service.client import new_segment
 
         self.name, self.size, self.path = name, size, Path("/dev/shm") / name
-        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
-        os.ftruncate(fd, size)
-        self.mapping = mmap.mmap(fd, size)
-        os.close(fd)
+        self.mapping = new_segment(self.path, size)
 
     def close(self) -> None:
         self.mapping.close()

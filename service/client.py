@@ -68,6 +68,18 @@ SHARED_MIN_BYTES = 64 << 10  # smaller requests travel in the message: registeri
 ALIGN = 64
 
 
+def new_segment(path: Path, size: int):
+    """A new POSIX shared memory segment of SIZE bytes at PATH (/dev/shm/NAME, only for this user), mapped."""
+    import mmap
+
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    try:
+        os.ftruncate(fd, size)
+        return mmap.mmap(fd, size)
+    finally:
+        os.close(fd)
+
+
 class SharedBuffer:
     """A POSIX shared memory segment this client made and registered with the server as one region.
 
@@ -75,18 +87,12 @@ class SharedBuffer:
     time (the client keeps a pool). The segment's name is removed when the buffer is closed, or at exit."""
 
     def __init__(self, client: ZSpaceClient, size: int):
-        import mmap
         import uuid
 
         self.name = f"zspace-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self.size = size
         self.path = Path("/dev/shm") / self.name
-        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o600)
-        try:
-            os.ftruncate(fd, size)
-            self.mapping = mmap.mmap(fd, size)
-        finally:
-            os.close(fd)
+        self.mapping = new_segment(self.path, size)
         self._unlink = weakref.finalize(self, self.path.unlink, missing_ok=True)  # at close, or at exit
         try:
             client._call("RegisterSharedMemory", pb.RegisterSharedMemoryRequest(region=pb.SharedMemoryRegion(
@@ -301,15 +307,6 @@ class ZSpaceClient:
                 if buffer in self._all_buffers:
                     self._buffers.append(buffer)
 
-    def _tensor_request(self, x, answer_bytes: int, buffer: SharedBuffer | None):
-        """X as a Tensor (in BUFFER when given) and where the answer goes (after it in BUFFER, or None)."""
-        a, dtype = wire_array(x)
-        if buffer is None:
-            return pb.Tensor(shape=list(a.shape), data=a.tobytes(), dtype=dtype), None
-        tensor = pb.Tensor(shape=list(a.shape), dtype=dtype, shared=buffer.write(0, a))
-        start = aligned(a.nbytes)
-        return tensor, pb.SharedRegion(region=buffer.name, offset=start, byte_size=buffer.size - start)
-
     def _dims(self, model: str, version: int) -> pb.ModelInfo:
         """The model's sizes (what its answers take), asked once per model and version."""
         info = self._models.get((model, version))
@@ -384,17 +381,17 @@ class ZSpaceClient:
         if x is None:
             yield None, None, None
             return
-        a, _ = wire_array(x)
+        a, dtype = wire_array(x)
         if not self.shared_memory or a.nbytes < SHARED_MIN_BYTES:
             yield to_tensor(a), None, None
             return
-        answer = self._answer_bytes(model, version, len(a), rpc, item)
-        with self._shared(aligned(a.nbytes) + answer) as buffer:
+        start = aligned(a.nbytes)  # the answer goes after the tensor, in the same buffer
+        with self._shared(start + self._answer_bytes(model, version, len(a), rpc, item)) as buffer:
             if buffer is None:  # shared memory turned out not to work here: the message it is
                 yield to_tensor(a), None, None
                 return
-            tensor, output = self._tensor_request(a, answer, buffer)
-            yield tensor, output, buffer
+            tensor = pb.Tensor(shape=list(a.shape), dtype=dtype, shared=buffer.write(0, a))
+            yield tensor, pb.SharedRegion(region=buffer.name, offset=start, byte_size=buffer.size - start), buffer
 
     def encode(self, model: str, x=None, *, images=None, texts=None, version: int = 0, output_dtype: str = "float32"):
         """-> (mean [batch, K], logvar [batch, K] or None). x as uint8 (8-bit images) travels at a quarter of the bytes;

@@ -101,7 +101,9 @@ class SharedOutput:
 
     @classmethod
     def of(cls, request, field: str = "output") -> SharedOutput:
-        return cls(getattr(request, field) if request.HasField(field) else None, field)
+        """The request's answer region; none when it gives none or has no such field (Generate, Interpolate)."""
+        given = field in request.DESCRIPTOR.fields_by_name and request.HasField(field)
+        return cls(getattr(request, field) if given else None, field)
 
     def check(self, nbytes: int) -> None:
         """The answer's tensors, NBYTES in all, fit the region given (refused before the work is done)."""

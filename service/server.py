@@ -235,8 +235,6 @@ class Server:
 
         if len(os.fsencode(path)) > 107:  # sockaddr_un's sun_path
             raise UserError(f"--uds: {path} is longer than a socket path may be (107 bytes); use a shorter path")
-        if not path.parent.is_dir():
-            raise UserError(f"--uds: {path.parent} is not a folder")
         if path.exists() or path.is_symlink():
             if not stat.S_ISSOCK(path.lstat().st_mode):
                 raise UserError(f"--uds: {path} exists and is not a socket; choose another path")

@@ -71,7 +71,7 @@ class ModelRpcs(RpcHandlers):
         A PNG of 8-bit pixels is at most its raw bytes plus zlib's and the format's small overheads."""
         item = WIRE[output_dtype(request)][1]
         png = rt.input_dim + rt.input_dim // 64 + 1024 if request.return_png else 0
-        shared = SharedOutput.of(request) if "output" in type(request).DESCRIPTOR.fields_by_name else SharedOutput(None, "")
+        shared = SharedOutput.of(request)
         shared.check(rows * rt.input_dim * item)
         inline = 0 if shared.ref is not None else rt.input_dim
         check_answer_size(rows * ((inline + rt.latent_dim) * item + png), self.limits,
@@ -82,7 +82,7 @@ class ModelRpcs(RpcHandlers):
         Each caller has bounded the answer's size already (_check_decoded_size), before its own work."""
         dtype, return_png = output_dtype(request), request.return_png
         x_hat = await rt.decode(z)
-        shared = SharedOutput.of(request) if "output" in type(request).DESCRIPTOR.fields_by_name else SharedOutput(None, "")
+        shared = SharedOutput.of(request)
         out = pb.Outputs(tensor=shared.tensor(x_hat, dtype))
         if return_png:
             if rt.modality != "image":
@@ -97,7 +97,7 @@ class ModelRpcs(RpcHandlers):
             kind=b.kind, modality=b.modality, input_dim=b.input_dim, input_shape=list(b.input_shape or ()),
             latent_dim=b.latent_dim, execution_provider=rt.provider,
             metrics_json=json.dumps(b.manifest.get("metrics", {})), prior=b.prior["type"],
-            precision=b.precision, precision_from=(b.manifest.get("precision", {}).get("from") or {}).get("version") or 0,
+            precision=b.precision, precision_from=b.precision_from or 0,
             answers_latest=self.repo.latest(b.name) == b.version,
         )
 

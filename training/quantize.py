@@ -30,7 +30,7 @@ from zspace.errors import UserError
 from zspace.files import staged_folder, write_atomic
 from zspace.likelihood import target_of
 from zspace.progress import stage
-from zspace.runtime import open_runtime, variant_parity
+from zspace.runtime import BundleRuntime, open_runtime, variant_parity
 from zspace.transforms import transform_from_dict
 
 PARITY_ROWS = 64
@@ -117,21 +117,21 @@ def precision_at_10(codes_test: np.ndarray, codes_train: np.ndarray, ds: Dataset
     return float((ds.y_train[ids] == ds.y_test[:, None]).mean())
 
 
-def variant_cost(fp32: Bundle, variant: Bundle, ds: Dataset) -> dict:
+def variant_cost(fp32: BundleRuntime, variant: BundleRuntime, ds: Dataset) -> dict:
     """What the variant loses against the fp32 graphs on the test split (and, for P@10, the training split)."""
-    runtimes = {"fp32": open_runtime(fp32), variant.precision: open_runtime(variant)}
+    precision = variant.bundle.precision
     metric = "cosine" if ds.modality == "text" else "l2"
-    target = target_of(ds.x_test, fp32.likelihood)
+    target = target_of(ds.x_test, fp32.bundle.likelihood)
     figures = {}
     with stage(f"quantize: {len(ds.x_test)} test rows and {len(ds.x_train)} training rows through fp32 and "
-               f"{variant.precision}"):
-        for which, rt in runtimes.items():
+               f"{precision}"):
+        for which, rt in (("fp32", fp32), (precision, variant)):
             codes = rt.codes(ds.x_test)
             recon = np.concatenate([rt.decode(np.ascontiguousarray(codes[i : i + 4096]))[0]
                                     for i in range(0, len(codes), 4096)])
             figures[which] = {"codes": codes, "sq_error": float(((recon - target) ** 2).sum(1).mean()),
                               "p_at_10": precision_at_10(codes, rt.codes(ds.x_train), ds, metric)}
-    base, low = figures["fp32"], figures[variant.precision]
+    base, low = figures["fp32"], figures[precision]
     apart = np.abs(low["codes"] - base["codes"])
     spread = float(base["codes"].max() - base["codes"].min()) or 1.0
     cost = {
@@ -143,7 +143,7 @@ def variant_cost(fp32: Bundle, variant: Bundle, ds: Dataset) -> dict:
         "p_at_10": low["p_at_10"], "p_at_10_fp32": base["p_at_10"],
         "p_at_10_change": None if base["p_at_10"] is None else low["p_at_10"] - base["p_at_10"],
     }
-    if fp32.is_hash:
+    if fp32.bundle.is_hash:
         cost["bits_agreement"] = float(((low["codes"] > 0.5) == (base["codes"] > 0.5)).mean())
     return cost
 
@@ -159,9 +159,10 @@ def write_variant(fp32: Bundle, out: Path, precision: str, ds: Dataset, source: 
             convert_graph(fp32.graph(g), out / f"{g}.onnx", precision)
     x = np.ascontiguousarray(ds.x_test[:PARITY_ROWS])
     reference = open_runtime(fp32)
-    z = np.ascontiguousarray(reference.encode(x)[0])
+    encoded = reference.encode(x)
+    z = np.ascontiguousarray(encoded[0])
     rows = {"x": x, "z": z}
-    for graph, outs in (("encoder", reference.encode(x)), ("decoder", reference.decode(z))):
+    for graph, outs in (("encoder", encoded), ("decoder", reference.decode(z))):
         rows.update({f"{graph}.{name}": o for name, o in zip(fp32.graphs[graph].outputs, outs)})
     buffer = io.BytesIO()
     np.savez(buffer, **rows)
@@ -171,17 +172,16 @@ def write_variant(fp32: Bundle, out: Path, precision: str, ds: Dataset, source: 
     manifest["files"] = {g: {**fp32.manifest["files"][g], "sha256": sha256_file(out / f"{g}.onnx"),
                              "bytes": (out / f"{g}.onnx").stat().st_size} for g in GRAPHS}
     manifest["files"]["parity"] = {"path": "parity.npz", "sha256": sha256_file(out / "parity.npz"), "rows": len(x)}
-    # Measured first (the tolerance stands in as infinite while it is measured), then promised with a margin.
-    staged = dataclasses.replace(fp32, path=out, precision=precision, parity_file="parity.npz",
-                                 tolerance=dict.fromkeys(GRAPHS, 1e30))
-    measured = variant_parity(open_runtime(staged))
+    # The distance is measured first, then promised with a margin.
+    low = open_runtime(dataclasses.replace(fp32, path=out, precision=precision, parity_file="parity.npz"))
+    measured = variant_parity(low)
     import onnxruntime
 
     manifest["precision"] = {
         "name": precision, "method": METHODS[precision], "onnxruntime": onnxruntime.__version__, "from": source,
         "parity_max_abs": measured, "parity_rows": len(x),
         "tolerance": {g: max(TOLERANCE_MARGIN * d, TOLERANCE_FLOOR) for g, d in measured.items()},
-        "cost": variant_cost(fp32, staged, ds),
+        "cost": variant_cost(reference, low, ds),
     }
     manifest["metrics"] = {**fp32.manifest["metrics"], "test_sq_error": manifest["precision"]["cost"]["sq_error"]}
     write_manifest(out, manifest)
@@ -208,7 +208,7 @@ def quantize_bundle(ref: str | Path, precision: str, version: int | None = None,
     fp32 = load_bundle(resolve_bundle(ref))
     if fp32.precision != "fp32":
         raise UserError(f"{fp32.label} is {fp32.precision}; quantize its fp32 version "
-                        f"({fp32.manifest['precision'].get('from', {}).get('version')})")
+                        f"({fp32.precision_from})")
     repo = fp32.path.parent.parent
     existing = versions(repo, fp32.name)
     version = version or existing[-1] + 1

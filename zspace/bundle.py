@@ -91,6 +91,12 @@ class Bundle:
         return self.kind == "hash"
 
     @property
+    def precision_from(self) -> int | None:
+        """A variant made from a bundle of this repository: the fp32 version it came from (None for fp32 bundles
+        and for variants exported straight from a run)."""
+        return ((self.manifest.get("precision") or {}).get("from") or {}).get("version")
+
+    @property
     def label(self) -> str:
         return f"{self.name}/{self.version}"
 
