@@ -171,3 +171,27 @@ def stats(index_dir) -> None:
     index = open_index(Path(index_dir), snapshots=False)
     click.echo(json.dumps(index.stats(), indent=1))
     index.release()
+
+
+@index_group.command("map")
+@click.argument("index_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--method", type=click.Choice(["pca", "umap", "tsne"]), default="pca",
+              help="Projection to 2-D: pca (linear, fast at any size), umap or tsne (neighbourhoods; fitted on a "
+                   "sample, the rest placed by their nearest fitted codes).")
+@click.option("--sample", type=click.IntRange(min=3), default=None,
+              help="Codes to fit on (default: pca 200000, umap 20000, tsne 5000); the others are placed.")
+@click.option("--seed", type=int, default=0, help="Seed of the sample and the projection.")
+def map_(index_dir, method, sample, seed) -> None:
+    """Make the 2-D map of an index's codes that the web explorer draws (map.npz in the index folder).
+
+    A server keeps the map current: items written later are placed on it, deleted ones
+    leave it. Run it again to refit (after many writes, or to change the method)."""
+    from zspace.index.backends import open_index
+    from zspace.index.maps import map_index
+
+    index = open_index(Path(index_dir), snapshots=False)
+    try:
+        m = map_index(index, method, sample, seed)
+    finally:
+        index.release()
+    click.echo(json.dumps({"index": index_dir, **m.info()}, indent=1))
