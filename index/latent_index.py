@@ -587,6 +587,14 @@ class LatentIndex:
         scanned = tuple(dict.fromkeys(c.field for c in where if c.field not in self.columns))
         return Plan(describe(where), total, matches.count, indexed, scanned, strategy, ef, probes), matches
 
+    def matching(self, where) -> np.ndarray:
+        """Which ids satisfy the filter, as a boolean mask over ids (below id_limit): the explorer's filtering."""
+        where = as_filter(where)
+        if self.follow:
+            self.catch_up()
+        with self.lock.read():
+            return self._mask(where) if where else np.ones(self.id_limit, bool)
+
     def _mask(self, where: Filter) -> np.ndarray:
         """Which ids (below id_limit) satisfy every condition: columns for declared fields, one scan of the
         payloads for the rest (all undeclared conditions in one SQL statement)."""

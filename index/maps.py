@@ -54,11 +54,12 @@ class LatentMap:
 
     @property
     def count(self) -> int:
-        return len(self.ids)
+        """Items on the map (rows of deleted items stay, empty, until a refit: see update)."""
+        return int((self.ids >= 0).sum())
 
     def bounds(self) -> list[float]:
         """[x0, y0, x1, y1] of the points (of the anchors when there are none yet)."""
-        pts = self.xy if len(self.xy) else self.anchor_xy
+        pts = self.xy[self.ids >= 0] if self.count else self.anchor_xy
         if not len(pts):
             return [-1.0, -1.0, 1.0, 1.0]
         lo, hi = pts.min(0), pts.max(0)
@@ -82,7 +83,7 @@ class LatentMap:
         return np.einsum("nk,nkd->nd", weights, self.anchor_xy[nearest]).astype(np.float32)
 
     def info(self) -> dict:
-        return {"method": self.method, "count": self.count, "fitted": self.fitted, "seq": self.seq,
+        return {"method": self.method, "count": self.count, "rows": len(self.ids), "fitted": self.fitted, "seq": self.seq,
                 "bounds": self.bounds(), "fit_seconds": round(self.seconds, 2)}
 
 
@@ -178,14 +179,18 @@ def load_map(folder: Path) -> LatentMap | None:
 # ------------------------------------------------------------------ keeping it current
 
 def update(m: LatentMap, changes: list[tuple[int, int | None, int | None]], entries) -> LatentMap:
-    """The map after the store's `changes` (seq, old id, new id) since m.seq: replaced and deleted ids leave it,
-    new ids still present are placed. entries(ids) -> (ids that exist, their codes), the store's `entries_of`."""
+    """The map after the store's `changes` (seq, old id, new id) since m.seq. Rows never move, so a row number
+    a viewer holds keeps naming its item: a replaced or deleted item's row is emptied (id -1, position NaN),
+    and new items are placed on rows appended at the end. entries(ids) -> (ids that exist, their codes),
+    the store's `entries_of`. A refit (`zspace index map`) compacts the rows again."""
     if not changes:
         return m
     gone = {old for _, old, _ in changes if old is not None}
     added = list(dict.fromkeys(new for _, _, new in changes if new is not None))
-    keep = ~np.isin(m.ids, np.fromiter(gone, np.int64, len(gone))) if gone else np.ones(len(m.ids), bool)
-    ids, xy = m.ids[keep], m.xy[keep]
+    ids, xy = m.ids.copy(), m.xy.copy()
+    if gone:
+        dead = np.isin(ids, np.fromiter(gone, np.int64, len(gone)))
+        ids[dead], xy[dead] = -1, np.nan
     have = set(ids.tolist()) if added else set()
     fresh = [i for i in added if i not in have]  # entries() drops those deleted again since
     if fresh:

@@ -300,6 +300,12 @@ class ItemStore:
                     raise FilterError(f"filter: no item has a field {shown(c.field)} (fields seen: {shown_list(fields)})")
         return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
 
+    def field_values(self, field: str) -> tuple[np.ndarray, list]:
+        """(ids, each item's value of the top-level payload field, None where it has none): one scan, for the
+        explorer's colouring (SQLite's values: JSON true/false come back as 1/0)."""
+        rows = self.reader.execute("SELECT id, json_extract(payload, ?) FROM items ORDER BY id", (_path(field),)).fetchall()
+        return np.fromiter((r[0] for r in rows), np.int64, len(rows)), [r[1] for r in rows]
+
     def changes_since(self, seq: int) -> list[tuple[int, int | None, int | None]]:
         return self.reader.execute("SELECT seq, old_id, new_id FROM changes WHERE seq > ? ORDER BY seq", (seq,)).fetchall()
 

@@ -107,6 +107,10 @@ class ServeConfig:
     precision: str | None = None
     uds: Path | None = None       # also listen on this Unix domain socket (local clients: no TCP, shared memory)
     shared_memory: str = "local"  # who may register shared memory regions: local (loopback, Unix socket) | any | off
+    # HTTP beside gRPC (KServe v2 REST, zspace's JSON endpoints, the web explorer): None = off, 0 = any free port.
+    http_port: int | None = None
+    http_host: str | None = None  # None: --host
+    media_roots: tuple[Path, ...] = ()  # folders whose files an item's payload may name as its image (the explorer)
 
 
 def parse_host_port(value: str | int, option: str) -> tuple[str | None, int]:

@@ -23,10 +23,10 @@ def check_port_free(host: str, port: int, option: str) -> None:
                 s.bind(address)
             except OSError as exc:
                 raise UserError(f"{option}: cannot listen on {host}:{port} ({exc.strerror}); choose another {option}"
-                                f"{', or 0 for any free port' if option == '--port' else ', or 0 to turn metrics off'}") from None
+                                f"{', or 0 to turn metrics off' if option == '--metrics-port' else ', or 0 for any free port'}") from None
 
 
-def reserve_port(host: str, port: int) -> socket.socket:
+def reserve_port(host: str, port: int, option: str = "--port") -> socket.socket:
     """A bound, not listening, SO_REUSEPORT socket on HOST:PORT that the workers' listeners join."""
     if not hasattr(socket, "SO_REUSEPORT"):
         raise UserError("--workers: this OS has no SO_REUSEPORT, so processes cannot share a port; use --workers 1")
@@ -42,5 +42,5 @@ def reserve_port(host: str, port: int) -> socket.socket:
         s.bind(address)
     except OSError as exc:
         s.close()
-        raise UserError(f"--port: cannot listen on {host}:{port} ({exc.strerror}); choose another --port") from None
+        raise UserError(f"{option}: cannot listen on {host}:{port} ({exc.strerror}); choose another {option}") from None
     return s

@@ -147,7 +147,7 @@ class BugLog:
 BUGS = BugLog()
 
 
-def _status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, StatusError):
         return exc.code, str(exc)
     if isinstance(exc, NotFound):
@@ -193,7 +193,7 @@ def rpc(method):
             code = grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
             raise
         except Exception as exc:
-            code, message = _status(exc)
+            code, message = status_of(exc)
             if code is grpc.StatusCode.INTERNAL:
                 BUGS.report(name, exc)
                 message = f"{name}: internal error (logged on the server)"

@@ -78,6 +78,9 @@ def check_config(cfg: ServeConfig) -> None:
         raise UserError(f"--models: {cfg.models} is not a folder")
     if cfg.shared_memory not in SHARING:
         raise UserError(f"--shared-memory: expected one of {', '.join(SHARING)}, got {cfg.shared_memory!r}")
+    for root in cfg.media_roots:
+        if not Path(root).is_dir():
+            raise UserError(f"--media-root: {root} is not a folder")
     if cfg.uds and not Path(cfg.uds).parent.is_dir():
         raise UserError(f"--uds: {Path(cfg.uds).parent} is not a folder")
     if bool(cfg.tls_cert) != bool(cfg.tls_key):
@@ -92,6 +95,21 @@ def check_config(cfg: ServeConfig) -> None:
             raise UserError(f"{option}: cannot read {path} ({exc.strerror})") from None
         if marker not in text:
             raise UserError(f"{option}: {path} is not PEM (no {marker.decode().strip('-')} block)")
+
+
+def make_http_server(cfg: ServeConfig, role, models, index_rpcs, kserve, indexes, repo, max_body: int):
+    """The HTTP listener: KServe v2 REST, zspace's JSON endpoints and the explorer, over the gRPC handlers."""
+    from zspace.service.explorer import ExplorerRoutes
+    from zspace.service.http import HttpServer, build_app, ssl_context
+    from zspace.service.http_api import ApiRoutes
+    from zspace.service.http_kserve import KServeHttpRoutes
+    from zspace.service.openapi import OpenApiRoutes
+
+    parts = [KServeHttpRoutes(kserve), ApiRoutes(models, index_rpcs),
+             ExplorerRoutes(indexes, repo, cfg.media_roots, writes=role.writes_snapshots), OpenApiRoutes(package_version())]
+    app = build_app(parts, cfg.token, max_body, cfg.max_concurrent_rpcs)
+    return HttpServer(app, cfg.http_host or cfg.host, cfg.http_port, role.shares_port,
+                      ssl_context(cfg.tls_cert, cfg.tls_key), cfg.grace_s)
 
 
 class Role:
@@ -148,6 +166,8 @@ class Server:
         self.port = cfg.port
         self.metrics_port = 0
         self.uds: Path | None = None  # the Unix socket this server listens on (--uds), removed when it stops
+        self.http = None              # the HTTP listener (--http-port), service/http.py
+        self.http_port = 0
         self._poller: asyncio.Task | None = None
         self.started = False
 
@@ -158,6 +178,8 @@ class Server:
         except BaseException:
             if self.server is not None:
                 await self.server.stop(None)  # else its finaliser runs on a closed loop and prints a traceback
+            if self.http is not None:
+                await self.http.stop()
             self.metrics.close()
             for rt in self.repo.loaded():
                 rt.close()
@@ -168,6 +190,8 @@ class Server:
         if self.role.checks_ports:
             check_port_free(cfg.host, cfg.port, "--port")  # before minutes of loading, not after
             check_port_free(*self.role.metrics_address(cfg), "--metrics-port")
+            if cfg.http_port:
+                check_port_free(cfg.http_host or cfg.host, cfg.http_port, "--http-port")
         await self.rescan()
         if not version_dirs(cfg.models):
             log.warning("--models %s: %s", cfg.models, repository_hint(Path(cfg.models)))
@@ -182,12 +206,14 @@ class Server:
         # An answer must fit the message limit; requests in progress share one byte budget (rpc.Admission).
         limits = dataclasses.replace(cfg.limits, max_answer_bytes=limit)
         admission = Admission(cfg.max_inflight_mb << 20)
-        add_zspace_service(self.server, ModelRpcs(self.repo, limits, self.metrics, admission),
-                           IndexRpcs(self.indexes, self.repo, limits, self.metrics, admission),
+        models = ModelRpcs(self.repo, limits, self.metrics, admission)
+        index_rpcs = IndexRpcs(self.indexes, self.repo, limits, self.metrics, admission)
+        add_zspace_service(self.server, models, index_rpcs,
                            SharedMemoryRpcs(REGIONS, self.metrics, admission, cfg.shared_memory))
         # KServe v2 beside zspace.v1: the same models, batchers, limits and byte budget.
-        add_service(self.server, KSERVE, kpb, KServeRpcs(self.repo, limits, self.serving, package_version(),
-                                                         self.metrics, admission, REGIONS, cfg.shared_memory))
+        kserve = KServeRpcs(self.repo, limits, self.serving, package_version(), self.metrics, admission, REGIONS,
+                            cfg.shared_memory)
+        add_service(self.server, KSERVE, kpb, kserve)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, KSERVE.full_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
@@ -217,14 +243,22 @@ class Server:
             except OSError as exc:
                 raise UserError(f"--metrics-port: cannot listen on {host}:{port} ({exc.strerror}); "
                                 "choose another --metrics-port, or 0 to turn metrics off") from None
+        if cfg.http_port is not None:  # the same handlers over HTTP (service/http.py)
+            self.http = make_http_server(cfg, self.role, models, index_rpcs, kserve, self.indexes, self.repo, limit)
+            try:
+                self.http_port = await self.http.start()
+            except OSError as exc:
+                raise UserError(f"--http-port: cannot listen on {cfg.http_host or cfg.host}:{cfg.http_port} "
+                                f"({exc.strerror}); choose another --http-port") from None
         await self.server.start()
         if cfg.poll_s > 0:
             self._poller = asyncio.get_running_loop().create_task(self._poll())
         models = ", ".join(f"{rt.name}/{rt.version} ({rt.provider})" for rt in self.repo.loaded()) or "none"
         loop = type(asyncio.get_running_loop()).__module__.split(".")[0]
         metrics = f"metrics on {host}:{self.metrics_port}" if self.metrics_port else "metrics off"
-        log.info("serving on %s:%d%s (%s loop), %s; models: %s", cfg.host, self.port,
-                 " (TLS)" if cfg.tls_cert else "", loop, metrics, models)
+        http = f", HTTP on {cfg.http_host or cfg.host}:{self.http_port} (explorer at /ui/)" if self.http else ""
+        log.info("serving on %s:%d%s%s (%s loop), %s; models: %s", cfg.host, self.port,
+                 " (TLS)" if cfg.tls_cert else "", http, loop, metrics, models)
         self.role.report(serving=bool(self.repo.loaded()), metrics_port=self.metrics_port)
 
     def _listen_uds(self, path: Path, creds) -> None:
@@ -299,8 +333,10 @@ class Server:
         await self.health.enter_graceful_shutdown()
         if self._poller:
             self._poller.cancel()
-        if self.server:
-            await self.server.stop(self.cfg.grace_s)
+        stopping = [self.server.stop(self.cfg.grace_s)] if self.server else []
+        if self.http is not None:
+            stopping.append(self.http.stop())
+        await asyncio.gather(*stopping)
         for rt in self.repo.loaded():
             rt.close()
         await asyncio.to_thread(self.indexes.close)

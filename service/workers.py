@@ -182,8 +182,14 @@ class Supervisor:
             raise UserError("--uds: one process listens on a Unix socket; use it with --workers 1")
         check_port_free(cfg.host, cfg.port, "--port")
         check_port_free(cfg.metrics_host or cfg.host, cfg.metrics_port, "--metrics-port")
+        if cfg.http_port:
+            check_port_free(cfg.http_host or cfg.host, cfg.http_port, "--http-port")
         reservation = reserve_port(cfg.host, cfg.port)
         self.port = reservation.getsockname()[1]
+        # HTTP is shared the same way: its port reserved (0 made concrete) and every worker's listener joining it.
+        http_reservation = reserve_port(cfg.http_host or cfg.host, cfg.http_port, "--http-port") \
+            if cfg.http_port is not None else None
+        self.http_port = http_reservation.getsockname()[1] if http_reservation else None
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
@@ -203,6 +209,8 @@ class Supervisor:
             await asyncio.gather(*keepers, return_exceptions=True)
         finally:
             reservation.close()
+            if http_reservation is not None:
+                http_reservation.close()
             if self._http is not None:
                 self._http.shutdown()
                 self._http.server_close()
@@ -244,7 +252,7 @@ class Supervisor:
 
     async def _spawn(self, i: int) -> None:
         parent_end, child_end = socket.socketpair()
-        cfg = dataclasses.replace(self.cfg, port=self.port)
+        cfg = dataclasses.replace(self.cfg, port=self.port, http_port=self.http_port)
         hello = json.dumps({"worker": i, "workers": self.count,
                             "config": base64.b64encode(pickle.dumps(cfg)).decode()}).encode()
         parent_end.sendall(struct.pack(">I", len(hello)) + hello)

@@ -284,6 +284,13 @@ def serve_options(f):
         click.option("--metrics-port", default=str(d.metrics_port),
                      help="Prometheus /metrics: PORT (on --host) or HOST:PORT, e.g. 127.0.0.1:9100 to keep it on "
                           "loopback while gRPC listens on 0.0.0.0; 0: off. /metrics needs no token."),
+        click.option("--http-port", default=None, envvar="ZSPACE_HTTP_PORT",
+                     help="Also serve HTTP: KServe v2 REST, JSON endpoints (/openapi.json) and the web explorer "
+                          "(/ui/); PORT (on --host) or HOST:PORT, 0: any free port. Same token, TLS and limits as "
+                          "gRPC. Default: off. Env: ZSPACE_HTTP_PORT."),
+        click.option("--media-root", "media_roots", multiple=True, type=click.Path(exists=True, file_okay=False),
+                     help="A folder whose images items' payloads may name (field image, path, file or source, "
+                          "relative to it): the explorer shows them instead of decoded codes. Repeatable."),
         click.option("--workers", default="1", envvar=["ZSPACE_WORKERS", "ZSPACE_SERVE_WORKERS"],
                      help="Server processes sharing the port (SO_REUSEPORT), supervised and restarted; auto: one per "
                           "core, at most 16. Env: ZSPACE_WORKERS."),
@@ -336,8 +343,9 @@ def serve_options(f):
 @main.command()
 @serve_options
 def serve(models, indexes, workers, device, cuda_tf32, threads, instances, max_batch, max_delay_ms, max_queue,
-          search_max_batch, max_rows, max_decode_mpx, token_file, token_env, metrics_port, uds, **opts) -> None:
-    """Serve every bundle under --models over gRPC (health, reflection, metrics, hot reload)."""
+          search_max_batch, max_rows, max_decode_mpx, token_file, token_env, metrics_port, uds, http_port, media_roots,
+          **opts) -> None:
+    """Serve every bundle under --models over gRPC (health, reflection, metrics, hot reload), and HTTP with --http-port."""
     from zspace.runtime import RuntimeOptions
     from zspace.service.auth import read_token
     from zspace.service.config import SERVE_RUNTIME, BatchConfig, Limits, SearchConfig, ServeConfig, parse_host_port
@@ -350,8 +358,11 @@ def serve(models, indexes, workers, device, cuda_tf32, threads, instances, max_b
                                         instances=instances),
                       search=SearchConfig(max_batch=search_max_batch),
                       limits=Limits(max_rows=max_rows, max_decode_pixels=max_decode_mpx * 1_000_000),
-                      token=read_token(token_file, token_env), uds=Path(uds) if uds else None, **opts)
+                      token=read_token(token_file, token_env), uds=Path(uds) if uds else None,
+                      media_roots=tuple(Path(r) for r in media_roots), **opts)
     cfg.metrics_host, cfg.metrics_port = parse_host_port(metrics_port, "--metrics-port")
+    if http_port is not None and http_port != "":
+        cfg.http_host, cfg.http_port = parse_host_port(http_port, "--http-port")
     workers = worker_count(workers)
     if workers > 1 and cfg.uds:
         raise UserError("--uds: one process listens on a Unix socket; use it with --workers 1 (workers share a TCP "
