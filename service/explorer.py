@@ -88,7 +88,8 @@ class ExplorerRoutes:
         i, m = "/v1/indexes/{index}", "/v1/models/{model}"
         return [web.get(i + "/map", self.map_info), web.get(i + "/map/points", self.map_points),
                 web.get(i + "/map/colours", self.map_colours), web.get(i + "/map/mask", self.map_mask),
-                web.get(i + "/map/rows/{row}", self.map_row), web.post(i + "/views", self.views),
+                web.get(i + "/map/rows/{row}", self.map_row), web.get(i + "/map/find", self.map_find),
+                web.post(i + "/views", self.views),
                 web.get(m + "/manifest", self.manifest), web.get(m + "/figures/{file}", self.figure)]
 
     # -------------------------------------------------------------- the map, kept current
@@ -182,6 +183,16 @@ class ExplorerRoutes:
         key = next(iter(found.values()))[0]
         view = (await self._views(name, [key]))[0]
         return json_answer({"row": row, "x": float(m.xy[row, 0]), "y": float(m.xy[row, 1]), **view})
+
+    async def map_find(self, request):
+        """The map row of an item key (a shared URL names its selection by key)."""
+        name, key = request.match_info["index"], request.query.get("key", "")
+        m = await asyncio.to_thread(self.current, name)
+        item = await asyncio.to_thread(self.indexes.get(name).get, key)  # checks the key; NotFound names it
+        rows = np.flatnonzero(m.ids == item.id)
+        if not len(rows):
+            raise NotFound(f"key: {shown(key)} is not on the map yet")
+        return json_answer({"row": int(rows[0]), "key": key})
 
     # -------------------------------------------------------------- what an item looks like
 

@@ -119,6 +119,7 @@ def document(version: str) -> dict:
         i + "/map/mask": {"get": op("Which rows match a filter: one bit per row, least significant first",
                                     params=[index, query("where", description="a condition, repeatable", many=True)],
                                     binary=True, tag="explorer")},
+        i + "/map/find": {"get": op("The map row of an item key", params=[index, query("key")], tag="explorer")},
         i + "/map/rows/{row}": {"get": op("One row's item and its view", params=[index, path_param("row")],
                                           tag="explorer")},
         "/v2": {"get": op("Server metadata", tag="kserve")},
