@@ -84,11 +84,13 @@ async def call(handler, message, request: web.Request, timeout_s: float | None =
     return await handler(message, HttpContext(request, timeout_s))
 
 
-def error_response(code: grpc.StatusCode, message: str, headers: dict | None = None) -> web.Response:
+def error_response(code: grpc.StatusCode, message: str, headers: dict | None = None,
+                   status: int | None = None) -> web.Response:
+    """The JSON error body; the status is the gRPC code's, unless HTTP itself refused (`status`: 405, 413)."""
     body = {"error": message, "code": code.name}
     if m := FIELD.match(message):
         body["field"] = m.group(1)
-    return web.json_response(body, status=HTTP_STATUS.get(code, 500), headers=headers)
+    return web.json_response(body, status=status or HTTP_STATUS.get(code, 500), headers=headers)
 
 
 async def off_loop(size: int, fn, *args):
@@ -166,7 +168,7 @@ def middlewares(token: str | None, max_concurrent: int | None):
                 reason = f"{request.path}: no such endpoint (see /openapi.json)"
             elif exc.status == 405:
                 reason = f"{request.method} {request.path}: method not allowed here (see /openapi.json)"
-            return error_response(code, safe_message(reason))
+            return error_response(code, safe_message(reason), status=exc.status)
         except asyncio.CancelledError:
             raise
         except Exception as exc:

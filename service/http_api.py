@@ -24,7 +24,7 @@ import numpy as np
 from aiohttp import web
 
 from zspace.errors import shown
-from zspace.index.filters import as_filter
+from zspace.index.filters import as_filter, condition, parse_condition
 from zspace.service.http import call, json_answer, json_off_loop, off_loop, read_json
 from zspace.service.inputs import WIRE, InvalidArgument
 from zspace.v1 import zspace_pb2 as pb
@@ -143,20 +143,25 @@ def check_fields(body, allowed: tuple[str, ...]) -> dict:
 
 def search_filter(value) -> pb.Filter:
     """The filter language in any of its JSON shapes: "label == 3", ["label == 3", "year >= 2000"],
-    {"label": 3}, or conditions [{"field", "op", "value"}]; checked by filters.as_filter."""
-    if isinstance(value, list) and value and all(isinstance(c, dict) for c in value):
+    {"label": 3}, or conditions [{"field", "op", "value"}]; checked by index/filters.py, errors naming the part."""
+    if isinstance(value, str):
+        value = [parse_condition(value, "filter")]
+    elif isinstance(value, list):
         conditions = []
         for i, c in enumerate(value):
-            if set(c) - {"field", "op", "value"} or "field" not in c or "value" not in c:
-                raise InvalidArgument(f"filter[{i}]: expected {{\"field\", \"op\", \"value\"}}")
-            conditions.append(f"{c['field']} {c.get('op', '==')} {json.dumps(c['value'])}")
+            part = f"filter[{i}]"
+            if isinstance(c, str):
+                conditions.append(parse_condition(c, part))
+            elif isinstance(c, dict) and set(c) <= {"field", "op", "value"} and "field" in c and "value" in c:
+                if not isinstance(c["field"], str) or c.get("op", "==") not in OPS:
+                    raise InvalidArgument(f"{part}: expected a field name and an op, one of {', '.join(OPS)}")
+                conditions.append(condition(c["field"], c.get("op", "=="), c["value"], part))
+            else:
+                raise InvalidArgument(f"{part}: expected a condition, as \"label == 3\" or {{\"field\", \"op\", \"value\"}}")
         value = conditions
-    try:
-        checked = as_filter(value)
-    except InvalidArgument:
-        raise
-    except Exception as exc:  # FilterError: its message names the condition
-        raise InvalidArgument(f"filter: {exc}") from None
+    elif not isinstance(value, dict):
+        raise InvalidArgument("filter: expected a condition, a list of them or {field: value}")
+    checked = as_filter(value)
     return pb.Filter(all=[pb.Condition(field=c.field, op=OPS[c.op], value_json=json.dumps(c.value)) for c in checked])
 
 
@@ -173,7 +178,7 @@ def plain(message) -> dict:
     out = {}
     for f in message.DESCRIPTOR.fields:
         value = getattr(message, f.name)
-        out[f.name] = list(value) if f.label == f.LABEL_REPEATED else value
+        out[f.name] = list(value) if hasattr(value, "extend") else value  # repeated fields are containers
     return out
 
 
@@ -368,8 +373,13 @@ class ApiRoutes:
             payloads = b.get("payloads") or []
             if not isinstance(payloads, list) or not all(isinstance(p, dict) for p in payloads):
                 raise InvalidArgument("payloads: expected a list of JSON objects, one per item (or none)")
-            m = pb.UpsertRequest(index=request.match_info["index"], keys=keys,
-                                 payloads_json=[json.dumps(p) for p in payloads])
+            texts = []
+            for i, p in enumerate(payloads):
+                try:
+                    texts.append(json.dumps(p, allow_nan=False))
+                except ValueError:
+                    raise InvalidArgument(f"payloads[{i}]: NaN and infinities are not JSON; use null or a string") from None
+            m = pb.UpsertRequest(index=request.match_info["index"], keys=keys, payloads_json=texts)
             if ("vectors" in b) == ("inputs" in b):
                 raise InvalidArgument("items: give inputs or vectors")
             if "vectors" in b:
