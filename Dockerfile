@@ -25,8 +25,9 @@ RUN python3 -m venv /opt/zspace \
 USER zspace
 ENV PATH=/opt/zspace/bin:$PATH \
     ZSPACE_SERVE_MODELS=/models ZSPACE_SERVE_INDEXES=/indexes ZSPACE_SERVE_HOST=0.0.0.0 \
-    ZSPACE_SERVE_PORT=50051 ZSPACE_SERVE_METRICS_PORT=9100 ZSPACE_WORKERS=1
-EXPOSE 50051 9100
+    ZSPACE_SERVE_PORT=50051 ZSPACE_SERVE_METRICS_PORT=9100 ZSPACE_WORKERS=1 ZSPACE_HTTP_PORT=8000
+# 50051 gRPC (zspace.v1, KServe v2), 8000 HTTP (KServe v2 REST, JSON, the explorer at /ui/), 9100 metrics.
+EXPOSE 50051 8000 9100
 HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
   CMD ["python", "-m", "zspace.service.healthcheck"]
 STOPSIGNAL SIGTERM

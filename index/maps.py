@@ -142,7 +142,8 @@ def _fit_nonlinear(method: str, codes: np.ndarray, seed: int) -> np.ndarray:
         else:
             import umap  # umap-learn
 
-            model = umap.UMAP(n_components=2, n_neighbors=min(15, len(codes) - 1), random_state=seed)
+            # A seed makes UMAP single-threaded (n_jobs=1, said outright): a map is fitted once, and the same map twice.
+            model = umap.UMAP(n_components=2, n_neighbors=min(15, len(codes) - 1), random_state=seed, n_jobs=1)
     except ImportError as exc:
         package = "scikit-learn" if method == "tsne" else "umap-learn"
         raise UserError(f"--method {method}: needs {package} (pip install {package}): {exc}") from None

@@ -290,7 +290,7 @@ async function viewMap(main, params) {
 
   const { buffer, headers } = await api(`${base}/map/points`, { binary: true });
   const rows = Number(headers.get("X-Map-Rows"));
-  const view = new MapView(canvas, new Float32Array(buffer), rows);
+  const view = window.zspaceMap = new MapView(canvas, new Float32Array(buffer), rows);  // window: benchmarks and tests
   status.textContent = `${info.count.toLocaleString()} items · ${info.method}`;
   view.draw();
   window.addEventListener("resize", () => view.draw(), { once: true });

@@ -5,6 +5,7 @@ Marked `container`: the fast suite skips it; scripts/container-smoke.sh runs it.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -47,17 +48,18 @@ def deployment(tmp_path_factory):
     build_index(bundle, "digits", work / "indexes" / "digits", quiet=True).close()
     for p in [work / "indexes", *(work / "indexes").rglob("*")]:
         p.chmod(0o777 if p.is_dir() else 0o666)  # the image runs as uid 10001
-    port, metrics = free_port(), free_port()
+    port, metrics, http = free_port(), free_port(), free_port()
     name = f"zspace-smoke-{os.getpid()}"
     env = {**os.environ, "ZSPACE_MODELS": str(work / "models"), "ZSPACE_INDEXES": str(work / "indexes"),
-           "ZSPACE_PORT": str(port), "ZSPACE_METRICS_PORT": str(metrics), "ZSPACE_CONTAINER": name,
+           "ZSPACE_PORT": str(port), "ZSPACE_METRICS_PORT": str(metrics), "ZSPACE_HTTP_PORT": str(http),
+           "ZSPACE_CONTAINER": name,
            "ZSPACE_MAX_DELAY_MS": "1500", "ZSPACE_THREADS": "1", "BUILDAH_FORMAT": "docker",
            "ZSPACE_WORKERS": "2"}  # the supervised group in the container: drain and health go through the parent
     compose = compose_cmd() + ["-p", name]
     subprocess.run(compose + ["build"], cwd=ROOT, env=env, check=True)
     subprocess.run(compose + ["up", "-d"], cwd=ROOT, env=env, check=True)
     try:
-        yield {"target": f"127.0.0.1:{port}", "metrics": metrics, "bundle": bundle, "name": name, "compose": compose, "env": env}
+        yield {"target": f"127.0.0.1:{port}", "metrics": metrics, "http": http, "bundle": bundle, "name": name, "compose": compose, "env": env}
     finally:
         subprocess.run(compose + ["down"], cwd=ROOT, env=env)
 
@@ -99,6 +101,15 @@ def test_encode_generate_search_then_drain(deployment):
         assert info.execution_provider == "CPUExecutionProvider"
         with urllib.request.urlopen(f"http://127.0.0.1:{deployment['metrics']}/metrics", timeout=10) as r:
             assert "zspace_workers_serving 2.0" in r.read().decode(), "ZSPACE_WORKERS=2 reached the container"
+        # HTTP is on in the container: the explorer's page and the same codes as JSON.
+        http = f"http://127.0.0.1:{deployment['http']}"
+        with urllib.request.urlopen(f"{http}/ui/", timeout=10) as r:
+            assert b"zspace explorer" in r.read()
+        request = urllib.request.Request(f"{http}/v1/models/digits/encode", method="POST",
+                                         data=json.dumps({"inputs": {"tensor": x[:2].tolist()}}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as r:
+            assert np.allclose(json.loads(r.read())["mean"], want_mean[:2], atol=1e-5)
 
         # SIGTERM with a request in flight: the request (held ~1.5 s in the batch queue) still succeeds.
         result = {}

@@ -284,10 +284,10 @@ def serve_options(f):
         click.option("--metrics-port", default=str(d.metrics_port),
                      help="Prometheus /metrics: PORT (on --host) or HOST:PORT, e.g. 127.0.0.1:9100 to keep it on "
                           "loopback while gRPC listens on 0.0.0.0; 0: off. /metrics needs no token."),
-        click.option("--http-port", default=None, envvar="ZSPACE_HTTP_PORT",
+        click.option("--http-port", default=None, envvar=["ZSPACE_HTTP_PORT", "ZSPACE_SERVE_HTTP_PORT"],
                      help="Also serve HTTP: KServe v2 REST, JSON endpoints (/openapi.json) and the web explorer "
                           "(/ui/); PORT (on --host) or HOST:PORT, 0: any free port. Same token, TLS and limits as "
-                          "gRPC. Default: off. Env: ZSPACE_HTTP_PORT."),
+                          "gRPC. Default: off (8000 in the container). Env: ZSPACE_HTTP_PORT."),
         click.option("--media-root", "media_roots", multiple=True, type=click.Path(exists=True, file_okay=False),
                      help="A folder whose images items' payloads may name (field image, path, file or source, "
                           "relative to it): the explorer shows them instead of decoded codes. Repeatable."),
