@@ -139,7 +139,7 @@ async function viewModels(main, params) {
   try { map = await api(`/v1/indexes/${encodeURIComponent(ix.name)}/map`); } catch (e) { map = null; }
   if (!map) { recon.append(el("p", { class: "muted" }, `index ${ix.name} has no map yet (zspace index map)`)); return; }
   const keys = [];
-  for (let r = 0; r < Math.min(map.rows, 400) && keys.length < 12; r += Math.max(1, Math.floor(map.rows / 12))) {
+  for (let r = 0; r < map.rows && keys.length < 12; r += Math.max(1, Math.floor(map.rows / 12))) {
     try { keys.push((await api(`/v1/indexes/${encodeURIComponent(ix.name)}/map/rows/${r}`)).key); } catch (_) { /* an emptied row */ }
   }
   const views = (await api(`/v1/indexes/${encodeURIComponent(ix.name)}/views`, { method: "POST", json: { keys } })).views;
