@@ -242,3 +242,37 @@ def test_shared_memory_clients_reach_every_worker(served_dirs):
         group.terminate()
     code, out = group.wait(60)
     assert code == 0, out
+
+
+def test_http_is_served_by_every_worker_on_one_port(served_dirs, digits_x):
+    """--http-port with --workers 2: the supervisor reserves the HTTP port too (0 made concrete) and every
+    worker's listener joins it; new connections reach both, and a write through one is read through the other."""
+    import http.client
+    import json
+
+    models, indexes = served_dirs
+    http_port = free_port()
+    group, metrics_port = start_group(models, indexes, "--http-port", str(http_port))
+    try:
+        body = json.dumps({"inputs": {"tensor": digits_x[:2].tolist()}})
+        for _ in range(24):  # a connection each: the kernel spreads connections over the workers
+            conn = http.client.HTTPConnection("127.0.0.1", http_port, timeout=20)
+            conn.request("POST", "/v1/models/digits/encode", body, {"Content-Type": "application/json"})
+            answer = conn.getresponse()
+            assert answer.status == 200 and len(json.loads(answer.read())["mean"]) == 2
+            conn.close()
+        assert set(answered_by(scrape(metrics_port), "Encode")) == {"0", "1"}, "both workers answered HTTP"
+        for step in range(6):
+            conn = http.client.HTTPConnection("127.0.0.1", http_port, timeout=20)
+            conn.request("POST", "/v1/indexes/items/items", json.dumps({"keys": [f"h{step}"], "vectors": [[step, 1, 2, 3]]}),
+                         {"Content-Type": "application/json"})
+            assert conn.getresponse().status == 200
+            conn.close()
+            conn = http.client.HTTPConnection("127.0.0.1", http_port, timeout=20)
+            conn.request("GET", f"/v1/indexes/items/items/h{step}")
+            assert conn.getresponse().status == 200, "acknowledged by one worker, read by the next connection's"
+            conn.close()
+    finally:
+        group.terminate()
+    code, out = group.wait(60)
+    assert code == 0, out
