@@ -5,7 +5,7 @@ trains for tens of minutes) says so in an HTML comment right above it:
 `<!-- not run by tests/test_readme.py: REASON -->`. The files the README names
 as the user's own (photos/, docs.jsonl, a.png, b.png, query.png, batch.npy) are
 made here; the server the client blocks talk to is started here, and its
-address replaces the README's 127.0.0.1:50051.
+addresses replace the README's 127.0.0.1:50051 (gRPC) and 127.0.0.1:8000 (HTTP).
 """
 
 from __future__ import annotations
@@ -75,16 +75,16 @@ def workdir(tmp_path_factory):
     for name, row in (("a.png", 0), ("b.png", 1), ("query.png", 2)):
         (work / name).write_bytes(t.to_png(digits[row]))
     np.save(work / "batch.npy", digits[:4])
-    with start_thread(work / "models", indexes=work / "indexes") as server:
-        yield work, env, server.target
+    with start_thread(work / "models", indexes=work / "indexes", http_port=0) as server:
+        yield work, env, server.target, f"127.0.0.1:{server.server.http_port}"
 
 
 @pytest.mark.parametrize("line, lang, body, reason", RUNNABLE, ids=[f"{b[1]}-line{b[0]}" for b in RUNNABLE])
 def test_readme_block_runs_as_printed(workdir, line, lang, body, reason):
     if reason is not None:
         pytest.skip(reason)
-    work, env, target = workdir
-    body = body.replace("127.0.0.1:50051", target)
+    work, env, target, http_target = workdir
+    body = body.replace("127.0.0.1:50051", target).replace("127.0.0.1:8000", http_target)
     cmd = ["bash", "-euo", "pipefail", "-c", body] if lang == "bash" else [sys.executable, "-c", body]
     done = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"README line {line}:\n{body}\n--- stdout\n{done.stdout[-2000:]}\n--- stderr\n{done.stderr[-3000:]}"

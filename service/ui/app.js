@@ -293,7 +293,13 @@ async function viewMap(main, params) {
   const view = window.zspaceMap = new MapView(canvas, new Float32Array(buffer), rows);  // window: benchmarks and tests
   status.textContent = `${info.count.toLocaleString()} items · ${info.method}`;
   view.draw();
-  window.addEventListener("resize", () => view.draw(), { once: true });
+  // Redraw when the canvas changes size (the window, or a scrollbar appearing as the side panel grows): the
+  // mapping from screen to map must stay the one drawn, or hover would name the wrong point.
+  let drawnSize = `${canvas.clientWidth}x${canvas.clientHeight}`;
+  new ResizeObserver(() => {
+    const size = `${canvas.clientWidth}x${canvas.clientHeight}`;
+    if (size !== drawnSize && canvas.isConnected) { drawnSize = size; view.draw(); }
+  }).observe(canvas);
 
   // Colour: the payload fields of a first item name the choices.
   try {
@@ -408,7 +414,7 @@ async function viewQuery(main, params) {
   const model = (await models()).find((m) => m.name === ix.model);
   const base = `/v1/indexes/${encodeURIComponent(ix.name)}`;
   const out = el("div", { id: "query-out" });
-  const run = guard(async (inputs, formData) => {
+  const run = guard(async (inputs, formData, file) => {
     clearBanner();
     out.replaceChildren(el("p", { class: "muted" }, "Encoding…"));
     const mbase = `/v1/models/${encodeURIComponent(ix.model)}`;
@@ -417,8 +423,11 @@ async function viewQuery(main, params) {
     const rec = await send(`${mbase}/reconstruct`, { version: ix.model_version, ...decodeOptions(model) });
     const hits = (await send(`${base}/search`, { k: 12 })).results[0];
     const views = hits.length ? (await api(`${base}/views`, { method: "POST", json: { keys: hits.map((h) => h.key) } })).views : [];
+    const given = file ? el("img", { class: "pix", src: URL.createObjectURL(file), alt: file.name })
+      : el("p", { class: "words", style: "max-width:260px" }, (inputs.texts[0] || "").slice(0, 200));
     out.replaceChildren(
       el("div", { class: "row" },
+        el("div", { class: "panel" }, el("h3", {}, "Query"), given),
         el("div", { class: "panel" }, el("h3", {}, "Code"), el("code", { class: "z", id: "query-code" }, `[${enc.mean[0].map((v) => v.toFixed(3)).join(", ")}]`)),
         el("div", { class: "panel" }, el("h3", {}, "Reconstruction"), el("div", { class: "grid", id: "query-recon" }, decodedItems(rec, () => "decoded")))),
       el("div", { class: "panel", style: "margin-top:1rem" }, el("h3", {}, `Neighbours in ${ix.name}`), el("div", { class: "grid", id: "query-neighbours" }, views.map((v, j) => thumb(v, hits[j].distance.toFixed(3))))));
@@ -434,7 +443,7 @@ async function viewQuery(main, params) {
     const file = el("input", { type: "file", id: "query-file", accept: "image/png,image/jpeg", style: "display:block;margin:.5rem auto" });
     const drop = el("div", { class: "drop", id: "drop", tabindex: 0, role: "button", "aria-label": "drop an image here, or press Enter to choose a file" },
       el("p", {}, "Drop an image here (PNG or JPEG), or choose one:"), file);
-    const take = (f) => { if (!f) return; const fd = new FormData(); fd.append("image", f, f.name); run(null, fd); };
+    const take = (f) => { if (!f) return; const fd = new FormData(); fd.append("image", f, f.name); run(null, fd, f); };
     drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
     drop.addEventListener("dragleave", () => drop.classList.remove("over"));
     drop.addEventListener("drop", (e) => { e.preventDefault(); drop.classList.remove("over"); take(e.dataTransfer.files[0]); });
