@@ -143,10 +143,12 @@ class ExplorerRoutes:
             kept = self.kept[name]
             key = (field_name, m.seq, len(m.ids))
             if key not in kept.colours:
-                ids, values = self._index(name).store.field_values(field_name)
-                pos = np.clip(np.searchsorted(ids, m.ids), 0, max(len(ids) - 1, 0))
-                found = (len(ids) > 0) & (m.ids >= 0) & (ids[pos] == m.ids) if len(ids) else np.zeros(len(m.ids), bool)
-                per_row = [values[p] if f else None for p, f in zip(pos.tolist(), found.tolist())]
+                ids, values = self._index(name).store.field_values(field_name)  # sorted by id
+                per_row = [None] * len(m.ids)
+                if len(ids):
+                    pos = np.clip(np.searchsorted(ids, m.ids), 0, len(ids) - 1)
+                    for row in np.flatnonzero((m.ids >= 0) & (ids[pos] == m.ids)).tolist():
+                        per_row[row] = values[pos[row]]
                 kept.colours = {key: colour_codes(per_row, field_name)}
             return kept.colours[key]
 
