@@ -110,6 +110,8 @@ async def read_json(request: web.Request):
         return await off_loop(len(body), json.loads, body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidRequest(f"body: not valid JSON ({exc})") from None
+    except RecursionError:  # json's parser recurses per level: [[[[...]]]] a few thousand deep
+        raise InvalidRequest("body: JSON nested too deeply") from None
 
 
 def json_answer(value, status: int = 200) -> web.Response:

@@ -225,6 +225,8 @@ class KServeHttpRoutes:
                 head = json.loads(head_bytes)
             except (ValueError, UnicodeDecodeError) as exc:
                 raise InvalidRequest(f"body: the JSON header is not valid JSON ({exc})") from None
+            except RecursionError:
+                raise InvalidRequest("body: the JSON header is nested too deeply") from None
             return infer_request(name, version, head, binary)
 
         message, wanted_binary, all_binary, timeout = await off_loop(len(body), parse)
