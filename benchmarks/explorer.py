@@ -31,7 +31,6 @@ import numpy as np
 
 from benchmarks.harness import ServerChild, bundle_for, free_port, machine, median_round, serve_command, side_by_side, write_json
 
-
 # ------------------------------------------------------------------ the map
 
 def synthetic_index(bundle: Path, out: Path, n: int, seed: int = 0) -> Path:
