@@ -91,7 +91,9 @@ function thumb(view, caption) {
   const fig = el("figure", {});
   if (view.image) fig.append(el("img", { class: "pix", src: pngSrc(view.image), alt: `${view.key} (${view.image_source || "image"})` }));
   if (view.words) fig.append(el("div", { class: "words" }, view.words.slice(0, 6).map(([w]) => el("span", {}, w))));
-  fig.append(el("figcaption", {}, caption ?? view.key));
+  // A document's decoded words say little alone: its label (where the payload has one) goes with them.
+  const label = view.words && view.payload && view.payload.label !== undefined ? ` · ${view.payload.label}` : "";
+  fig.append(el("figcaption", {}, `${caption ?? view.key}${label}`));
   return fig;
 }
 
