@@ -4,7 +4,8 @@
    (from navigation to the first frame, the points and a colouring fetched), and frame times of
    redraws (pan and zoom) at 100k and 1M points, with the hover lookup's time;
 2. the decode round trip over HTTP (one keep-alive connection, as a browser holds one): a slider
-   move (Decode of one code to a PNG) and an interpolation (10 steps to PNGs), p50 and p99;
+   move (Decode of one code to a PNG) and an interpolation (10 steps to PNGs), p50 and p99; and the
+   slider's as the page has it (fetch, JSON, the PNG decoded into an image, in Chromium);
 3. HTTP vs gRPC inference, side by side: tritonclient.http (binary data) against tritonclient.grpc
    on the same server's KServe v2 endpoints, 1 client x 1 row and 8 clients x 256 rows, each client
    in a process of its own; the median round's ratio of rows per second is the figure.
@@ -123,6 +124,29 @@ def round_trips(http_port: int, model: str, latent_dim: int, calls: int) -> dict
             "interpolate_calls": len(path), "interpolate_p50_ms": pct(path, 50), "interpolate_p99_ms": pct(path, 99)}
 
 
+def browser_round_trips(base: str, model: str, latent_dim: int, calls: int) -> dict:
+    """The slider's round trip as the page has it: fetch of Decode, the JSON parsed, the PNG decoded into an image."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=["--no-sandbox"])
+        page = browser.new_page()
+        page.goto(f"{base}/ui/#/generate?model={model}")
+        page.wait_for_function("document.querySelector('#view').dataset.ready === '1'", timeout=60_000)
+        times = page.evaluate("""async ([model, k, n]) => { const z = new Array(k).fill(0), out = [];
+            for (let i = 0; i < n + 20; i++) {
+              z[i % k] = Math.max(-3, Math.min(3, z[i % k] + (Math.random() - 0.5) * 0.6));
+              const t = performance.now();
+              const r = await fetch(`/v1/models/${model}/decode`, { method: 'POST', headers: { 'Content-Type': 'application/json' },
+                body: JSON.stringify({ latents: [z], return_png: true, tensors: false }) });
+              const a = await r.json(); const img = new Image(); img.src = 'data:image/png;base64,' + a.png[0];
+              await img.decode(); if (i >= 20) out.push(performance.now() - t); }
+            return out; }""", [model, latent_dim, calls])
+        browser.close()
+    return {"browser_calls": len(times), "browser_slider_p50_ms": float(np.percentile(times, 50)),
+            "browser_slider_p99_ms": float(np.percentile(times, 99))}
+
+
 # ------------------------------------------------------------------ HTTP vs gRPC inference
 
 def _client_loop(protocol: str, url: str, model: str, width: int, rows: int, seconds: float, out) -> None:
@@ -208,10 +232,13 @@ def main(bundle_path, points, big, loads, calls, seconds, rounds, json_path) -> 
                 print(f"map {n:,} points: first draw {got['first_draw_ms']:.0f} ms (loads {', '.join(f'{v:.0f}' for v in got['first_draw_all_ms'])}), "
                       f"frames p50 {got['frame_p50_ms']:.1f} ms / p95 {got['frame_p95_ms']:.1f} ms, hover p99 "
                       f"{got['hover_p99_ms']:.2f} ms", flush=True)
-            record["round_trips"] = round_trips(http_port, b.name, b.latent_dim, calls)
+            record["round_trips"] = {**round_trips(http_port, b.name, b.latent_dim, calls),
+                                     **browser_round_trips(base, b.name, b.latent_dim, calls)}
             rt = record["round_trips"]
-            print(f"slider decode p50 {rt['slider_p50_ms']:.1f} ms, p99 {rt['slider_p99_ms']:.1f} ms; interpolation "
-                  f"(10 steps) p50 {rt['interpolate_p50_ms']:.1f} ms, p99 {rt['interpolate_p99_ms']:.1f} ms", flush=True)
+            print(f"slider decode p50 {rt['slider_p50_ms']:.1f} ms, p99 {rt['slider_p99_ms']:.1f} ms (in the browser, the "
+                  f"PNG shown: p50 {rt['browser_slider_p50_ms']:.1f} ms, p99 {rt['browser_slider_p99_ms']:.1f} ms); "
+                  f"interpolation (10 steps) p50 {rt['interpolate_p50_ms']:.1f} ms, p99 {rt['interpolate_p99_ms']:.1f} ms",
+                  flush=True)
             record["http_vs_grpc"] = []
             for clients, rows in ((1, 1), (8, 256)):
                 got = side_by_side(f"{clients} x {rows}, HTTP / gRPC",
