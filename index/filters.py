@@ -95,20 +95,22 @@ def condition(field, op: str, value, part: str = "filter") -> Condition:
     return Condition(field, op, value)
 
 
-def as_filter(where) -> Filter:
+def as_filter(where, part: str | None = None) -> Filter:
     """Any accepted filter shape as one checked Filter (empty: no filter).
 
     None; a Condition or a sequence of them; a (field, value) pair (equality, the old form);
     a dict of field -> value (each an equality, or a list meaning `in`); a string or a list of
-    strings in the CLI's syntax (see `parse_condition`)."""
+    strings in the CLI's syntax (see `parse_condition`). Errors name `part` (the caller's name
+    for the filter: "filter" in an HTTP body) or, by default, `where`."""
+    name = part or "where"
     if where is None:
         return ()
     if isinstance(where, Condition):
         conditions = [where]
     elif isinstance(where, str):
-        conditions = [parse_condition(where)]
+        conditions = [parse_condition(where, part or "--where")]
     elif isinstance(where, dict):
-        conditions = [condition(f, "in" if isinstance(v, list) else "==", v, f"where[{shown(str(f))}]")
+        conditions = [condition(f, "in" if isinstance(v, list) else "==", v, f"{name}[{shown(str(f))}]")
                       for f, v in where.items()]
     elif isinstance(where, tuple) and len(where) == 2 and isinstance(where[0], str) and \
             not isinstance(where[1], Condition):
@@ -117,16 +119,16 @@ def as_filter(where) -> Filter:
         conditions = []
         for i, c in enumerate(where):
             if isinstance(c, str):
-                conditions.append(parse_condition(c, f"where[{i}]"))
+                conditions.append(parse_condition(c, f"{name}[{i}]"))
             elif isinstance(c, Condition):
-                conditions.append(condition(c.field, c.op, c.value, f"where[{i}]"))
+                conditions.append(condition(c.field, c.op, c.value, f"{name}[{i}]"))
             else:
-                raise FilterError(f"where[{i}]: expected a condition such as 'label == 3', got {type(c).__name__}")
+                raise FilterError(f"{name}[{i}]: expected a condition such as 'label == 3', got {type(c).__name__}")
     else:
-        raise FilterError(f"where: expected conditions such as {{'label': 3}} or ['year >= 2000'], "
+        raise FilterError(f"{name}: expected conditions such as {{'label': 3}} or ['year >= 2000'], "
                           f"got {type(where).__name__}")
     if len(conditions) > MAX_CONDITIONS:
-        raise FilterError(f"where: {len(conditions)} conditions, over the limit of {MAX_CONDITIONS}")
+        raise FilterError(f"{name}: {len(conditions)} conditions, over the limit of {MAX_CONDITIONS}")
     return tuple(conditions)
 
 

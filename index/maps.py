@@ -208,7 +208,7 @@ def map_index(index, method: str = "pca", sample: int | None = None, seed: int =
         raise UserError(f"{index.path}: maps are made for FAISS indexes; this one's backend "
                         f"({index.manifest.get('backend', 'faiss')}) keeps its codes elsewhere")
     with stage("map: reading the codes", enabled=not quiet):
-        seq, ids, codes, _ = store.everything()
+        seq, ids, codes, _ = store.everything(payloads=False)
     m = fit_map(ids, codes, seq, method, sample, seed, quiet)
     save_map(index.path, m)
     return m

@@ -188,8 +188,9 @@ class ItemStore:
         row = self.reader.execute("SELECT id, key, vector, payload FROM items WHERE key = ?", (key,)).fetchone()
         return None if row is None else Item(row[0], row[1], self._vector(row[2]), json.loads(row[3]))
 
-    def everything(self) -> tuple[int, np.ndarray, np.ndarray, list[str]]:
-        """(change-log position, ids, vectors, payload JSON texts) as of one moment.
+    def everything(self, payloads: bool = True) -> tuple[int, np.ndarray, np.ndarray, list[str]]:
+        """(change-log position, ids, vectors, payload JSON texts) as of one moment; payloads=False
+        leaves the texts out (an empty list), for readers of the codes alone (a map).
 
         One read transaction: another process may commit between two plain SELECTs, and an
         index rebuilt from a mix would replay a change it already holds (a duplicate id)."""
@@ -197,11 +198,11 @@ class ItemStore:
         conn.execute("BEGIN")
         try:
             seq = self._last_seq(conn)
-            rows = conn.execute("SELECT id, vector, payload FROM items ORDER BY id").fetchall()
+            rows = conn.execute(f"SELECT id, vector{', payload' if payloads else ''} FROM items ORDER BY id").fetchall()
         finally:
             conn.execute("COMMIT")
         ids, vectors = self._stack([(r[0], r[1]) for r in rows])
-        return seq, ids, vectors, [r[2] for r in rows]
+        return seq, ids, vectors, [r[2] for r in rows] if payloads else []
 
     def entries_of(self, ids: list[int]) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """(ids that still exist, their vectors, their payload JSON texts): what a replay adds."""

@@ -27,7 +27,7 @@ import numpy as np
 from aiohttp import web
 
 from zspace.errors import NotFound, shown
-from zspace.index.filters import as_filter, parse_condition
+from zspace.index.filters import as_filter
 from zspace.index.maps import MAP_FILE, LatentMap, load_map, save_map, update
 from zspace.service.http import json_answer, read_json
 from zspace.service.http_api import integer, top_words
@@ -156,8 +156,7 @@ class ExplorerRoutes:
 
     async def map_mask(self, request):
         name = request.match_info["index"]
-        texts = request.query.getall("where", [])
-        where = as_filter([parse_condition(t, f"where[{i}]") for i, t in enumerate(texts)])
+        where = as_filter(request.query.getall("where", []), "where")
 
         def mask():
             m = self.current(name)

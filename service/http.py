@@ -116,8 +116,9 @@ async def read_json(request: web.Request):
 
 def json_answer(value, status: int = 200) -> web.Response:
     """A JSON response; NaN and infinities (never produced on purpose) become null rather than invalid JSON."""
-    text = json.dumps(value, separators=(",", ":"), allow_nan=True)
-    if "NaN" in text or "Infinity" in text:
+    try:
+        text = json.dumps(value, separators=(",", ":"), allow_nan=False)
+    except ValueError:
         text = json.dumps(_finite(value), separators=(",", ":"))
     return web.Response(text=text, status=status, content_type="application/json")
 
@@ -226,8 +227,7 @@ class HttpServer:
         site = web.TCPSite(self.runner, self.host, self.port, ssl_context=self.tls, reuse_port=self.shares_port or None,
                            backlog=1024)
         await site.start()
-        sockets = site._server.sockets if site._server else ()
-        self.port = sockets[0].getsockname()[1] if sockets else self.port
+        self.port = self.runner.addresses[0][1]  # port 0 made concrete
         return self.port
 
     async def stop(self) -> None:

@@ -24,7 +24,7 @@ import numpy as np
 from aiohttp import web
 
 from zspace.errors import shown
-from zspace.index.filters import as_filter, condition, parse_condition
+from zspace.index.filters import as_filter, condition
 from zspace.service.http import call, json_answer, json_off_loop, off_loop, read_json
 from zspace.service.inputs import WIRE, InvalidArgument
 from zspace.v1 import zspace_pb2 as pb
@@ -143,26 +143,22 @@ def check_fields(body, allowed: tuple[str, ...]) -> dict:
 
 def search_filter(value) -> pb.Filter:
     """The filter language in any of its JSON shapes: "label == 3", ["label == 3", "year >= 2000"],
-    {"label": 3}, or conditions [{"field", "op", "value"}]; checked by index/filters.py, errors naming the part."""
-    if isinstance(value, str):
-        value = [parse_condition(value, "filter")]
-    elif isinstance(value, list):
-        conditions = []
-        for i, c in enumerate(value):
-            part = f"filter[{i}]"
-            if isinstance(c, str):
-                conditions.append(parse_condition(c, part))
-            elif isinstance(c, dict) and set(c) <= {"field", "op", "value"} and "field" in c and "value" in c:
-                if not isinstance(c["field"], str) or c.get("op", "==") not in OPS:
-                    raise InvalidArgument(f"{part}: expected a field name and an op, one of {', '.join(OPS)}")
-                conditions.append(condition(c["field"], c.get("op", "=="), c["value"], part))
-            else:
-                raise InvalidArgument(f"{part}: expected a condition, as \"label == 3\" or {{\"field\", \"op\", \"value\"}}")
-        value = conditions
-    elif not isinstance(value, dict):
+    {"label": 3}, or conditions [{"field", "op", "value"}]; checked by filters.as_filter, errors naming the part."""
+    if isinstance(value, list):
+        value = [condition_of(c, f"filter[{i}]") if isinstance(c, dict) else c for i, c in enumerate(value)]
+    elif not isinstance(value, (str, dict)):
         raise InvalidArgument("filter: expected a condition, a list of them or {field: value}")
-    checked = as_filter(value)
+    checked = as_filter(value, "filter")
     return pb.Filter(all=[pb.Condition(field=c.field, op=OPS[c.op], value_json=json.dumps(c.value)) for c in checked])
+
+
+def condition_of(c: dict, part: str):
+    """{"field", "op" (default ==), "value"} as a checked condition."""
+    if not (set(c) <= {"field", "op", "value"} and "field" in c and "value" in c):
+        raise InvalidArgument(f"{part}: expected {{\"field\", \"op\", \"value\"}}")
+    if not isinstance(c["field"], str) or c.get("op", "==") not in OPS:
+        raise InvalidArgument(f"{part}: expected a field name and an op, one of {', '.join(OPS)}")
+    return condition(c["field"], c.get("op", "=="), c["value"], part)
 
 
 # ------------------------------------------------------------------ messages -> JSON

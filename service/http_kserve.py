@@ -20,12 +20,10 @@ from zspace.errors import shown
 from zspace.kserve import grpc_service_pb2 as kpb
 from zspace.service.http import call, json_answer, off_loop, read_json
 from zspace.service.inputs import InvalidArgument
+from zspace.service.kserve import DATATYPES
 from zspace.service.rpc import InvalidRequest
 
 HEADER = "Inference-Header-Content-Length"
-# The protocol's datatypes as numpy (the server accepts FP32, FP16 and UINT8; others are refused by name there).
-NUMPY = {"FP32": "<f4", "FP16": "<f2", "FP64": "<f8", "UINT8": "u1", "INT8": "i1", "INT16": "<i2", "INT32": "<i4",
-         "INT64": "<i8", "UINT16": "<u2", "UINT32": "<u4", "UINT64": "<u8", "BOOL": "?"}
 
 
 def parameters_into(target, params, field: str) -> None:
@@ -87,23 +85,21 @@ def infer_request(name: str, version: str, head: dict, binary: memoryview) -> tu
             raw.append(bytes(binary[cursor:cursor + size]))
             cursor += size
         elif "data" in t:
-            dtype = NUMPY.get(t["datatype"])
-            if dtype is None:
+            if t["datatype"] not in DATATYPES:
                 continue  # the handler refuses the datatype by name
+            wire, typed = DATATYPES[t["datatype"]]
             try:
-                values = np.asarray(t["data"], dtype=np.float64 if np.dtype(dtype).kind == "f" else None).ravel()
+                values = np.asarray(t["data"], dtype=np.float64 if np.dtype(wire).kind == "f" else None).ravel()
             except (ValueError, TypeError):
                 raise InvalidArgument(f"{field}.data: expected numbers (nested or flat, row-major)") from None
             if values.dtype.kind not in "fiub":
                 raise InvalidArgument(f"{field}.data: expected numbers, got {values.dtype.kind!r} values")
-            if t["datatype"] == "FP32":
-                tensor.contents.fp32_contents.extend(values.astype(np.float32).tolist())
-            elif t["datatype"] == "UINT8":
-                if values.size and (values.min() < 0 or values.max() > 255 or values.dtype.kind == "f"):
-                    raise InvalidArgument(f"{field}.data: UINT8 values are integers 0 to 255")
-                tensor.contents.uint_contents.extend(values.astype(np.uint32).tolist())
-            else:  # FP16 and the rest have no typed contents field: raw bytes, as the binary extension would send
-                raw.append(values.astype(dtype).tobytes())
+            if t["datatype"] == "UINT8" and values.size and (values.dtype.kind == "f" or values.min() < 0 or values.max() > 255):
+                raise InvalidArgument(f"{field}.data: UINT8 values are integers 0 to 255")
+            if typed is not None:  # the typed contents the gRPC binding has for it
+                getattr(tensor.contents, typed).extend(values.astype(np.float32 if typed == "fp32_contents" else np.uint32).tolist())
+            else:  # FP16 has no typed field: raw bytes, as the binary extension would send them
+                raw.append(values.astype(wire).tobytes())
         elif "shared_memory_region" not in tparams:
             raise InvalidArgument(f"{field}: give data, or binary data (parameters.binary_data_size), or a shared "
                                   "memory region")
@@ -145,7 +141,7 @@ def infer_answer(r: kpb.ModelInferResponse, binary: set, all_binary: bool) -> we
                 entry["parameters"] = {"binary_data_size": len(data)}
                 blobs.append(data)
             else:
-                entry["data"] = np.frombuffer(data, NUMPY[o.datatype]).astype(
+                entry["data"] = np.frombuffer(data, DATATYPES[o.datatype][0]).astype(
                     np.float64 if o.datatype.startswith("FP") else np.int64).tolist()
         out["outputs"].append(entry)
     head = json.dumps(out, separators=(",", ":")).encode()
